@@ -1,0 +1,165 @@
+"""Reading and checking an nnU-Net raw dataset that may have no labels.
+
+nnU-Net's raw layout is kept as it is: ``imagesTr/CASE_XXXX<file_ending>`` and a ``dataset.json`` with
+``channel_names`` and ``file_ending``. ``labels`` and ``labelsTr`` are optional here.
+
+Every image is read once, before anything is written, so a corrupt file, a missing channel or a
+NaN voxel ends the run with one clear message and leaves nothing half-made. The same pass writes
+the body masks that stand in for labels in nnU-Net's fingerprint (CT: voxels above -500 HU; other
+modalities: non-zero voxels), so CT normalisation statistics are taken over the body.
+"""
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from tqdm import tqdm
+
+from nnunetv2_desd.errors import DesdError
+
+BODY_THRESHOLD_HU = -500.0
+
+
+@dataclass
+class RawDataset:
+    name: str
+    folder: str
+    dataset_json: dict
+    cases: Dict[str, List[str]]  # case id -> image file per channel, in channel order
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.dataset_json['channel_names'])
+
+    @property
+    def is_ct(self) -> bool:
+        return str(self.dataset_json['channel_names'].get('0', '')).lower() == 'ct'
+
+    @property
+    def has_labels(self) -> bool:
+        labels_dir = join(self.folder, 'labelsTr')
+        ending = self.dataset_json['file_ending']
+        return 'labels' in self.dataset_json and all(isfile(join(labels_dir, c + ending)) for c in self.cases)
+
+
+def resolve_dataset_name(dataset: str) -> str:
+    """Dataset id or name -> ``DatasetXXX_Name``, with a clear message when nnU-Net does not know it."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    if nnUNet_raw is None or nnUNet_preprocessed is None:
+        raise DesdError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s set_environment_variables.md).')
+    try:
+        return maybe_convert_to_dataset_name(dataset if str(dataset).startswith('Dataset') else int(dataset))
+    except (RuntimeError, ValueError) as e:
+        raise DesdError(f'dataset {dataset!r} not found: no matching DatasetXXX_Name folder in nnUNet_raw '
+                        f'({nnUNet_raw}), nnUNet_preprocessed or nnUNet_results. {e}') from None
+
+
+def read_raw_dataset(dataset: str) -> RawDataset:
+    from nnunetv2.paths import nnUNet_raw
+    name = resolve_dataset_name(dataset)
+    folder = join(nnUNet_raw, name)
+    if not isdir(folder):
+        raise DesdError(f'{name} has no raw folder {folder}: pre-training reads images from nnUNet_raw.')
+    if not isfile(join(folder, 'dataset.json')):
+        raise DesdError(f'{folder} has no dataset.json.')
+    dataset_json = load_json(join(folder, 'dataset.json'))
+    for key in ('channel_names', 'file_ending'):
+        if key not in dataset_json:
+            raise DesdError(f'{join(folder, "dataset.json")} lacks "{key}".')
+    return RawDataset(name, folder, dataset_json, _find_cases(folder, dataset_json))
+
+
+def _find_cases(folder: str, dataset_json: dict) -> Dict[str, List[str]]:
+    images_dir = join(folder, 'imagesTr')
+    ending = dataset_json['file_ending']
+    files = sorted(f for f in os.listdir(images_dir) if f.endswith(ending)) if isdir(images_dir) else []
+    if not files:
+        raise DesdError(f'no images: {images_dir} holds no *_0000{ending} files.')
+    pattern = re.compile(r'(.+)_(\d{4})' + re.escape(ending))
+    channels: Dict[str, Dict[int, str]] = {}
+    for f in files:
+        m = pattern.fullmatch(f)
+        if m is None:
+            raise DesdError(f'{join(images_dir, f)} is not named CASE_XXXX{ending} (XXXX = channel index).')
+        channels.setdefault(m.group(1), {})[int(m.group(2))] = join(images_dir, f)
+    n = len(dataset_json['channel_names'])
+    for case, found in channels.items():
+        if sorted(found) != list(range(n)):
+            raise DesdError(f'channel-count mismatch: case {case} has channels {sorted(found)} but dataset.json '
+                            f'declares {n} channel(s) {dict(dataset_json["channel_names"])}.')
+    return {case: [found[c] for c in range(n)] for case, found in sorted(channels.items())}
+
+
+def body_mask(images: np.ndarray, is_ct: bool) -> np.ndarray:
+    """(c, x, y, z) images -> (1, x, y, z) uint8 mask of the body (see module docstring)."""
+    mask = images[0] > BODY_THRESHOLD_HU if is_ct else np.any(images != 0, axis=0)
+    return mask[None].astype(np.uint8)
+
+
+def _check_case(case: str, files: List[str], reader_writer_class, is_ct: bool,
+                mask_file: Optional[str]) -> Tuple[str, Optional[str]]:
+    """Returns (case, error message or None). Writes the body mask when mask_file is given."""
+    try:
+        images, properties = reader_writer_class().read_images(files)
+    except Exception as e:  # readers raise anything from RuntimeError to ITK exceptions
+        return case, f'corrupt or unreadable image in case {case} ({", ".join(files)}): {type(e).__name__}: ' \
+                     f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+    bad = ~np.isfinite(images)
+    if bad.any():
+        channels = sorted({int(c) for c in np.nonzero(bad.reshape(len(images), -1).any(1))[0]})
+        return case, f'case {case} has {int(bad.sum())} NaN/inf voxels (channel(s) {channels}); ' \
+                     f'fix or remove {", ".join(files[c] for c in channels)}.'
+    if mask_file is not None:
+        mask = body_mask(images, is_ct)
+        if not mask.any():
+            hint = f' above {BODY_THRESHOLD_HU:g} HU: is it in Hounsfield units?' if is_ct else ' that is non-zero.'
+            return case, f'case {case} has no voxel{hint}'
+        reader_writer_class().write_seg(mask[0], mask_file, properties)
+    return case, None
+
+
+def check_images_and_write_body_masks(raw: RawDataset, mask_folder: Optional[str],
+                                      num_processes: int = 1) -> None:
+    """Reads every image; raises DesdError on the first bad case. Masks appear in mask_folder only if all are fine."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    first = next(iter(raw.cases.values()))[0]
+    try:
+        rw_class = determine_reader_writer_from_dataset_json(raw.dataset_json, first, verbose=False)
+    except Exception as e:
+        raise DesdError(f'nnU-Net has no reader for {first}: {e}') from None
+    tmp_folder = None if mask_folder is None else mask_folder + '.partial'
+    if tmp_folder is not None:
+        shutil.rmtree(tmp_folder, ignore_errors=True)
+        os.makedirs(tmp_folder)
+    ending = raw.dataset_json['file_ending']
+    jobs = [(case, files, rw_class, raw.is_ct, None if tmp_folder is None else join(tmp_folder, case + ending))
+            for case, files in raw.cases.items()]
+    try:
+        if num_processes > 1:
+            with get_context('spawn').Pool(num_processes) as pool:
+                results = pool.imap_unordered(_check_case_star, jobs)
+                _raise_first_error(tqdm(results, total=len(jobs), desc='Checking images'))
+        else:
+            _raise_first_error(tqdm((_check_case(*j) for j in jobs), total=len(jobs), desc='Checking images'))
+    except BaseException:
+        if tmp_folder is not None:
+            shutil.rmtree(tmp_folder, ignore_errors=True)
+        raise
+    if mask_folder is not None:
+        shutil.rmtree(mask_folder, ignore_errors=True)
+        os.replace(tmp_folder, mask_folder)
+
+
+def _check_case_star(job):
+    return _check_case(*job)
+
+
+def _raise_first_error(results) -> None:
+    for _, error in results:
+        if error is not None:
+            raise DesdError(error)

@@ -1,0 +1,237 @@
+"""The pre-training loop: student/teacher, schedules, AMP, DDP, checkpoints, progress, export."""
+import copy
+import os
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.pretraining.config import PretrainConfig
+from nnunetv2_desd.pretraining.data.planning import PreparedData
+from nnunetv2_desd.pretraining.engine.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict,
+                                                         load_checkpoint, restore_rng_state, tensor_digest)
+from nnunetv2_desd.pretraining.engine.distributed import DistContext, all_reduce_mean
+from nnunetv2_desd.pretraining.engine.ema import ema_update
+from nnunetv2_desd.pretraining.engine.progress import ProgressLog
+from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
+from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss, cross_view_pairs
+from nnunetv2_desd.pretraining.models.network import (MultiStageDistillationNetwork, build_planned_network,
+                                                      planned_encoder, resolve_stages)
+from nnunetv2_desd.pretraining.views.augmentation import split_views
+
+EXPORT_FILE = 'pretrained_export.pth'
+# a resumed run must build the same modules as the checkpoint
+ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'stages', 'head_hidden_dim', 'head_bottleneck_dim', 'head_bn')
+
+
+def output_folder_for(prepared: PreparedData, method: str) -> str:
+    from nnunetv2.paths import nnUNet_results
+    if nnUNet_results is None:
+        raise DesdError('nnUNet_results must be set: checkpoints and the export are written there.')
+    return os.path.join(nnUNet_results, prepared.dataset_name,
+                        f'{method}__{prepared.plans_identifier}__{prepared.configuration}')
+
+
+class Pretrainer:
+    def __init__(self, cfg: PretrainConfig, prepared: PreparedData, dist_ctx: DistContext, output_folder: str):
+        self.cfg, self.prepared, self.dist, self.output_folder = cfg, prepared, dist_ctx, output_folder
+        self.device = dist_ctx.device
+        torch.manual_seed(cfg.seed)
+        np.random.seed((cfg.seed + dist_ctx.rank) % 2 ** 32)
+
+        cm = prepared.configuration_manager
+        self.patch_size = [int(p) for p in (cfg.patch_size or cm.patch_size)]
+        label_manager = prepared.plans_manager.get_label_manager(prepared.dataset_json)
+        self.network = build_planned_network(prepared.plans_manager, cm, prepared.num_input_channels,
+                                             label_manager.num_segmentation_heads)
+        encoder = planned_encoder(self.network)
+        self.stages = resolve_stages(len(encoder.output_channels), cfg.stages)
+        head_args = (cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_bn)
+        self.student = MultiStageDistillationNetwork(encoder, self.stages, *head_args).to(self.device)
+        self.teacher = MultiStageDistillationNetwork(copy.deepcopy(encoder), self.stages[-1:], *head_args)
+        self.teacher.heads[0].load_state_dict(self.student.heads[-1].state_dict())
+        self.teacher.to(self.device).requires_grad_(False)
+        self.loss = DeepSelfDistillationLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(self.device)
+        self.pairs = cross_view_pairs(2)
+
+        self.student_forward: nn.Module = self.student
+        if dist_ctx.enabled:
+            if self.device.type == 'cuda':  # global batch statistics in the heads (SyncBN is CUDA-only in torch)
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.student_forward = DDP(self.student, device_ids=[self.device.index] if self.device.type == 'cuda'
+                                       else None)
+
+        self.global_batch = cfg.batch_size * dist_ctx.world_size
+        self.peak_lr = cfg.lr * self.global_batch / 256
+        self.total_steps = cfg.epochs * cfg.iters_per_epoch
+        self.optimizer = self._build_optimizer()
+        self.amp = self.device.type == 'cuda'
+        self.scaler = torch.amp.GradScaler('cuda') if self.amp else None
+        self.step = 0
+        self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.student.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.student.parameters() if p.ndim <= 1]  # biases and norms
+        groups = [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0, 'no_decay': True}]
+        if self.cfg.optimizer == 'sgd':
+            return torch.optim.SGD(groups, lr=self.peak_lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
+        if self.cfg.optimizer == 'adamw':
+            return torch.optim.AdamW(groups, lr=self.peak_lr, weight_decay=self.cfg.weight_decay)
+        raise DesdError(f'--optimizer {self.cfg.optimizer!r}: choose sgd or adamw.')
+
+    # schedules: pure functions of the global step
+    @property
+    def epoch(self) -> int:
+        return self.step // self.cfg.iters_per_epoch
+
+    def lr(self) -> float:
+        return warmup_cosine(self.step, self.total_steps, self.cfg.warmup_epochs * self.cfg.iters_per_epoch,
+                             self.peak_lr, self.cfg.min_lr)
+
+    def teacher_momentum(self) -> float:
+        return cosine(self.step, self.total_steps, self.cfg.teacher_momentum, 1.0)
+
+    def teacher_temp(self) -> float:
+        return linear_warmup_constant(self.epoch, self.cfg.warmup_teacher_temp_epochs,
+                                      self.cfg.warmup_teacher_temp, self.cfg.teacher_temp)
+
+    def train_step(self, data: torch.Tensor) -> torch.Tensor:
+        """One iteration on ``data`` (B, 2C, *patch) from the view loader; returns the (all-reduced) loss."""
+        views = split_views(data.to(self.device, non_blocking=True))
+        n_views, batch = views.shape[:2]
+        x = views.flatten(0, 1)
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.lr()
+        with torch.autocast(self.device.type, enabled=self.amp):
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)[0].view(n_views, batch, -1)
+            student_logits = self.student_forward(x)
+            student_logits = student_logits.view(student_logits.shape[0], n_views, batch, -1)
+        loss = self.loss(student_logits, teacher_logits, self.teacher_temp(), self.pairs)
+        if not torch.isfinite(loss):
+            raise DesdError(f'loss is {loss.item()} at step {self.step}; lower --lr or check the data.')
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.epoch < self.cfg.freeze_last_layer_epochs:
+            for head in self.student.heads:
+                head.prototypes.grad = None
+        if self.cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+        momentum = self.teacher_momentum()
+        ema_update(self.teacher.encoder, self.student.encoder, momentum)
+        ema_update(self.teacher.heads[0], self.student.heads[-1], momentum)
+        self.step += 1
+        return all_reduce_mean(loss.detach())
+
+    def run(self, loader: Iterator[dict]) -> None:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.progress.log(f'{cfg.method} pre-training of {self.prepared.dataset_name}: network '
+                              f'{self.prepared.configuration_manager.network_arch_class_name}, distilled stages '
+                              f'{self.stages}, patch {self.patch_size}, batch {cfg.batch_size} x '
+                              f'{self.dist.world_size} process(es), peak lr {self.peak_lr:.3g}, device {self.device}')
+        while self.epoch < cfg.epochs:
+            epoch, start, losses = self.epoch, time.time(), []
+            lr, temp = self.lr(), self.teacher_temp()
+            bar = tqdm(range(cfg.iters_per_epoch), desc=f'epoch {epoch + 1}/{cfg.epochs}',
+                       disable=not self.dist.is_main, leave=False)
+            for _ in bar:
+                losses.append(self.train_step(next(loader)['data']).item())
+                bar.set_postfix(loss=f'{losses[-1]:.4f}')
+            if self.dist.is_main:
+                values = dict(loss=float(np.mean(losses)), teacher_temp=temp, teacher_momentum=self.teacher_momentum(),
+                              lr=lr, epoch_time=time.time() - start)
+                self.progress.record(epoch, **values)
+                self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' + ', '.join(f'{k} {v:.4g}'
+                                                                                 for k, v in values.items()))
+                self.progress.plot()
+                self.save_checkpoint('checkpoint_latest.pth')
+        if self.dist.is_main:
+            self.save_checkpoint('checkpoint_final.pth')
+            path = self.save_export()
+            self.progress.log(f'export written: {path}')
+        self.dist.barrier()
+
+    # checkpoints
+    def state_dict(self) -> dict:
+        return {'format': 'nnunetv2_desd.pretraining', 'version': 1, 'config': self.cfg.to_dict(),
+                'network': cpu_state_dict(self.network), 'student_heads': cpu_state_dict(self.student.heads),
+                'teacher': cpu_state_dict(self.teacher), 'loss': cpu_state_dict(self.loss),
+                'optimizer': self.optimizer.state_dict(),
+                'scaler': self.scaler.state_dict() if self.scaler is not None else None,
+                'step': self.step, 'rng': capture_rng_state(), 'progress': self.progress.state_dict()}
+
+    def save_checkpoint(self, name: str) -> None:
+        atomic_save(self.state_dict(), os.path.join(self.output_folder, name))
+
+    def load_checkpoint(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt.get('format') != 'nnunetv2_desd.pretraining':
+            raise DesdError(f'{path} is not a pre-training checkpoint of nnunetv2_desd.')
+        saved, now = ckpt['config'], self.cfg.to_dict()
+        changed = [f'{k}: {saved.get(k)} -> {now[k]}' for k in ARCHITECTURE_KEYS if saved.get(k) != now[k]]
+        if changed:
+            raise DesdError(f'--c: {path} was made with other settings ({"; ".join(changed)}); '
+                            f'continue with the original ones.')
+        try:
+            self.network.load_state_dict(ckpt['network'])
+            self.student.heads.load_state_dict(ckpt['student_heads'])
+            self.teacher.load_state_dict(ckpt['teacher'])
+        except RuntimeError as e:
+            raise DesdError(f'--c: {path} does not fit this network (another architecture or plans?): '
+                            f'{str(e).splitlines()[0]}') from None
+        self.loss.load_state_dict(ckpt['loss'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        if self.scaler is not None and ckpt['scaler'] is not None:
+            self.scaler.load_state_dict(ckpt['scaler'])
+        self.step = ckpt['step']
+        self.progress.load_state_dict(ckpt['progress'])
+        if self.dist.rank == 0:
+            restore_rng_state(ckpt['rng'])
+        self.progress.log(f'continuing from {path} at epoch {self.epoch}')
+
+    def export(self) -> dict:
+        """nnU-Net's pretrained-weights format: the whole planned network with the teacher encoder, plus metadata."""
+        network = copy.deepcopy(self.network).cpu()
+        network.encoder.load_state_dict(cpu_state_dict(self.teacher.encoder))
+        weights = cpu_state_dict(network)
+        pm, cm = self.prepared.plans_manager, self.prepared.configuration_manager
+        metadata = {
+            'format': 'nnunetv2_desd.export', 'version': 1, 'method': self.cfg.method,
+            'source_dataset': self.prepared.dataset_name, 'plans_source': self.prepared.plans_source,
+            'plans_name': self.prepared.plans_identifier, 'configuration': self.prepared.configuration,
+            'architecture': {'network_class_name': cm.network_arch_class_name,
+                             'arch_kwargs': cm.network_arch_init_kwargs,
+                             '_kw_requires_import': list(cm.network_arch_init_kwargs_req_import)},
+            'num_input_channels': self.prepared.num_input_channels,
+            'channel_names': self.prepared.dataset_json['channel_names'],
+            'spacing': list(cm.spacing), 'transpose_forward': list(pm.transpose_forward),
+            'normalization_schemes': list(cm.normalization_schemes), 'use_mask_for_norm': list(cm.use_mask_for_norm),
+            'foreground_intensity_properties_per_channel': pm.foreground_intensity_properties_per_channel,
+            'patch_size': self.patch_size, 'plans_patch_size': list(cm.patch_size),
+            'distilled_stages': self.stages, 'epochs': self.epoch, 'steps': self.step,
+            'content_sha256': tensor_digest(weights),
+        }
+        return {'network_weights': weights, 'desd_export': metadata}
+
+    def save_export(self, name: str = EXPORT_FILE) -> str:
+        path = os.path.join(self.output_folder, name)
+        atomic_save(self.export(), path)
+        return path
