@@ -50,15 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-np', dest='num_preprocessing_processes', type=int, default=d.num_preprocessing_processes,
                    help='processes for checking, fingerprinting and preprocessing')
     p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument('--preprocess-only', action='store_true',
+                   help='check, plan and preprocess, then stop (run this once before torchrun on a cluster)')
     return p
 
 
 def parse_config(argv: Optional[List[str]] = None) -> PretrainConfig:
     args = vars(build_parser().parse_args(argv))
-    return PretrainConfig(**args)
+    preprocess_only = args.pop('preprocess_only')
+    return PretrainConfig(**args), preprocess_only
 
 
-def run(cfg: PretrainConfig) -> str:
+def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
     """Prepares the data (rank 0), pre-trains, and returns the export path."""
     from nnunetv2_desd.pretraining.data.loader import build_view_loader
     from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
@@ -66,6 +69,9 @@ def run(cfg: PretrainConfig) -> str:
     from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE, Pretrainer, output_folder_for
 
     ctx = init_distributed(cfg.device)
+    if ctx.device.type == 'cuda':
+        import torch
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's trainer
 
     def prepare():
         return prepare_pretraining_data(cfg.dataset, cfg.configuration, cfg.plans, cfg.planner, cfg.plans_from,
@@ -78,6 +84,8 @@ def run(cfg: PretrainConfig) -> str:
         ctx.barrier()
         prepared = prepare()  # finds rank 0's work done
     cfg.plans = prepared.plans_identifier
+    if preprocess_only:
+        return None
     folder = output_folder_for(prepared, cfg.method)
     checkpoint = os.path.join(folder, 'checkpoint_latest.pth')
     if cfg.continue_training and not os.path.isfile(checkpoint):
@@ -102,13 +110,13 @@ def run(cfg: PretrainConfig) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    cfg = parse_config(argv)
+    cfg, preprocess_only = parse_config(argv)
     try:
-        path = run(cfg)
+        path = run(cfg, preprocess_only)
     except DesdError as e:
         print(f'desd_pretrain: error: {e}', file=sys.stderr)
         sys.exit(2)
-    print(f'export: {path}')
+    print(f'preprocessed data ready for {cfg.dataset}' if path is None else f'export: {path}')
 
 
 if __name__ == '__main__':

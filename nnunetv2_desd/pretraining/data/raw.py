@@ -50,10 +50,10 @@ def resolve_dataset_name(dataset: str) -> str:
     """Dataset id or name -> ``DatasetXXX_Name``, with a clear message when nnU-Net does not know it."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    if nnUNet_raw is None or nnUNet_preprocessed is None:
+    if not nnUNet_raw or not nnUNet_preprocessed:
         raise DesdError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s set_environment_variables.md).')
     try:
-        return maybe_convert_to_dataset_name(dataset if str(dataset).startswith('Dataset') else int(dataset))
+        return str(maybe_convert_to_dataset_name(dataset if str(dataset).startswith('Dataset') else int(dataset)))
     except (RuntimeError, ValueError) as e:
         raise DesdError(f'dataset {dataset!r} not found: no matching DatasetXXX_Name folder in nnUNet_raw '
                         f'({nnUNet_raw}), nnUNet_preprocessed or nnUNet_results. {e}') from None

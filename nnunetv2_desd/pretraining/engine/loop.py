@@ -31,7 +31,7 @@ ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'stages', 'head_hidden_dim', 'h
 
 def output_folder_for(prepared: PreparedData, method: str) -> str:
     from nnunetv2.paths import nnUNet_results
-    if nnUNet_results is None:
+    if not nnUNet_results:
         raise DesdError('nnUNet_results must be set: checkpoints and the export are written there.')
     return os.path.join(nnUNet_results, prepared.dataset_name,
                         f'{method}__{prepared.plans_identifier}__{prepared.configuration}')
@@ -46,6 +46,10 @@ class Pretrainer:
 
         cm = prepared.configuration_manager
         self.patch_size = [int(p) for p in (cfg.patch_size or cm.patch_size)]
+        total_stride = np.prod(np.array(cm.pool_op_kernel_sizes), axis=0)
+        if any(p % s for p, s in zip(self.patch_size, total_stride)):
+            raise DesdError(f'--patch-size {self.patch_size} must be divisible by the encoder\'s total stride '
+                            f'{total_stride.tolist()}.')
         label_manager = prepared.plans_manager.get_label_manager(prepared.dataset_json)
         self.network = build_planned_network(prepared.plans_manager, cm, prepared.num_input_channels,
                                              label_manager.num_segmentation_heads)

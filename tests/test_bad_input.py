@@ -1,0 +1,198 @@
+"""Bad input to the real ``desd_pretrain`` command: exit code 2, one clear message, no traceback, nothing half-written.
+
+Every case runs the console script in a fresh process (nnunetv2.paths reads the nnU-Net folders at import).
+Cases that fail before planning get their own empty nnU-Net folders and must leave no file at all in
+nnUNet_preprocessed and nnUNet_results. The resume cases share one dataset, preprocessed once and trained once.
+"""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import TINY, nnunet_env, run_command
+from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+
+pytestmark = pytest.mark.e2e
+
+RUN = 'desd__nnUNetPlans__3d_fullres'
+SHORT = ['--epochs', '1', '--iters-per-epoch', '1']  # if a bad case slipped through, it would at least end soon
+
+
+def _fails(env: dict, *args) -> str:
+    """Runs desd_pretrain; asserts exit 2, a single error message and no traceback; returns the message."""
+    proc = run_command(['desd_pretrain', *args], env, timeout=300, check=False)
+    report = f'exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}'
+    assert proc.returncode == 2, report
+    assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout, report
+    assert proc.stderr.count('desd_pretrain: error:') == 1, report
+    return proc.stderr.split('desd_pretrain: error:', 1)[1].strip()
+
+
+def _files(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.is_file())
+
+
+def _assert_nothing_written(root: Path) -> None:
+    """No file anywhere under nnUNet_preprocessed / nnUNet_results, and no body-mask folder (final or partial)."""
+    assert _files(root / 'preprocessed') == []
+    assert _files(root / 'results') == []
+    assert not [p for p in (root / 'preprocessed').rglob('desd_body_masks*')]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# failures before anything is planned: each in its own nnU-Net folders
+# ---------------------------------------------------------------------------------------------------------------
+def test_unknown_dataset_id(tmp_path):
+    env = nnunet_env(tmp_path)
+    message = _fails(env, '-d', '977', *SHORT, *TINY)
+    assert "'977'" in message and 'not found' in message
+    _assert_nothing_written(tmp_path)
+    assert list((tmp_path / 'preprocessed').iterdir()) == []
+
+
+def test_dataset_without_images(tmp_path):
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 902, name='Empty', n_cases=1)
+    images = tmp_path / 'raw' / name / 'imagesTr'
+    for f in images.iterdir():
+        f.unlink()
+    message = _fails(env, '-d', '902', *SHORT, *TINY)
+    assert 'no images' in message and str(images) in message
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated'])
+def test_corrupt_image(tmp_path, damage):
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 903, name='Corrupt', n_cases=3)
+    bad = tmp_path / 'raw' / name / 'imagesTr' / 'corrupt_001_0000.nii.gz'
+    content = bad.read_bytes()
+    bad.write_bytes(b'not a nifti file ' * 64 if damage == 'garbage' else content[:len(content) // 2])
+    message = _fails(env, '-d', '903', *SHORT, *TINY)
+    assert 'corrupt_001' in message and bad.name in message
+    assert re.search(r'corrupt|unreadable|truncated', message), message
+    for good in ('corrupt_000', 'corrupt_002'):
+        assert good not in message
+    _assert_nothing_written(tmp_path)
+
+
+def test_channel_count_mismatch(tmp_path):
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 904, name='Channels', n_cases=2)
+    dataset_json = tmp_path / 'raw' / name / 'dataset.json'
+    meta = json.loads(dataset_json.read_text())
+    meta['channel_names'] = {'0': 'CT', '1': 'CT'}
+    dataset_json.write_text(json.dumps(meta))
+    message = _fails(env, '-d', '904', *SHORT, *TINY)
+    assert 'channel' in message and 'channels_000' in message and '2 channel' in message
+    _assert_nothing_written(tmp_path)
+
+
+def test_nan_and_inf_voxels(tmp_path):
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 905, name='Nan', n_cases=3)
+    bad = tmp_path / 'raw' / name / 'imagesTr' / 'nan_002_0000.nii.gz'
+    image = sitk.ReadImage(str(bad))
+    voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+    voxels[3, 4, 5] = np.nan
+    voxels[6, 7, 8] = np.inf
+    written = sitk.GetImageFromArray(voxels)
+    written.CopyInformation(image)
+    sitk.WriteImage(written, str(bad), useCompression=True)
+    import nibabel  # the file really holds them (read independently of the reader under test)
+    assert int((~np.isfinite(nibabel.load(str(bad)).get_fdata())).sum()) == 2
+
+    message = _fails(env, '-d', '905', *SHORT, *TINY)
+    assert 'NaN' in message and 'nan_002' in message and bad.name in message
+    assert 'nan_000' not in message and 'nan_001' not in message
+    _assert_nothing_written(tmp_path)
+
+
+def test_plans_from_unplanned_dataset(tmp_path):
+    env = nnunet_env(tmp_path)
+    write_synthetic_dataset(env['nnUNet_raw'], 906, name='Pool', n_cases=2)
+    source = write_synthetic_dataset(env['nnUNet_raw'], 907, name='Unplanned', n_cases=2, labelled=True)
+    message = _fails(env, '-d', '906', '--plans-from', '907', *SHORT, *TINY)
+    assert '--plans-from' in message and source in message and 'nnUNetPlans.json' in message
+    assert 'nnUNetv2_plan_and_preprocess -d 907' in message
+    _assert_nothing_written(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume failures: one dataset, preprocessed by the refused --c, then trained once
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp('resume')
+    env = nnunet_env(root)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=2)
+    return root, env, name
+
+
+@pytest.fixture(scope='module')
+def never_trained(pool):
+    """`--c` before any training: preprocessing happens, then the run is refused."""
+    root, env, name = pool
+    message = _fails(env, '-d', '900', '--c', *SHORT, *TINY)
+    return message, _files(root / 'results')
+
+
+@pytest.fixture(scope='module')
+def trained(pool, never_trained):
+    """One tiny successful run (K = 64); its files and their sha256."""
+    root, env, name = pool
+    run_command(['desd_pretrain', '-d', '900', *SHORT, *TINY], env, timeout=300)
+    folder = root / 'results' / name / RUN
+    checkpoints = {f: _sha256(folder / f) for f in ('checkpoint_latest.pth', 'checkpoint_final.pth',
+                                                    'pretrained_export.pth')}
+    return env, folder, checkpoints
+
+
+def _non_log_files(folder: Path) -> list:
+    return [f for f in _files(folder) if not f.startswith('training_log_')]
+
+
+def test_continue_with_nothing_to_continue(pool, never_trained):
+    root, _, name = pool
+    message, results_files = never_trained
+    assert '--c' in message and 'nothing to continue' in message
+    assert str(root / 'results' / name / RUN / 'checkpoint_latest.pth') in message
+    assert results_files == []  # no checkpoint, no export, not even the run folder's log
+    plans = root / 'preprocessed' / name / 'nnUNetPlans.json'
+    assert plans.is_file()  # the refusal came after preparing the data, which is kept for the next run
+
+
+def test_continue_with_other_architecture_keeps_checkpoint(trained):
+    env, folder, checkpoints = trained
+    before = _non_log_files(folder)
+    message = _fails(env, '-d', '900', '--c', '--epochs', '2', '--iters-per-epoch', '1', *TINY, '--out-dim', '32')
+    assert 'out_dim' in message and '64' in message and '32' in message
+    assert str(folder / 'checkpoint_latest.pth') in message
+    assert {f: _sha256(folder / f) for f in checkpoints} == checkpoints
+    assert _non_log_files(folder) == before
+
+
+def test_continue_from_truncated_checkpoint(trained):
+    env, folder, checkpoints = trained
+    latest = folder / 'checkpoint_latest.pth'
+    intact = latest.read_bytes()
+    truncated = intact[:len(intact) // 3]
+    latest.write_bytes(truncated)
+    try:
+        before = _non_log_files(folder)
+        message = _fails(env, '-d', '900', '--c', '--epochs', '2', '--iters-per-epoch', '1', *TINY)
+        assert str(latest) in message and 'not a valid checkpoint' in message
+        assert latest.read_bytes() == truncated  # neither repaired nor overwritten behind the user's back
+        for f in ('checkpoint_final.pth', 'pretrained_export.pth'):
+            assert _sha256(folder / f) == checkpoints[f]
+        assert _non_log_files(folder) == before
+    finally:
+        latest.write_bytes(intact)

@@ -1,0 +1,84 @@
+"""DDP with the gloo backend: 2 processes on half batches equal 1 process on the whole batch.
+
+Heads run without batch norm here: torch's SyncBatchNorm is CUDA-only, so on CPU each process would
+normalise over its own half batch. On CUDA the engine converts the heads to SyncBatchNorm.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TINY, nnunet_env, run_command
+from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+
+STEPS = 3
+BATCH = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    from nnunetv2_desd.pretraining.config import PretrainConfig
+    from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
+    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
+
+    ctx = init_distributed('cpu')
+    cfg = PretrainConfig('900', device='cpu', epochs=2, iters_per_epoch=2, batch_size=BATCH // world_size,
+                         patch_size=[16, 16, 16], out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                         head_bn=False, freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0)
+    trainer = Pretrainer(cfg, prepare_pretraining_data('900'), ctx, env['nnUNet_results'])
+    local = data.chunk(world_size, dim=1)[rank]  # (STEPS, BATCH / world, 2, *patch)
+    losses = [trainer.train_step(local[i]).item() for i in range(STEPS)]
+    if rank == 0:
+        results[world_size] = {'losses': losses, 'center': trainer.loss.center.clone(),
+                               'teacher': {k: v.clone() for k, v in trainer.teacher.state_dict().items()}}
+    if ctx.enabled:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn(world_size: int, env: dict, data: torch.Tensor, results) -> None:
+    env = dict(env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
+    os.environ.update(env)  # children read nnUNet_* when they import nnunetv2
+    mp.start_processes(_steps, args=(world_size, env, data, results), nprocs=world_size, start_method='spawn')
+
+
+@pytest.mark.e2e
+def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
+    env = nnunet_env(tmp_path)
+    for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.setenv(key, env.get(key, ''))
+    write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=2, shape=(24, 24, 24))
+    run_command(['desd_pretrain', '-d', '900', '--preprocess-only', *TINY], env)
+    data = torch.randn(STEPS, BATCH, 2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with mp.Manager() as manager:
+        results = manager.dict()
+        _spawn(1, env, data, results)
+        _spawn(2, env, data, results)
+        one, two = dict(results[1]), dict(results[2])
+    assert len(set(round(v, 4) for v in one['losses'])) == STEPS  # the weights really move between steps
+    torch.testing.assert_close(torch.tensor(two['losses']), torch.tensor(one['losses']), rtol=1e-4, atol=1e-5)
+    assert one['center'].abs().sum() > 0
+    torch.testing.assert_close(two['center'], one['center'], rtol=1e-4, atol=1e-6)
+    for k, v in one['teacher'].items():
+        torch.testing.assert_close(two['teacher'][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_torchrun_cli_on_cpu(tmp_path):
+    """The documented multi-GPU command line, with gloo on CPU."""
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=2, shape=(24, 24, 24))
+    from conftest import BIN
+    run_command(['torchrun', '--nproc_per_node', '2', '--master_port', str(_free_port()), str(BIN / 'desd_pretrain'),
+                 '-d', '900', '--epochs', '1', '--iters-per-epoch', '2', *TINY], env)
+    log = next((tmp_path / 'results' / name / 'desd__nnUNetPlans__3d_fullres').glob('training_log_*.txt'))
+    assert 'batch 2 x 2 process(es)' in log.read_text()
