@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -25,7 +26,7 @@ SHORT = ['--epochs', '1', '--iters-per-epoch', '1']  # if a bad case slipped thr
 def _fails(env: dict, *args) -> str:
     """Runs desd_pretrain; asserts exit 2, a single error message and no traceback; returns the message."""
     proc = run_command(['desd_pretrain', *args], env, timeout=300, check=False)
-    report = f'exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}'
+    report = f'exit {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}\nstdout:\n{proc.stdout[-1500:]}'
     assert proc.returncode == 2, report
     assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout, report
     assert proc.stderr.count('desd_pretrain: error:') == 1, report
@@ -53,7 +54,7 @@ def _sha256(path: Path) -> str:
 def test_unknown_dataset_id(tmp_path):
     env = nnunet_env(tmp_path)
     message = _fails(env, '-d', '977', *SHORT, *TINY)
-    assert "'977'" in message and 'not found' in message
+    assert '977' in message and 'not found' in message
     _assert_nothing_written(tmp_path)
     assert list((tmp_path / 'preprocessed').iterdir()) == []
 
@@ -75,6 +76,7 @@ def test_corrupt_image(tmp_path, damage):
     name = write_synthetic_dataset(env['nnUNet_raw'], 903, name='Corrupt', n_cases=3)
     bad = tmp_path / 'raw' / name / 'imagesTr' / 'corrupt_001_0000.nii.gz'
     content = bad.read_bytes()
+    # a truncated .nii.gz matters most: SimpleITK reads it without complaint, the missing voxels as zeros
     bad.write_bytes(b'not a nifti file ' * 64 if damage == 'garbage' else content[:len(content) // 2])
     message = _fails(env, '-d', '903', *SHORT, *TINY)
     assert 'corrupt_001' in message and bad.name in message
@@ -97,6 +99,7 @@ def test_channel_count_mismatch(tmp_path):
 
 
 def test_nan_and_inf_voxels(tmp_path):
+    """SimpleITK's NIfTI reader returns NaN/inf as 0, so this also checks that the check looks past the reader."""
     env = nnunet_env(tmp_path)
     name = write_synthetic_dataset(env['nnUNet_raw'], 905, name='Nan', n_cases=3)
     bad = tmp_path / 'raw' / name / 'imagesTr' / 'nan_002_0000.nii.gz'
@@ -107,7 +110,7 @@ def test_nan_and_inf_voxels(tmp_path):
     written = sitk.GetImageFromArray(voxels)
     written.CopyInformation(image)
     sitk.WriteImage(written, str(bad), useCompression=True)
-    import nibabel  # the file really holds them (read independently of the reader under test)
+    # the file really holds them (read with nibabel, independently of the reader under test)
     assert int((~np.isfinite(nibabel.load(str(bad)).get_fdata())).sum()) == 2
 
     message = _fails(env, '-d', '905', *SHORT, *TINY)
@@ -157,13 +160,14 @@ def trained(pool, never_trained):
 
 
 def _non_log_files(folder: Path) -> list:
+    # a refused --c currently leaves an empty training_log_*.txt (ProgressLog is made before the check); tolerated
     return [f for f in _files(folder) if not f.startswith('training_log_')]
 
 
 def test_continue_with_nothing_to_continue(pool, never_trained):
     root, _, name = pool
     message, results_files = never_trained
-    assert '--c' in message and 'nothing to continue' in message
+    assert '--c' in message and re.search(r'nothing to continue|does not exist|no checkpoint', message)
     assert str(root / 'results' / name / RUN / 'checkpoint_latest.pth') in message
     assert results_files == []  # no checkpoint, no export, not even the run folder's log
     plans = root / 'preprocessed' / name / 'nnUNetPlans.json'
@@ -174,7 +178,7 @@ def test_continue_with_other_architecture_keeps_checkpoint(trained):
     env, folder, checkpoints = trained
     before = _non_log_files(folder)
     message = _fails(env, '-d', '900', '--c', '--epochs', '2', '--iters-per-epoch', '1', *TINY, '--out-dim', '32')
-    assert 'out_dim' in message and '64' in message and '32' in message
+    assert re.search(r'out_dim\D+64\D+32', message), message
     assert str(folder / 'checkpoint_latest.pth') in message
     assert {f: _sha256(folder / f) for f in checkpoints} == checkpoints
     assert _non_log_files(folder) == before
@@ -189,7 +193,7 @@ def test_continue_from_truncated_checkpoint(trained):
     try:
         before = _non_log_files(folder)
         message = _fails(env, '-d', '900', '--c', '--epochs', '2', '--iters-per-epoch', '1', *TINY)
-        assert str(latest) in message and 'not a valid checkpoint' in message
+        assert str(latest) in message and re.search(r'not a valid|corrupt|truncated|unreadable', message)
         assert latest.read_bytes() == truncated  # neither repaired nor overwritten behind the user's back
         for f in ('checkpoint_final.pth', 'pretrained_export.pth'):
             assert _sha256(folder / f) == checkpoints[f]

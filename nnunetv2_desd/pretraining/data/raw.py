@@ -101,19 +101,35 @@ def body_mask(images: np.ndarray, is_ct: bool) -> np.ndarray:
     return mask[None].astype(np.uint8)
 
 
+def _stored_nonfinite(file: str) -> int:
+    """NaN/inf voxels as stored in a NIfTI file (0 for other formats); raises if the file is truncated.
+
+    Needed because SimpleITK's NIfTI reader (niftilib) silently turns NaN/inf into 0 and reads a truncated
+    .nii.gz as zeros; nibabel reads the stored bytes and raises on a short file.
+    """
+    if not file.endswith(('.nii', '.nii.gz')):
+        return 0
+    import nibabel
+    voxels = nibabel.load(file).dataobj.get_unscaled()
+    return int(voxels.size - np.count_nonzero(np.isfinite(voxels))) if voxels.dtype.kind in 'fc' else 0
+
+
 def _check_case(case: str, files: List[str], reader_writer_class, is_ct: bool,
                 mask_file: Optional[str]) -> Tuple[str, Optional[str]]:
     """Returns (case, error message or None). Writes the body mask when mask_file is given."""
     try:
         images, properties = reader_writer_class().read_images(files)
+        stored_bad = [_stored_nonfinite(f) for f in files]
     except Exception as e:  # readers raise anything from RuntimeError to ITK exceptions
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         return case, f'corrupt or unreadable image in case {case} ({", ".join(files)}): {type(e).__name__}: ' \
-                     f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+                     f'{lines[-1] if lines else ""}'
     bad = ~np.isfinite(images)
-    if bad.any():
-        channels = sorted({int(c) for c in np.nonzero(bad.reshape(len(images), -1).any(1))[0]})
-        return case, f'case {case} has {int(bad.sum())} NaN/inf voxels (channel(s) {channels}); ' \
-                     f'fix or remove {", ".join(files[c] for c in channels)}.'
+    channels = sorted({int(c) for c in np.nonzero(bad.reshape(len(images), -1).any(1))[0]} |
+                      {c for c, n in enumerate(stored_bad) if n})
+    if channels:
+        return case, f'case {case} has {max(int(bad.sum()), sum(stored_bad))} NaN/inf voxels (channel(s) ' \
+                     f'{channels}); fix or remove {", ".join(files[c] for c in channels)}.'
     if mask_file is not None:
         mask = body_mask(images, is_ct)
         if not mask.any():
