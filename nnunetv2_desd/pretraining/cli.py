@@ -2,7 +2,7 @@
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from nnunetv2_desd.errors import DesdError
 from nnunetv2_desd.pretraining.config import PretrainConfig
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: Optional[List[str]] = None) -> PretrainConfig:
+def parse_config(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool]:
     args = vars(build_parser().parse_args(argv))
     preprocess_only = args.pop('preprocess_only')
     return PretrainConfig(**args), preprocess_only
