@@ -44,3 +44,19 @@ TINY = ['-device', 'cpu', '--patch-size', '16', '16', '16', '--out-dim', '64', '
 @pytest.fixture
 def tmp_nnunet(tmp_path):
     return tmp_path, nnunet_env(tmp_path)
+
+
+@pytest.fixture(scope='session')
+def finetune_datasets(tmp_path_factory):
+    """Planned labelled datasets 901 (1 channel, 6 cases) and 902 (2 channels, 5 cases), both PlainConvUNet with
+    the same stages, plus a tiny DeSD export pre-trained on 901 with 901's plans. Shared: reuse, never modify."""
+    from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+    root = tmp_path_factory.mktemp('finetune')
+    env = nnunet_env(root)
+    write_synthetic_dataset(env['nnUNet_raw'], 901, n_cases=6, shape=(20, 20, 20), labelled=True)
+    write_synthetic_dataset(env['nnUNet_raw'], 902, n_cases=5, shape=(20, 20, 20), labelled=True, n_channels=2)
+    run_command(['nnUNetv2_plan_and_preprocess', '-d', '901', '902', '-c', '3d_fullres', '-npfp', '1', '-np', '1'],
+                env)
+    run_command(['desd_pretrain', '-d', '901', '--epochs', '1', '--iters-per-epoch', '2', *TINY], env)
+    export = root / 'results' / 'Dataset901_Synthetic' / 'desd__nnUNetPlans__3d_fullres' / 'pretrained_export.pth'
+    return root, env, export

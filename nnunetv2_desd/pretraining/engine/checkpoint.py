@@ -4,6 +4,7 @@ Everything written here loads with ``torch.load(weights_only=True)``: only tenso
 None and lists/tuples/dicts of those are stored.
 """
 import hashlib
+import json
 import os
 import random
 import re
@@ -45,6 +46,15 @@ def atomic_save(obj, path: str) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_json(obj, path: str) -> None:
+    """JSON counterpart of atomic_save: a temp file in the same folder, then a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile('w', dir=folder, prefix='.tmp_', suffix='.json', delete=False) as tmp:
+        json.dump(obj, tmp, indent=2, sort_keys=False)
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, path)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -1,0 +1,158 @@
+"""nnU-Net trainers that fine-tune a pre-trained export: ``nnUNetTrainerDeSD``, ``nnUNetTrainerCADS``.
+
+Used with the stock command::
+
+    nnUNetv2_train D 3d_fullres FOLD -tr nnUNetTrainerDeSD [-p nnUNetPlans_pretrained] -pretrained_weights EXPORT
+
+Recipe (defaults; change them in a subclass, as nnU-Net's own trainer variants do):
+
+- ``initial_lr`` 1e-2 with nnU-Net's SGD (momentum 0.99, Nesterov, weight decay 3e-5) and deep supervision, so
+  that a comparison with ``nnUNetTrainer`` differs only in the initialisation and the warm-up. nnssl fine-tunes
+  its CNNs at 1e-3; set ``self.initial_lr = 1e-3`` for that.
+- ``warmup_epochs`` 50 of 1000: linear warm-up, then nnU-Net's poly(0.9) decay. The decoder starts random, and
+  its first gradients are large; the warm-up keeps them from overwriting the pre-trained encoder (nnssl uses 50
+  warm-up epochs for 1000-epoch fine-tuning).
+- ``encoder_lr_multiplier`` 1.0: the encoder's lr relative to the decoder's. The DeSD and CADS papers fine-tune
+  the whole network at one lr; values below 1 (e.g. 0.1) keep more of the pre-training on very small datasets.
+- ``freeze_encoder_epochs`` 0: the encoder's lr is 0 for that many epochs while the decoder learns, then the
+  encoder warms up on its own. Neither paper freezes; nnssl's final recipe does not either. Freezing sets the lr
+  to 0 (the encoder's gradients are still computed, which keeps DDP and torch.compile unchanged).
+
+Loading: nnU-Net's ``-pretrained_weights`` loader asserts on the first shape difference and reports nothing. So
+``initialize()`` reads the same ``-pretrained_weights`` argument of the command line and loads the encoder itself:
+every tensor is compared, a mismatch ends with all differing tensors and the command that fixes it, a different
+number of input channels is adapted in the stem, and the log says "loaded N of M encoder tensors from FILE
+(sha256 ...)". nnU-Net's loader then runs as usual on the same file and finds matching shapes (for an adapted
+stem it briefly sees the export's stem; the adapted one is put back before the first step). The decoder keeps
+the nnU-Net initialisation stored in the export (it was never trained). ``fold_X/pretrained_weights.json``
+records the file, its sha256 and what was loaded.
+"""
+import os
+import sys
+from typing import List, Optional
+
+import torch
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write_json
+from nnunetv2_desd.trainers import PROVENANCE_FILE
+from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler
+from nnunetv2_desd.trainers.pretrained_weights import mismatch_message, plan_loading, read_export
+
+
+def pretrained_weights_argument(argv: List[str]) -> Optional[str]:
+    """The value of nnUNetv2_train's ``-pretrained_weights`` in ``argv``; argparse's unambiguous prefixes
+    (``-pr``, ``-pretrained``, ...) and the ``=VALUE`` form count too."""
+    option, value = '-pretrained_weights', None
+    for i, arg in enumerate(argv[1:], start=1):
+        name, sep, attached = arg.partition('=')
+        if len(name) >= 3 and option.startswith(name):  # '-pr...' is unambiguous among nnUNetv2_train's options
+            value = attached if sep else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+class nnUNetTrainerPretrained(nnUNetTrainer):
+    """nnU-Net's trainer with a pre-trained encoder from ``-pretrained_weights`` and the fine-tuning schedule."""
+    method = None  # the pre-training method this trainer is named after; another method's export only warns
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.warmup_epochs = 50
+        self.encoder_lr_multiplier = 1.0
+        self.freeze_encoder_epochs = 0
+        self.pretrained_file = None
+        self._stem_to_restore = None
+
+    @property
+    def bare_network(self) -> torch.nn.Module:
+        network = self.network.module if isinstance(self.network, DDP) else self.network
+        return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+    def initialize(self):
+        super().initialize()
+        self.pretrained_file = pretrained_weights_argument(sys.argv)
+        if self.pretrained_file is not None:
+            self.load_pretrained_encoder(self.pretrained_file)
+
+    def configure_optimizers(self):
+        network = self.bare_network
+        encoder = list(network.encoder.parameters())
+        encoder_ids = {id(p) for p in encoder}
+        rest = [p for p in network.parameters() if id(p) not in encoder_ids]
+        # the decoder's group comes first: nnU-Net logs and plots param_groups[0]['lr']
+        groups = [{'params': rest, 'name': 'decoder'},
+                  {'params': encoder, 'name': 'encoder', 'lr_scale': self.encoder_lr_multiplier,
+                   'start_epoch': self.freeze_encoder_epochs}]
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.warmup_epochs, self.num_epochs)
+
+    def load_pretrained_encoder(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise DesdError(f'-pretrained_weights {path}: no such file.')
+        export = read_export(path)
+        network = self.bare_network
+        plan = plan_loading(network, export.weights)
+        dataset = self.plans_manager.dataset_name
+        if not plan.fits:
+            message = mismatch_message(plan, export, dataset, self.plans_manager.plans_name,
+                                       type(network).__name__)
+            self.print_to_log_file(message)
+            raise DesdError(message)
+        network.encoder.load_state_dict(plan.encoder_tensors)
+        if plan.stem_key is not None:
+            stem = network.get_parameter(plan.stem_key)
+            self._stem_to_restore = (stem, stem.data.clone())
+            stem.data = export.weights[plan.stem_key].to(stem.device, stem.dtype)  # what nnU-Net's loader checks
+        if self.method is not None and export.method != self.method:
+            self.print_to_log_file(f'WARNING: {type(self).__name__} is named after {self.method}, but the export '
+                                   f'was pre-trained with {export.method}.')
+        self.print_to_log_file(
+            f'loaded {plan.num_loaded} of {plan.num_encoder_tensors} encoder tensors from {export.file} '
+            f'(sha256 {export.file_sha256})' +
+            (f'; stem {plan.stem_key} adapted from {tuple(export.weights[plan.stem_key].shape)} to '
+             f'{tuple(self._stem_to_restore[1].shape)} input channels' if plan.stem_key else ''))
+        self.print_to_log_file(f'fine-tuning: peak lr {self.initial_lr}, warm-up {self.warmup_epochs} epochs, encoder '
+                               f'lr x{self.encoder_lr_multiplier}, encoder frozen for {self.freeze_encoder_epochs} '
+                               f'epochs, {self.num_epochs} epochs')
+        if self.local_rank == 0:
+            meta = export.metadata
+            atomic_write_json({
+                'file': export.file, 'file_sha256': export.file_sha256,
+                'content_sha256': meta.get('content_sha256'), 'method': export.method,
+                'source_dataset': meta.get('source_dataset'), 'export_plans_name': meta.get('plans_name'),
+                'trainer': type(self).__name__, 'plans_name': self.plans_manager.plans_name,
+                'loaded_encoder_tensors': plan.num_loaded, 'encoder_tensors': plan.num_encoder_tensors,
+                'adapted_stem': plan.stem_key,
+                'recipe': {'initial_lr': self.initial_lr, 'warmup_epochs': self.warmup_epochs,
+                           'encoder_lr_multiplier': self.encoder_lr_multiplier,
+                           'freeze_encoder_epochs': self.freeze_encoder_epochs, 'num_epochs': self.num_epochs},
+            }, os.path.join(self.output_folder, PROVENANCE_FILE))
+
+    def restore_adapted_stem(self) -> None:
+        """Puts the channel-adapted stem back once nnU-Net's loader has run (no-op without adaptation)."""
+        if self._stem_to_restore is not None:
+            stem, adapted = self._stem_to_restore
+            stem.data = adapted
+            self._stem_to_restore = None
+
+    def on_train_start(self):
+        self.restore_adapted_stem()
+        if self.pretrained_file is None and self.current_epoch == 0:
+            raise DesdError(f'{type(self).__name__} fine-tunes pre-trained weights: add -pretrained_weights EXPORT '
+                            f'to nnUNetv2_train (train from scratch with nnUNetTrainer).')
+        super().on_train_start()
+
+
+class nnUNetTrainerDeSD(nnUNetTrainerPretrained):
+    """Fine-tunes a DeSD export (``desd_pretrain -m desd``)."""
+    method = 'desd'
+
+
+class nnUNetTrainerCADS(nnUNetTrainerPretrained):
+    """Fine-tunes a CADS export (``desd_pretrain -m cads``); same recipe as DeSD."""
+    method = 'cads'

@@ -1,0 +1,54 @@
+"""Short schedules for tests and the CPU demo, for the vanilla and the pre-trained trainers alike.
+
+A benchmark compares a pre-trained trainer with the vanilla trainer of the same schedule:
+nnUNetTrainerDeSDTiny with nnUNetTrainerTiny, nnUNetTrainerDeSDDemo with nnUNetTrainerDemo.
+"""
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, nnUNetTrainerDeSD
+
+TINY = dict(num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1, warmup_epochs=1)
+DEMO = dict(num_epochs=12, num_iterations_per_epoch=10, num_val_iterations_per_epoch=2, warmup_epochs=2)
+
+
+class _ShortSchedule:
+    """Overrides the schedule attributes after the trainer's own __init__ (warmup_epochs only where it exists)."""
+    schedule = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for key, value in self.schedule.items():
+            if key != 'warmup_epochs' or hasattr(self, key):
+                setattr(self, key, value)
+
+
+class nnUNetTrainerTiny(_ShortSchedule, nnUNetTrainer):
+    """Tests: 2 epochs x 2 iterations."""
+    schedule = TINY
+
+
+class nnUNetTrainerDeSDTiny(_ShortSchedule, nnUNetTrainerDeSD):
+    """Tests: 2 epochs x 2 iterations, 1 warm-up epoch."""
+    schedule = TINY
+
+
+class nnUNetTrainerCADSTiny(_ShortSchedule, nnUNetTrainerCADS):
+    """Tests: 2 epochs x 2 iterations, 1 warm-up epoch."""
+    schedule = TINY
+
+
+class nnUNetTrainerDemo(_ShortSchedule, nnUNetTrainer):
+    """CPU demo: 12 epochs x 10 iterations."""
+    schedule = DEMO
+
+
+class nnUNetTrainerDeSDDemo(_ShortSchedule, nnUNetTrainerDeSD):
+    """CPU demo: 12 epochs x 10 iterations, 2 warm-up epochs."""
+    schedule = DEMO
+
+
+class nnUNetTrainerCADSDemo(_ShortSchedule, nnUNetTrainerCADS):
+    """CPU demo: 12 epochs x 10 iterations, 2 warm-up epochs."""
+    schedule = DEMO

@@ -1,0 +1,90 @@
+"""Fine-tuning building blocks: stem adaptation, warm-up + poly schedule, argument lookup, load planning."""
+import math
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+from nnunetv2_desd.trainers.finetune import pretrained_weights_argument
+from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
+from nnunetv2_desd.trainers.pretrained_weights import (PretrainedExport, adapt_input_channels, mismatch_message,
+                                                       plan_loading)
+
+
+def test_adapt_input_channels_sums_and_spreads_over_new_channels():
+    one_channel = torch.tensor([3.0, 6.0]).view(2, 1, 1, 1, 1)
+    two = adapt_input_channels(one_channel, 2)
+    assert two.shape == (2, 2, 1, 1, 1)
+    assert two.flatten().tolist() == [1.5, 1.5, 3.0, 3.0]
+    two_channels = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1, 1)
+    assert adapt_input_channels(two_channels, 1).flatten().tolist() == [4.0]
+    assert adapt_input_channels(two_channels, 4).flatten().tolist() == [1.0, 1.0, 1.0, 1.0]
+    # the same image in every new channel gives the pre-trained response to that image
+    x = torch.randn(1, 1, 4, 4, 4)
+    w = torch.randn(8, 1, 3, 3, 3)
+    expected = torch.nn.functional.conv3d(x, w)
+    got = torch.nn.functional.conv3d(x.repeat(1, 3, 1, 1, 1), adapt_input_channels(w, 3))
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_warmup_poly_by_hand():
+    # peak 1, 2 warm-up epochs, 10 epochs: 0.5, 1, then (1 - (e - 2) / 8) ** 0.9
+    values = [warmup_poly(e, 1.0, 2, 10) for e in range(10)]
+    assert values[0] == 0.5 and values[1] == 1.0 and values[2] == 1.0
+    assert math.isclose(values[3], (7 / 8) ** 0.9) and math.isclose(values[9], (1 / 8) ** 0.9)
+    # a group frozen for 3 epochs: 0, 0, 0, then its own warm-up and decay over the remaining 7 epochs
+    frozen = [warmup_poly(e, 1.0, 2, 10, start_epoch=3) for e in range(10)]
+    assert frozen[:3] == [0.0, 0.0, 0.0] and frozen[3] == 0.5 and frozen[4] == 1.0
+    assert math.isclose(frozen[6], (1 - 1 / 5) ** 0.9)
+
+
+def test_scheduler_sets_each_group_and_follows_the_epoch_nnunet_passes():
+    decoder, encoder = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{'params': [decoder]},
+                                 {'params': [encoder], 'lr_scale': 0.1, 'start_epoch': 1}], lr=0.01)
+    scheduler = WarmupPolyLRScheduler(optimizer, 0.01, warmup_epochs=2, num_epochs=10)
+    assert [g['lr'] for g in optimizer.param_groups] == [0.005, 0.0]
+    scheduler.step(2)  # nnU-Net passes current_epoch, also after --c
+    assert math.isclose(optimizer.param_groups[0]['lr'], 0.01)
+    assert math.isclose(optimizer.param_groups[1]['lr'], 0.001)
+    scheduler.step(5)
+    assert math.isclose(optimizer.param_groups[0]['lr'], 0.01 * (1 - 3 / 8) ** 0.9)
+    assert math.isclose(optimizer.param_groups[1]['lr'], 0.001 * (1 - 2 / 7) ** 0.9)
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['nnUNetv2_train', '1', '3d_fullres', '0', '-p', 'P', '-pretrained_weights', 'a.pth'], 'a.pth'),
+    (['nnUNetv2_train', '1', '3d_fullres', '0', '-pretrained', 'b.pth', '-tr', 'T'], 'b.pth'),
+    (['nnUNetv2_train', '1', '3d_fullres', '0', '-pretrained_weights=c.pth'], 'c.pth'),
+    (['nnUNetv2_train', '1', '3d_fullres', '0', '-p', 'nnUNetPlans', '--c'], None),
+])
+def test_pretrained_weights_argument(argv, expected):
+    assert pretrained_weights_argument(argv) == expected
+
+
+def _unet(in_channels=1, features=(8, 16, 32)):
+    return PlainConvUNet(in_channels, 3, features, torch.nn.Conv3d, 3, [1, 2, 2], 2, 2, [1, 1], True,
+                         torch.nn.InstanceNorm3d, {'affine': True}, nonlin=torch.nn.LeakyReLU,
+                         deep_supervision=True)
+
+
+def test_plan_loading_matches_adapts_the_stem_and_names_mismatches():
+    export_weights = _unet().state_dict()
+    fits = plan_loading(_unet(), export_weights)
+    assert fits.fits and fits.stem_key is None
+    assert fits.num_loaded == fits.num_encoder_tensors == 24  # 3 stages x 2 convs x (conv w, b, norm w, b)
+
+    two_channels = plan_loading(_unet(in_channels=2), export_weights)
+    assert two_channels.fits and two_channels.stem_key == 'encoder.stages.0.0.convs.0.conv.weight'
+    stem = two_channels.encoder_tensors['stages.0.0.convs.0.conv.weight']
+    assert torch.equal(stem, adapt_input_channels(export_weights[two_channels.stem_key], 2))
+
+    wider = plan_loading(_unet(features=(8, 16, 64)), export_weights)
+    assert not wider.fits
+    names = [k for k, _, _ in wider.mismatched]
+    assert 'encoder.stages.2.0.convs.0.conv.weight' in names
+    assert all('.seg_layers.' not in k for k in names)
+    message = mismatch_message(wider, PretrainedExport('/x/export.pth', export_weights, {}, 'abc'), 'Dataset7_X',
+                               'nnUNetPlans', 'PlainConvUNet')
+    assert 'encoder.stages.2.0.convs.0.conv.weight: export (32, 16, 3, 3, 3), network (64, 16, 3, 3, 3)' in message
+    assert 'desd_plan_like_pretrained -d Dataset7_X -w /x/export.pth' in message
