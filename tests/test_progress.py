@@ -1,7 +1,6 @@
 import os
 import re
 
-import torch
 
 from nnunetv2_desd.pretraining.engine.checkpoint import atomic_save, load_checkpoint
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog

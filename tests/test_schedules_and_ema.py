@@ -1,5 +1,4 @@
 """Schedules and the teacher EMA update, checked against hand values."""
-import math
 
 import pytest
 import torch

@@ -92,8 +92,6 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.warmup_epochs, self.num_epochs)
 
     def load_pretrained_encoder(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise DesdError(f'-pretrained_weights {path}: no such file.')
         export = read_export(path)
         network = self.bare_network
         plan = plan_loading(network, export.weights)

@@ -27,40 +27,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.trainers.pretrained_weights import read_export
 
-EXPORT_FORMAT = 'nnunetv2_desd.export'
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pretrained'
 PROVENANCE_KEY = 'desd_pretrained'  # top-level plans entry naming the export these plans were made for
 TRAINER_FOR_METHOD = {'desd': 'nnUNetTrainerDeSD', 'cads': 'nnUNetTrainerCADS'}
-REQUIRED_METADATA = ('method', 'source_dataset', 'plans_name', 'architecture', 'num_input_channels', 'channel_names',
-                     'spacing', 'transpose_forward', 'normalization_schemes', 'use_mask_for_norm',
-                     'foreground_intensity_properties_per_channel', 'content_sha256')
-
-
-# ----------------------------------------------------------------------------------------------------------- export
-def read_export(export_file: str) -> dict:
-    """The export's ``desd_export`` metadata; DesdError for a missing, corrupt or non-export file."""
-    from nnunetv2_desd.pretraining.engine.checkpoint import load_checkpoint
-    if not os.path.isfile(export_file):
-        raise DesdError(f'export file not found: {export_file}')
-    checkpoint = load_checkpoint(export_file)
-    meta = checkpoint.get('desd_export')
-    if not isinstance(meta, dict):
-        raise DesdError(f'{export_file} is not an nnunetv2_desd export (no "desd_export" metadata; top-level keys: '
-                        f'{sorted(map(str, checkpoint))[:8]}). Use the pretrained_export.pth that desd_pretrain '
-                        f'writes.')
-    if meta.get('format') != EXPORT_FORMAT:
-        raise DesdError(f'{export_file} is not an nnunetv2_desd export (format {meta.get("format")!r}, '
-                        f'expected {EXPORT_FORMAT!r}).')
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing or not isinstance(checkpoint.get('network_weights'), dict):
-        raise DesdError(f'{export_file} is not an nnunetv2_desd export (incomplete: missing '
-                        f'{missing or ["network_weights"]}).')
-    strides = meta['architecture'].get('arch_kwargs', {}).get('strides')
-    if not strides or any(len(s) != 3 for s in strides) or sorted(meta['transpose_forward']) != [0, 1, 2]:
-        raise DesdError(f'{export_file} is not a 3D nnunetv2_desd export (strides {strides}, transpose '
-                        f'{meta["transpose_forward"]}).')
-    return meta
 
 
 def total_stride(arch_kwargs: dict) -> List[int]:
@@ -244,14 +215,15 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
     """Writes ``nnUNet_preprocessed/<Dataset>/<plans_name>.json`` (and its preprocessed data); returns its path."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2_desd.pretraining.data.planning import _planner_class
-    from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write_json, file_sha256
+    from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write_json
 
     if not re.fullmatch(r'[A-Za-z0-9_.-]+', plans_name) or plans_name.startswith('.'):
         raise DesdError(f'-p {plans_name!r}: a plans name is a file name without folders or spaces.')
     if num_processes < 1:
         raise DesdError(f'-np {num_processes}: need at least 1 process.')
     export_file = os.path.abspath(export_file)
-    meta = read_export(export_file)
+    export = read_export(export_file)
+    meta = export.require_metadata()
     raw = _resolve_raw_dataset(dataset)
     planner_class = _planner_class(planner)
     root = os.path.join(nnUNet_preprocessed, raw.name)
@@ -265,7 +237,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
         if not ours:
             raise DesdError(f'{plans_file} exists and was not written by desd_plan_like_pretrained; not overwriting '
                             f'it. Choose another plans name with -p.')
-    digest = file_sha256(export_file)
+    digest = export.file_sha256
     planner_kwargs = _planner_kwargs(planner_class, plans_name, meta['spacing'], gpu_memory_gb)
     dataset_id = int(raw.name[7:10])
 

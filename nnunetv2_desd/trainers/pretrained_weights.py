@@ -14,6 +14,10 @@ from nnunetv2_desd.errors import DesdError
 from nnunetv2_desd.pretraining.engine.checkpoint import file_sha256, load_checkpoint
 
 ENCODER = 'encoder.'
+EXPORT_FORMAT = 'nnunetv2_desd.export'
+REQUIRED_METADATA = ('method', 'source_dataset', 'plans_name', 'architecture', 'num_input_channels', 'channel_names',
+                     'spacing', 'transpose_forward', 'normalization_schemes', 'use_mask_for_norm',
+                     'foreground_intensity_properties_per_channel', 'content_sha256')
 SEG_LAYERS = '.seg_layers.'  # nnU-Net never transfers the segmentation outputs
 
 
@@ -28,15 +32,37 @@ class PretrainedExport:
     def method(self) -> str:
         return self.metadata.get('method', 'unknown')
 
+    def require_metadata(self) -> dict:
+        """The ``desd_export`` metadata that planning needs; DesdError when it is absent or incomplete."""
+        meta = self.metadata
+        if not meta:
+            raise DesdError(f'{self.file} is not an nnunetv2_desd export (no "desd_export" metadata). Use the '
+                            f'pretrained_export.pth that desd_pretrain writes.')
+        if meta.get('format') != EXPORT_FORMAT:
+            raise DesdError(f'{self.file} is not an nnunetv2_desd export (format {meta.get("format")!r}, '
+                            f'expected {EXPORT_FORMAT!r}).')
+        missing = [k for k in REQUIRED_METADATA if k not in meta]
+        if missing:
+            raise DesdError(f'{self.file} is not an nnunetv2_desd export (incomplete: missing {missing}).')
+        strides = meta['architecture'].get('arch_kwargs', {}).get('strides')
+        if not strides or any(len(s) != 3 for s in strides) or sorted(meta['transpose_forward']) != [0, 1, 2]:
+            raise DesdError(f'{self.file} is not a 3D nnunetv2_desd export (strides {strides}, transpose '
+                            f'{meta["transpose_forward"]}).')
+        return meta
+
 
 def read_export(path: str) -> PretrainedExport:
     """An export (``{'network_weights': ..., 'desd_export': ...}``) loaded on CPU with ``weights_only=True``."""
     path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise DesdError(f'export file not found: {path}')
     checkpoint = load_checkpoint(path)
     weights = checkpoint.get('network_weights')
     if not isinstance(weights, dict) or not weights:
-        raise DesdError(f'{path} holds no network_weights; expected an export written by desd_pretrain.')
-    return PretrainedExport(path, weights, checkpoint.get('desd_export', {}), file_sha256(path))
+        raise DesdError(f'{path} is not an nnunetv2_desd export (no "network_weights"). Use the '
+                        f'pretrained_export.pth that desd_pretrain writes.')
+    metadata = checkpoint.get('desd_export')
+    return PretrainedExport(path, weights, metadata if isinstance(metadata, dict) else {}, file_sha256(path))
 
 
 def adapt_input_channels(weight: torch.Tensor, num_channels: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import os
 import random
 import re
 import tempfile
-from typing import Mapping
+from typing import IO, Callable, Mapping
 
 import numpy as np
 import torch
@@ -17,17 +17,18 @@ import torch
 from nnunetv2_desd.errors import DesdError
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file next to ``path``, fsync, then rename onto ``path``.
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Calls ``write(file)`` on a temp file next to ``path``, fsyncs, then renames it onto ``path``.
 
     A crash or an exception at any point leaves ``path`` either untouched or complete, never half-written.
+    The one way this package writes checkpoints, exports, JSON records, tables and figures.
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     tmp = tempfile.NamedTemporaryFile(dir=folder, prefix='.tmp_', suffix='_' + os.path.basename(path), delete=False)
     try:
         with tmp:
-            torch.save(obj, tmp)
+            write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600
@@ -48,13 +49,16 @@ def atomic_save(obj, path: str) -> None:
         os.close(dir_fd)
 
 
+def atomic_save(obj, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def atomic_write_json(obj, path: str) -> None:
-    """JSON counterpart of atomic_save: a temp file in the same folder, then a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile('w', dir=folder, prefix='.tmp_', suffix='.json', delete=False) as tmp:
-        json.dump(obj, tmp, indent=2, sort_keys=False)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
+    atomic_write_text(json.dumps(obj, indent=2), path)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -2,7 +2,7 @@
 import copy
 import os
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch

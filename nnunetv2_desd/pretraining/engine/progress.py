@@ -1,10 +1,11 @@
 """nnU-Net-style training log file and progress.png for pre-training runs."""
 import os
-import tempfile
 from datetime import datetime
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write
 
 # panel order and axis labels for the known quantities; anything else is appended in recording order
 _LABELS = {'loss': 'loss', 'teacher_temp': 'teacher temperature', 'teacher_momentum': 'teacher momentum',
@@ -61,16 +62,7 @@ class ProgressLog:
                 ax.set_title(self.name)
         ax.set_xlabel('epoch')
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=self.output_folder, prefix='.tmp_', suffix='_progress.png')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                fig.savefig(f, format='png')
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(tmp, os.path.join(self.output_folder, 'progress.png'))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(os.path.join(self.output_folder, 'progress.png'), lambda f: fig.savefig(f, format='png'))
 
     def state_dict(self) -> dict:
         return {k: {'epoch': list(v['epoch']), 'value': list(v['value'])} for k, v in self.history.items()}

@@ -1,0 +1,307 @@
+"""``desd_benchmark``: a pre-trained fine-tuning trainer against the vanilla nnU-Net trainer, fold by fold.
+
+    desd_benchmark -d 501 -w EXPORT.pth -tr nnUNetTrainerDeSD --folds 0 1 2 3 4 --fractions 0.1 0.25 1.0
+
+One cell is one (trainer, fold, labelled fraction). Each cell is a stock ``nnUNetv2_train`` run; a fraction below
+1 is an extra entry of nnU-Net's splits_final.json (see ``fractions``), so the validation cases of a fold never
+change. A cell whose ``validation/summary.json`` exists is reused, one with ``checkpoint_final.pth`` only
+validates (``--val``), one with ``checkpoint_latest.pth`` continues (``--c``); the others start fresh, the tested
+trainer with ``-pretrained_weights EXPORT``. The report (Markdown, CSV, PNG) pairs the two trainers' per-case Dice.
+
+For clusters: ``--only tested --folds 3 --fractions 0.25`` runs exactly one cell; ``--print-commands`` prints the
+stock command of every cell still to run; ``--collect-only`` then writes the report from what exists.
+"""
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import deque
+from typing import Dict, List, Optional
+
+from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.evaluation.fractions import check_fraction, find_fraction_fold, fraction_fold
+from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
+
+LOG_TAIL_LINES = 30
+STEP_WORDS = {'train': 'training', 'val': 'validating', 'continue': 'continuing'}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='desd_benchmark', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-d', dest='dataset', required=True, help='dataset id or name (DatasetXXX_Name)')
+    p.add_argument('-w', dest='weights', default=None,
+                   help='pre-trained export (desd_pretrain\'s pretrained_export.pth), passed as -pretrained_weights '
+                        'to fresh runs of the tested trainer')
+    p.add_argument('-tr', dest='trainer', default='nnUNetTrainerDeSD', help='trainer under test (default: %(default)s)')
+    p.add_argument('--baseline', default='nnUNetTrainer', help='baseline trainer (default: %(default)s)')
+    p.add_argument('-p', dest='plans', default='nnUNetPlans', help='plans of the tested trainer (default: %(default)s)')
+    p.add_argument('--baseline-plans', default='nnUNetPlans', help='plans of the baseline (default: %(default)s)')
+    p.add_argument('-c', dest='configuration', default='3d_fullres', help='configuration (default: %(default)s)')
+    p.add_argument('--folds', type=int, nargs='+', default=[0, 1, 2, 3, 4], help='standard folds (default: 0-4)')
+    p.add_argument('--fractions', type=float, nargs='+', default=[1.0],
+                   help='labelled fractions of each fold\'s training cases, in (0, 1] (default: 1.0)')
+    p.add_argument('--seed', type=int, default=12345, help='seed of the labelled subsets (default: %(default)s)')
+    p.add_argument('-device', default='cuda', choices=['cuda', 'cpu'], help='passed to nnUNetv2_train')
+    p.add_argument('--only', choices=ROLES, default=None, help='run the cells of one side only')
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument('--collect-only', action='store_true',
+                      help='train nothing: write the report from the runs that exist and list the missing cells')
+    mode.add_argument('--print-commands', action='store_true',
+                      help='print the nnUNetv2_train command of every cell still to run (and the nnUNet_extTrainer '
+                           'export they need), then exit; creates the fraction folds those commands name')
+    p.add_argument('-o', dest='output', default=None,
+                   help='report and log folder (default: nnUNet_results/<DatasetName>/desd_benchmark)')
+    return p
+
+
+def _unique(values: list) -> list:
+    return list(dict.fromkeys(values))
+
+
+def dataset_name(dataset: str) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        return str(maybe_convert_to_dataset_name(dataset))
+    except (RuntimeError, ValueError):
+        raise DesdError(f'Unknown dataset {dataset!r}: no Dataset{dataset}_* folder under nnUNet_raw, '
+                        f'nnUNet_preprocessed or nnUNet_results (give an id such as 501 or a name such as '
+                        f'Dataset501_Name).') from None
+
+
+def data_identifier(plans_file: str, configuration: str) -> str:
+    """The configuration's data_identifier, following 'inherits_from' as nnU-Net's plans manager does."""
+    with open(plans_file) as f:
+        configurations = json.load(f)['configurations']
+    if configuration not in configurations:
+        raise DesdError(f'Configuration {configuration!r} is not in {plans_file} '
+                        f'(it has: {", ".join(configurations)}).')
+    name, seen = configuration, []
+    while 'data_identifier' not in configurations[name] and 'inherits_from' in configurations[name]:
+        seen.append(name)
+        name = configurations[name]['inherits_from']
+        if name in seen or name not in configurations:
+            raise DesdError(f'Configuration {configuration!r} of {plans_file} inherits from a missing or cyclic '
+                            f'parent.')
+    return configurations[name]['data_identifier']
+
+
+class Setup:
+    """The checked inputs: folders, plans per side, export and its sha256."""
+
+    def __init__(self, args: argparse.Namespace):
+        from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+        from nnunetv2_desd.pretraining.engine.checkpoint import file_sha256
+
+        for name, value in (('nnUNet_preprocessed', nnUNet_preprocessed), ('nnUNet_results', nnUNet_results)):
+            if not value:  # nnU-Net's _EnvPath: false when the variable is unset
+                raise DesdError(f'{name} is not set: point it at your nnU-Net {name.split("_")[1]} folder.')
+        self.fractions = _unique([check_fraction(f) for f in args.fractions])
+        self.folds = _unique(args.folds)
+        if any(f < 0 for f in self.folds):
+            raise DesdError(f'Folds are non-negative integers, got {" ".join(map(str, args.folds))}.')
+        if args.trainer == args.baseline and args.plans == args.baseline_plans:
+            raise DesdError(f'The tested and the baseline trainer are both {args.trainer} with plans {args.plans}: '
+                            f'they would share their model folders. Choose another -tr, --baseline or -p.')
+        self.dataset = dataset_name(args.dataset)
+        self.preprocessed = os.path.join(os.fspath(nnUNet_preprocessed), self.dataset)
+        self.results = os.path.join(os.fspath(nnUNet_results), self.dataset)
+        if not os.path.isdir(self.preprocessed):
+            raise DesdError(f'{self.preprocessed} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} '
+                            f'-c {args.configuration} first.')
+        self.configuration = args.configuration
+        self.trainers = {'tested': args.trainer, 'baseline': args.baseline}
+        self.plans = {'tested': args.plans, 'baseline': args.baseline_plans}
+        self.data_folders = {}
+        for role in ROLES:
+            plans_file = os.path.join(self.preprocessed, self.plans[role] + '.json')
+            if not os.path.isfile(plans_file):
+                option = '-p' if role == 'tested' else '--baseline-plans'
+                raise DesdError(f'Plans file {plans_file} ({role} trainer, {option}) not found: plan the dataset '
+                                f'(nnUNetv2_plan_and_preprocess, or '
+                                f'desd_plan_like_pretrained for plans that match an export).')
+            self.data_folders[role] = os.path.join(self.preprocessed, data_identifier(plans_file, self.configuration))
+        dataset_json = os.path.join(self.preprocessed, 'dataset.json')
+        if not os.path.isfile(dataset_json):
+            raise DesdError(f'{dataset_json} not found: run nnUNetv2_plan_and_preprocess -d {args.dataset} first.')
+        with open(dataset_json) as f:
+            self.label_names = label_names(json.load(f))
+        self.weights, self.weights_sha256 = None, None
+        if args.weights is not None:
+            if not os.path.isfile(args.weights):
+                raise DesdError(f'Pre-trained export -w {args.weights} not found.')
+            self.weights = os.path.abspath(args.weights)
+            self.weights_sha256 = file_sha256(self.weights)
+        self.output = os.path.abspath(args.output) if args.output else os.path.join(self.results, 'desd_benchmark')
+        self.device = args.device
+        self.seed = args.seed
+
+    def model_folder(self, role: str, fold_id: int) -> str:
+        return os.path.join(self.results, f'{self.trainers[role]}__{self.plans[role]}__{self.configuration}',
+                            f'fold_{fold_id}')
+
+    def meta(self) -> ReportMeta:
+        return ReportMeta(dataset=self.dataset, configuration=self.configuration,
+                          tested_trainer=self.trainers['tested'], tested_plans=self.plans['tested'],
+                          baseline_trainer=self.trainers['baseline'], baseline_plans=self.plans['baseline'],
+                          folds=self.folds, fractions=self.fractions, seed=self.seed,
+                          pretrained=f'{self.weights} (sha256 {self.weights_sha256})' if self.weights else None)
+
+
+def plan_cells(setup: Setup, create_folds: bool) -> List[Cell]:
+    """Every cell of both sides, the tested trainer first in each (fraction, fold), so that a wrong trainer
+    name or export fails at the first run. Without create_folds, fraction folds not appended yet have no fold id."""
+    # any preprocessed copy of the dataset lists its cases (needed only where splits_final.json is missing)
+    data_folder = next((d for d in setup.data_folders.values() if os.path.isdir(d)), setup.data_folders['tested'])
+    cells = []
+    for fraction in setup.fractions:
+        for fold in setup.folds:
+            if create_folds:
+                fold_id = fraction_fold(setup.preprocessed, data_folder, fold, fraction, setup.seed)
+            else:
+                fold_id = find_fraction_fold(setup.preprocessed, fold, fraction, setup.seed)
+            for role in ('tested', 'baseline'):
+                cells.append(Cell(role, setup.trainers[role], setup.plans[role], fold, fraction, fold_id,
+                                  None if fold_id is None else setup.model_folder(role, fold_id)))
+    return cells
+
+
+def check_provenance(cell: Cell, setup: Setup) -> Optional[str]:
+    """DesdError where a tested run came from another export than -w; a warning where it records none."""
+    from nnunetv2_desd.trainers import PROVENANCE_FILE
+
+    if cell.role != 'tested' or setup.weights is None or cell.model_folder is None:
+        return None
+    provenance = os.path.join(cell.model_folder, PROVENANCE_FILE)
+    if os.path.isfile(provenance):
+        with open(provenance) as f:
+            record = json.load(f)
+        if record.get('file_sha256') != setup.weights_sha256:
+            raise DesdError(f'{cell.model_folder} was trained from another export: its {PROVENANCE_FILE} has sha256 '
+                            f'{record.get("file_sha256")} ({record.get("file")}), -w {setup.weights} has sha256 '
+                            f'{setup.weights_sha256}. Give that export with -w, or move the fold folder away to '
+                            f'retrain it.')
+        return None
+    if any(os.path.isfile(os.path.join(cell.model_folder, f)) for f in
+           ('validation/summary.json', 'checkpoint_final.pth', 'checkpoint_latest.pth')):
+        return f'warning: {cell.model_folder} has no {PROVENANCE_FILE}; it cannot be checked against -w.'
+    return None
+
+
+def next_step(cell: Cell) -> Optional[str]:
+    """None (done: reuse), 'val' (trained, not validated), 'continue' (interrupted) or 'train' (fresh)."""
+    if cell.done:
+        return None
+    if os.path.isfile(os.path.join(cell.model_folder, 'checkpoint_final.pth')):
+        return 'val'
+    if os.path.isfile(os.path.join(cell.model_folder, 'checkpoint_latest.pth')):
+        return 'continue'
+    return 'train'
+
+
+def train_command(cell: Cell, step: str, setup: Setup, executable: str = 'nnUNetv2_train') -> List[str]:
+    command = [executable, setup.dataset, setup.configuration, str(cell.fold_id), '-tr', cell.trainer,
+               '-p', cell.plans, '-device', setup.device]
+    if step == 'val':
+        command.append('--val')
+    elif step == 'continue':
+        command.append('--c')
+    elif cell.role == 'tested' and setup.weights is not None:
+        command += ['-pretrained_weights', setup.weights]
+    return command
+
+
+def nnunet_train_executable() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), 'nnUNetv2_train')
+    if os.path.isfile(exe):
+        return exe
+    exe = shutil.which('nnUNetv2_train')
+    if exe is None:
+        raise DesdError('nnUNetv2_train not found next to this Python or on PATH: install nnunetv2 in this '
+                        'environment.')
+    return exe
+
+
+def log_file(setup: Setup, cell: Cell) -> str:
+    return os.path.join(setup.output, 'logs', f'{cell.trainer}__fold_{cell.fold_id}.log')
+
+
+def run_cell(cell: Cell, step: str, setup: Setup, env: Dict[str, str]) -> None:
+    """Runs one stock nnUNetv2_train; its output is appended to the cell's log. DesdError with the log's tail."""
+    if not os.path.isdir(setup.data_folders[cell.role]):
+        raise DesdError(f'{setup.data_folders[cell.role]} does not exist: preprocess plans {cell.plans} '
+                        f'(nnUNetv2_preprocess -d {setup.dataset} -plans_name {cell.plans} -c {setup.configuration}).')
+    command = train_command(cell, step, setup, nnunet_train_executable())
+    log = log_file(setup, cell)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, 'a') as f:
+        f.write(f'# {datetime.datetime.now().isoformat(timespec="seconds")} {shlex.join(command)}\n')
+        f.flush()
+        code = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0 or not cell.done:
+        with open(log, errors='replace') as f:
+            tail = ''.join(deque(f, maxlen=LOG_TAIL_LINES))
+        why = f'exited with code {code}' if code != 0 else 'ended without writing validation/summary.json'
+        raise DesdError(f'nnUNetv2_train for {cell.role} {cell.describe()} {why}. Log: {log}\n'
+                        f'Last lines:\n{tail.rstrip()}')
+
+
+def print_commands(cells: List[Cell], setup: Setup, env: Dict[str, str]) -> None:
+    print(f'export nnUNet_extTrainer={shlex.quote(env["nnUNet_extTrainer"])}')
+    for cell in cells:
+        step = next_step(cell)
+        if step is not None:
+            print(shlex.join(train_command(cell, step, setup)))
+
+
+def benchmark(args: argparse.Namespace) -> Optional[dict]:
+    """Runs (or prints) the selected cells, then writes the report; returns write_report's result."""
+    from tqdm import tqdm
+    from nnunetv2_desd.trainers import with_ext_trainers
+
+    setup = Setup(args)
+    cells = plan_cells(setup, create_folds=not args.collect_only)
+    selected = [c for c in cells if args.only in (None, c.role)]
+    for cell in cells:
+        warning = check_provenance(cell, setup)
+        if warning and cell in selected:
+            print(warning, file=sys.stderr)
+    env = with_ext_trainers(os.environ)
+    if args.print_commands:
+        print_commands(selected, setup, env)
+        return None
+    if not args.collect_only:
+        with tqdm(selected, desc='desd_benchmark', unit='cell', file=sys.stderr, dynamic_ncols=True) as bar:
+            for cell in bar:
+                step = next_step(cell)
+                bar.set_postfix_str(f'{cell.role} fold {cell.fold} fraction {cell.fraction:g}')
+                if step is None:
+                    continue
+                bar.write(f'{STEP_WORDS[step]} {cell.role} {cell.describe()} (log: {log_file(setup, cell)})',
+                          file=sys.stderr)
+                run_cell(cell, step, setup, env)
+    result = write_report(setup.output, cells, setup.label_names, setup.meta())
+    print(result['text'])
+    print(f'written: {result["md"]}, {result["csv"]}, {result["png"]}')
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        benchmark(args)
+    except DesdError as e:
+        print(f'desd_benchmark: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('desd_benchmark: interrupted; run the same command again to continue (finished cells are reused, '
+              'interrupted ones continue with --c).', file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == '__main__':
+    main()
