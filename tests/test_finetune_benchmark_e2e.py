@@ -1,8 +1,7 @@
 """desd_benchmark end to end: stock nnUNetv2_train runs of the tiny trainers, the paired report, reuse, commands.
 
-Each nnUNetv2_train of the tiny trainers costs ~45 s on 2 CPU cores (imports, and nnU-Net's validation starts two
-spawned worker pools), so the runs cover one fold at two fractions (4 runs); pooling several folds is covered by
-test_benchmark_report, and fold 1's cells appear through --print-commands.
+Two folds at two fractions (8 runs; each tiny nnUNetv2_train costs ~30-45 s on 2 CPU cores: imports, and nnU-Net's
+validation starts two spawned worker pools); fold 2's cells appear through --print-commands.
 """
 import csv
 import json
@@ -41,28 +40,33 @@ def test_benchmark_runs_reports_and_reuses(finetune_datasets, tmp_path):
     # the shared fixture must stay unchanged: train on a copy of its preprocessed dataset
     shutil.copytree(shared_root / 'preprocessed' / DATASET, tmp_path / 'preprocessed' / DATASET)
     common = ['desd_benchmark', '-d', '901', '-w', export, '-tr', TESTED, '--baseline', BASELINE]
-    args = [*common, '--folds', '0', '--fractions', '0.5', '1.0', '-device', 'cpu']
+    args = [*common, '--folds', '0', '1', '--fractions', '0.5', '1.0', '-device', 'cpu']
     run_command(args, env, timeout=900)
 
     pre, results = tmp_path / 'preprocessed' / DATASET, tmp_path / 'results' / DATASET
     out = results / 'desd_benchmark'
-    half = find_fraction_fold(str(pre), 0, 0.5)
     splits = json.loads((pre / 'splits_final.json').read_text())
-    assert half >= 5 and splits[half]['val'] == splits[0]['val']
-    assert len(splits[half]['train']) == round(0.5 * len(splits[0]['train']))
-    n_val = len(splits[0]['val'])
-    assert n_val == 2  # 6 cases in 5 folds: fold 0 validates on 2
+    halves = {fold: find_fraction_fold(str(pre), fold, 0.5) for fold in (0, 1)}
+    for fold, half in halves.items():
+        assert half >= 5 and splits[half]['val'] == splits[fold]['val']
+        assert len(splits[half]['train']) == round(0.5 * len(splits[fold]['train']))
+    n_val = len(splits[0]['val']) + len(splits[1]['val'])
+    assert n_val == 3  # 6 cases in 5 folds: fold 0 validates on 2, fold 1 on 1
 
     # every cell was trained by stock nnU-Net; the tested runs loaded this export
     summaries = {}
-    for fraction, fold_id in ((0.5, half), (1.0, 0)):
+    for fraction in (0.5, 1.0):
         for trainer in (TESTED, BASELINE):
-            folder = results / f'{trainer}__nnUNetPlans__3d_fullres' / f'fold_{fold_id}'
-            summaries[(trainer, fraction)] = _case_dice(folder / 'validation' / 'summary.json')
-            assert (out / 'logs' / f'{trainer}__fold_{fold_id}.log').is_file()
-        provenance = json.loads((results / f'{TESTED}__nnUNetPlans__3d_fullres' / f'fold_{fold_id}' /
-                                 PROVENANCE_FILE).read_text())
-        assert provenance['file_sha256'] == file_sha256(str(export))
+            cases = {}
+            for fold in (0, 1):
+                fold_id = halves[fold] if fraction == 0.5 else fold
+                folder = results / f'{trainer}__nnUNetPlans__3d_fullres' / f'fold_{fold_id}'
+                cases.update(_case_dice(folder / 'validation' / 'summary.json'))
+                assert (out / 'logs' / f'{trainer}__fold_{fold_id}.log').is_file()
+                if trainer == TESTED:
+                    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+                    assert provenance['file_sha256'] == file_sha256(str(export))
+            summaries[(trainer, fraction)] = cases
 
     stem = f'{TESTED}_vs_{BASELINE}__3d_fullres'
     table = list(csv.DictReader((out / f'{stem}.csv').open()))
@@ -94,15 +98,15 @@ def test_benchmark_runs_reports_and_reuses(finetune_datasets, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (out / 'logs').iterdir()} == logs
     assert 'training' not in proc.stderr and list(csv.DictReader((out / f'{stem}.csv').open())) == table
 
-    # for a cluster: the cells of fold 1 still to run, one stock command each
-    proc = run_command([*common, '--folds', '0', '1', '--fractions', '0.5', '1.0', '--print-commands'], env)
+    # for a cluster: the cells of fold 2 still to run, one stock command each
+    proc = run_command([*common, '--folds', '0', '1', '2', '--fractions', '0.5', '1.0', '--print-commands'], env)
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith('export nnUNet_extTrainer=')
-    half_1 = find_fraction_fold(str(pre), 1, 0.5)
+    half_2 = find_fraction_fold(str(pre), 2, 0.5)
     assert lines[1:] == [
-        f'nnUNetv2_train {DATASET} 3d_fullres {half_1} -tr {TESTED} -p nnUNetPlans -device cuda '
+        f'nnUNetv2_train {DATASET} 3d_fullres {half_2} -tr {TESTED} -p nnUNetPlans -device cuda '
         f'-pretrained_weights {export}',
-        f'nnUNetv2_train {DATASET} 3d_fullres {half_1} -tr {BASELINE} -p nnUNetPlans -device cuda',
-        f'nnUNetv2_train {DATASET} 3d_fullres 1 -tr {TESTED} -p nnUNetPlans -device cuda -pretrained_weights {export}',
-        f'nnUNetv2_train {DATASET} 3d_fullres 1 -tr {BASELINE} -p nnUNetPlans -device cuda',
+        f'nnUNetv2_train {DATASET} 3d_fullres {half_2} -tr {BASELINE} -p nnUNetPlans -device cuda',
+        f'nnUNetv2_train {DATASET} 3d_fullres 2 -tr {TESTED} -p nnUNetPlans -device cuda -pretrained_weights {export}',
+        f'nnUNetv2_train {DATASET} 3d_fullres 2 -tr {BASELINE} -p nnUNetPlans -device cuda',
     ]

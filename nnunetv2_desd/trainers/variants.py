@@ -9,7 +9,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, nnUNetTrainerDeSD
 
 TINY = dict(num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1, warmup_epochs=1)
-DEMO = dict(num_epochs=12, num_iterations_per_epoch=10, num_val_iterations_per_epoch=2, warmup_epochs=2)
+DEMO = dict(num_epochs=10, num_iterations_per_epoch=10, num_val_iterations_per_epoch=2, warmup_epochs=2)
 
 
 class _ShortSchedule:
@@ -39,16 +39,26 @@ class nnUNetTrainerCADSTiny(_ShortSchedule, nnUNetTrainerCADS):
     schedule = TINY
 
 
-class nnUNetTrainerDemo(_ShortSchedule, nnUNetTrainer):
-    """CPU demo: 12 epochs x 10 iterations."""
+class _NoMirroring:
+    """No mirroring, in training augmentation or at test time (as nnU-Net's nnUNetTrainerNoMirroring): the demo's
+    validation then runs 1 instead of 8 sliding-window passes per case."""
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+
+class nnUNetTrainerDemo(_NoMirroring, _ShortSchedule, nnUNetTrainer):
+    """CPU demo: 10 epochs x 10 iterations, no mirroring."""
     schedule = DEMO
 
 
-class nnUNetTrainerDeSDDemo(_ShortSchedule, nnUNetTrainerDeSD):
-    """CPU demo: 12 epochs x 10 iterations, 2 warm-up epochs."""
+class nnUNetTrainerDeSDDemo(_NoMirroring, _ShortSchedule, nnUNetTrainerDeSD):
+    """CPU demo: 10 epochs x 10 iterations, 2 warm-up epochs, no mirroring."""
     schedule = DEMO
 
 
-class nnUNetTrainerCADSDemo(_ShortSchedule, nnUNetTrainerCADS):
-    """CPU demo: 12 epochs x 10 iterations, 2 warm-up epochs."""
+class nnUNetTrainerCADSDemo(_NoMirroring, _ShortSchedule, nnUNetTrainerCADS):
+    """CPU demo: 10 epochs x 10 iterations, 2 warm-up epochs, no mirroring."""
     schedule = DEMO
