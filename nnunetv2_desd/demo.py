@@ -8,9 +8,10 @@
 4. Fine-tunes the export and trains vanilla nnU-Net on the same folds and labelled fractions with
    ``desd_benchmark``, which writes a table and a figure of Dice against labelled fraction.
 
-Default: reduced CPU settings. Pre-training: patch 32^3, K 4096, 10 epochs of 10 iterations. Fine-tuning and
-vanilla: plans ``nnUNetPlans_demo`` (501's plans with a 32^3 patch, same network and preprocessed data),
-nnUNetTrainerDeSDDemo vs nnUNetTrainerDemo (10 epochs of 10 iterations, no mirroring), fold 0, fractions 0.25 and 1.0.
+Default: reduced CPU settings (18 minutes measured on 2 cores). Pre-training: patch 32^3, K 4096, 10 epochs of
+10 iterations. Fine-tuning and vanilla: plans ``nnUNetPlans_demo`` (501's plans with a 32^3 patch, same network
+and preprocessed data), nnUNetTrainerDeSDDemo vs nnUNetTrainerDemo (10 epochs of 10 iterations, no mirroring),
+fold 0, fractions 0.25 and 1.0.
 ``--full``: the real experiment on a GPU (nnU-Net's patch, the documented DeSD defaults, nnUNetTrainerDeSD vs
 nnUNetTrainer at 1000 epochs, 5 folds, fractions 0.1, 0.25, 0.5 and 1.0).
 The demo uses its own nnU-Net folders under ``--workdir`` and never touches existing ones.

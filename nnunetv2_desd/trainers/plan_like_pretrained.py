@@ -214,7 +214,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
                          num_processes: int = 2) -> str:
     """Writes ``nnUNet_preprocessed/<Dataset>/<plans_name>.json`` (and its preprocessed data); returns its path."""
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2_desd.pretraining.data.planning import _planner_class
+    from nnunetv2_desd.pretraining.data.planning import find_planner_class
     from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write_json
 
     if not re.fullmatch(r'[A-Za-z0-9_.-]+', plans_name) or plans_name.startswith('.'):
@@ -225,7 +225,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
     export = read_export(export_file)
     meta = export.require_metadata()
     raw = _resolve_raw_dataset(dataset)
-    planner_class = _planner_class(planner)
+    planner_class = find_planner_class(planner)
     root = os.path.join(nnUNet_preprocessed, raw.name)
     plans_file = os.path.join(root, plans_name + '.json')
     if os.path.isfile(plans_file):

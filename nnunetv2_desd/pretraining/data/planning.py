@@ -82,7 +82,7 @@ def prepare_pretraining_data(dataset: str, configuration: str = '3d_fullres', pl
                         data_folder, list(raw.cases), source)
 
 
-def _planner_class(name: str):
+def find_planner_class(name: str):
     import nnunetv2
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     cls = recursive_find_python_class(join(nnunetv2.__path__[0], 'experiment_planning'), name,
@@ -94,7 +94,7 @@ def _planner_class(name: str):
 
 def _default_plans_name(planner: str) -> str:
     import inspect
-    return inspect.signature(_planner_class(planner).__init__).parameters['plans_name'].default
+    return inspect.signature(find_planner_class(planner).__init__).parameters['plans_name'].default
 
 
 def _load_plans(plans_file: str, configuration: str) -> dict:
@@ -150,7 +150,7 @@ def _fingerprint_and_plan(raw: RawDataset, root: str, planner: str, plans_identi
             extractor.dataset_json = dataset_json
             extractor.dataset = dataset_json['dataset']
         extractor.run()
-    experiment_planner = _planner_class(planner)(raw.name, plans_name=plans_identifier)
+    experiment_planner = find_planner_class(planner)(raw.name, plans_name=plans_identifier)
     experiment_planner.dataset_json = dataset_json
     experiment_planner.plan_experiment()
 
