@@ -59,11 +59,7 @@ def _reorder(values, from_forward: Sequence[int], to_forward: Sequence[int]) -> 
 def _resolve_raw_dataset(dataset: str):
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2_desd.pretraining.data.raw import read_raw_dataset, resolve_dataset_name
-    try:
-        name = resolve_dataset_name(dataset)
-    except DesdError:  # its message carries nnU-Net's multi-line explanation
-        raise DesdError(f'dataset {dataset!r} not found: no DatasetXXX_Name folder for it in nnUNet_raw '
-                        f'({nnUNet_raw}), nnUNet_preprocessed or nnUNet_results.') from None
+    name = resolve_dataset_name(dataset)
     if not re.fullmatch(r'Dataset\d{3}_.+', name):
         raise DesdError(f'{name!r} is not an nnU-Net dataset name (DatasetXXX_Name).')
     if not os.path.isdir(os.path.join(nnUNet_raw, name)):

@@ -54,9 +54,9 @@ def resolve_dataset_name(dataset: str) -> str:
         raise DesdError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s set_environment_variables.md).')
     try:
         return str(maybe_convert_to_dataset_name(dataset if str(dataset).startswith('Dataset') else int(dataset)))
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError):
         raise DesdError(f'dataset {dataset!r} not found: no matching DatasetXXX_Name folder in nnUNet_raw '
-                        f'({nnUNet_raw}), nnUNet_preprocessed or nnUNet_results. {e}') from None
+                        f'({nnUNet_raw}), nnUNet_preprocessed or nnUNet_results.') from None
 
 
 def read_raw_dataset(dataset: str) -> RawDataset:
