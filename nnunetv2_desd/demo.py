@@ -3,17 +3,19 @@
 1. Writes an unlabelled pool (Dataset500) and a labelled organ dataset (Dataset501) of 3 mm crops of
    the real CT (``pretraining/data/sources.py`` documents crops, classes and spacing).
 2. Plans and preprocesses Dataset501 with stock nnU-Net.
-3. Pre-trains with DeSD on the pool with Dataset501's plans (``--plans-from 501``) and writes the export
-   that ``nnUNetv2_train 501 3d_fullres FOLD -tr nnUNetTrainerDeSD -pretrained_weights EXPORT`` accepts.
+3. Pre-trains with DeSD (``--method cads``: CADS) on the pool with Dataset501's plans (``--plans-from 501``) and
+   writes the export that ``nnUNetv2_train 501 3d_fullres FOLD -tr nnUNetTrainerDeSD -pretrained_weights EXPORT``
+   (``nnUNetTrainerCADS``) accepts.
 4. Fine-tunes the export and trains vanilla nnU-Net on the same folds and labelled fractions with
    ``desd_benchmark``, which writes a table and a figure of Dice against labelled fraction.
 
 Default: reduced CPU settings (18 minutes measured on 2 cores). Pre-training: patch 32^3, K 4096, 10 epochs of
-10 iterations. Fine-tuning and vanilla: plans ``nnUNetPlans_demo`` (501's plans with a 32^3 patch, same network
-and preprocessed data), nnUNetTrainerDeSDDemo vs nnUNetTrainerDemo (10 epochs of 10 iterations, no mirroring),
+10 iterations (DeSD: SGD, base lr 5.0; CADS: AdamW, base lr 0.1, i.e. peak 7.8e-4 at batch 2). Fine-tuning and
+vanilla: plans ``nnUNetPlans_demo`` (501's plans with a 32^3 patch, same network and preprocessed data),
+nnUNetTrainerDeSDDemo (nnUNetTrainerCADSDemo) vs nnUNetTrainerDemo (10 epochs of 10 iterations, no mirroring),
 fold 0, fractions 0.25 and 1.0.
-``--full``: the real experiment on a GPU (nnU-Net's patch, the documented DeSD defaults, nnUNetTrainerDeSD vs
-nnUNetTrainer at 1000 epochs, 5 folds, fractions 0.1, 0.25, 0.5 and 1.0).
+``--full``: the real experiment on a GPU (nnU-Net's patch, the method's documented defaults, nnUNetTrainerDeSD
+(nnUNetTrainerCADS) vs nnUNetTrainer at 1000 epochs, 5 folds, fractions 0.1, 0.25, 0.5 and 1.0).
 The demo uses its own nnU-Net folders under ``--workdir`` and never touches existing ones.
 """
 import argparse
@@ -25,12 +27,14 @@ from nnunetv2_desd.errors import DesdError
 POOL_ID, LABELLED_ID = 500, 501
 CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--out-dim', '4096', '--head-hidden-dim', '512',
                 '--head-bottleneck-dim', '128', '--epochs', '10', '--iters-per-epoch', '10', '--warmup-epochs', '2',
-                '--warmup-teacher-temp-epochs', '3', '--batch-size', '2', '--lr', '5.0', '-np', '1']
+                '--warmup-teacher-temp-epochs', '3', '--batch-size', '2', '-np', '1']
+CPU_LR = {'desd': ['--lr', '5.0'], 'cads': ['--lr', '0.1']}
+TRAINER = {'desd': 'nnUNetTrainerDeSD', 'cads': 'nnUNetTrainerCADS'}
 GPU_SETTINGS = ['-device', 'cuda']
 DEMO_PLANS = 'nnUNetPlans_demo'
-CPU_BENCHMARK = ['-tr', 'nnUNetTrainerDeSDDemo', '--baseline', 'nnUNetTrainerDemo', '-p', DEMO_PLANS,
+CPU_BENCHMARK = ['--baseline', 'nnUNetTrainerDemo', '-p', DEMO_PLANS,
                  '--baseline-plans', DEMO_PLANS, '--folds', '0', '--fractions', '0.25', '1.0', '-device', 'cpu']
-GPU_BENCHMARK = ['-tr', 'nnUNetTrainerDeSD', '--baseline', 'nnUNetTrainer', '--folds', '0', '1', '2', '3', '4',
+GPU_BENCHMARK = ['--baseline', 'nnUNetTrainer', '--folds', '0', '1', '2', '3', '4',
                  '--fractions', '0.1', '0.25', '0.5', '1.0', '-device', 'cuda']
 
 
@@ -79,6 +83,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', default='desd_demo_output', help='where the demo\'s nnU-Net folders go')
     parser.add_argument('--full', action='store_true', help='the real experiment on a GPU')
+    parser.add_argument('--method', choices=tuple(TRAINER), default='desd', help='pre-training method')
     args = parser.parse_args(argv)
     folders = _use_workdir(args.workdir)
     from nnunetv2_desd.evaluation.benchmark import benchmark, build_parser
@@ -90,13 +95,14 @@ def main(argv=None) -> None:
         print(f'[1/4] real chest CT crops written: {pool} (unlabelled), {labelled} (labelled)')
         _plan_labelled_dataset()
         print(f'[2/4] {labelled} planned and preprocessed by nnU-Net')
-        cfg, _ = parse_config(['-d', str(POOL_ID), '--plans-from', str(LABELLED_ID),
-                               *(GPU_SETTINGS if args.full else CPU_SETTINGS)])
+        cfg, _ = parse_config(['-d', str(POOL_ID), '-m', args.method, '--plans-from', str(LABELLED_ID),
+                               *(GPU_SETTINGS if args.full else CPU_SETTINGS + CPU_LR[args.method])])
         export = run(cfg)
-        print(f'[3/4] DeSD pre-training done: {export}')
+        print(f'[3/4] {args.method} pre-training done: {export}')
+        trainer = TRAINER[args.method] + ('' if args.full else 'Demo')
         if not args.full:
             _write_demo_plans()
-        report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export,
+        report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
                                                       *(GPU_BENCHMARK if args.full else CPU_BENCHMARK)]))
     except DesdError as e:
         print(f'desd_demo: error: {e}', file=sys.stderr)
@@ -106,7 +112,8 @@ def main(argv=None) -> None:
           f'{report["png"]}\n\nTo fine-tune with stock nnU-Net yourself:\n' +
           ''.join(f'  export {k}={v}\n' for k, v in folders.items()) +
           f'  export nnUNet_extTrainer={EXT_TRAINER_FOLDER}\n'
-          f'  nnUNetv2_train {LABELLED_ID} 3d_fullres 1 -tr nnUNetTrainerDeSD -p {plans} -pretrained_weights {export}' +
+          f'  nnUNetv2_train {LABELLED_ID} 3d_fullres 1 -tr {TRAINER[args.method]} -p {plans} '
+          f'-pretrained_weights {export}' +
           ('' if args.full else ' -device cpu'))
 
 

@@ -3,6 +3,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from conftest import TINY, nnunet_env, run_command
 from nnunetv2_desd.pretraining import benchmark
@@ -89,3 +90,46 @@ def test_default_out_folder_needs_nnunet_results(monkeypatch):
     monkeypatch.delenv('nnUNet_results', raising=False)
     with pytest.raises(benchmark.DesdError, match='--out'):
         benchmark.default_out_folder('Dataset911_Synthetic')
+
+
+def test_activation_memory_by_hand():
+    a = torch.randn(1024, requires_grad=True)
+    # exp saves its output b (4 KiB), sin saves its input b again (same storage, counted once)
+    assert benchmark.activation_mib(lambda: a.exp().sin().sum().backward()) == pytest.approx(4096 / 2 ** 20)
+    w = torch.nn.Parameter(torch.randn(256))
+    x = torch.randn(256, requires_grad=True)
+    # mul keeps x (1 KiB) for w's gradient and w for x's; the parameter is excluded
+    assert benchmark.activation_mib(lambda: (x * w).sum().backward(), [w]) == pytest.approx(1024 / 2 ** 20)
+    assert benchmark.activation_mib(lambda: (x * w).sum().backward()) == pytest.approx(2048 / 2 ** 20)
+
+
+def test_cads_comparison_ratios_from_hand_made_numbers():
+    phases = {'desd': Phase('desd', 'DeSD', [0.4, 0.6], 900.0), 'cads': Phase('cads', 'CADS', [0.2, 0.2], 600.0)}
+    cpu = benchmark.MethodComparison({'dataset': 'D'}, 'process peak RSS', phases, {'desd': 100.0, 'cads': 30.0})
+    assert cpu.step_ratio() == pytest.approx(0.4) and cpu.memory_ratio() == pytest.approx(0.3)
+    text = benchmark.comparison_markdown(cpu)
+    assert '| CADS step / DeSD step | 0.400 | <= 0.5 | yes |' in text
+    assert '| CADS memory / DeSD memory (activations) | 0.300 | <= 0.6 | yes |' in text
+    gpu = benchmark.MethodComparison({'dataset': 'D'}, 'CUDA max allocated', phases, {'desd': 100.0, 'cads': 30.0})
+    assert gpu.memory_ratio() == pytest.approx(600 / 900)
+    assert '| CADS memory / DeSD memory (CUDA peak) | 0.667 | <= 0.6 | no |' in benchmark.comparison_markdown(gpu)
+
+
+@pytest.mark.e2e
+def test_cads_benchmark_command_on_cpu(tmp_path):
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 912, n_cases=2, shape=(32, 32, 32))
+    proc = run_command(['desd_pretrain_benchmark', '-d', '912', '-m', 'cads', *TINY, '--patch-size', '32', '32', '32',
+                        '--warmup-iters', '1', '--measure-iters', '2'], env, timeout=300)
+    assert '| CADS step / DeSD step |' in proc.stdout
+    out = tmp_path / 'results' / name / 'desd_benchmark'
+    with open(out / 'cads_vs_desd.csv') as f:
+        values = {r['quantity']: float(r['value']) for r in csv.DictReader(f)}
+    assert values['cads_to_desd_step_ratio'] == pytest.approx(
+        values['cads_seconds_per_iteration'] / values['desd_seconds_per_iteration'])
+    assert values['cads_to_desd_memory_ratio'] == pytest.approx(
+        values['cads_activations_for_backward'] / values['desd_activations_for_backward'])
+    # 4x fewer 3D voxels: the activations must shrink a lot, whatever the machine's speed
+    assert values['cads_to_desd_memory_ratio'] < 0.6
+    assert (out / 'cads_vs_desd.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert '32 x 16 x 16' in (out / 'cads_vs_desd.md').read_text()

@@ -37,7 +37,7 @@ def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -
                          head_bn=False, freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0)
     trainer = Pretrainer(cfg, prepare_pretraining_data('900'), ctx, env['nnUNet_results'])
     local = data.chunk(world_size, dim=1)[rank]  # (STEPS, BATCH / world, 2, *patch)
-    losses = [trainer.train_step(local[i]).item() for i in range(STEPS)]
+    losses = [trainer.train_step({'data': local[i]}).item() for i in range(STEPS)]
     if rank == 0:
         results[world_size] = {'losses': losses, 'center': trainer.loss.center.clone(),
                                'teacher': {k: v.clone() for k, v in trainer.teacher.state_dict().items()}}

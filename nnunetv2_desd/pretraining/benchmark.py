@@ -35,6 +35,8 @@ import torch
 from nnunetv2_desd.errors import DesdError
 from nnunetv2_desd.pretraining import cli
 from nnunetv2_desd.pretraining.config import PretrainConfig
+from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write, atomic_write_text
+from nnunetv2_desd.pretraining.methods.cads import CADS as CADSInputs
 
 DESD_TO_SUPERVISED_TARGET = 1.5       # one DeSD step costs at most 1.5 supervised steps
 LOADING_TO_IN_MEMORY_TARGET = 0.9     # real loading keeps at least 90 % of the in-memory throughput
@@ -76,7 +78,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, dict]:
     for key in [k for k in args if k not in config_keys]:
         if args.pop(key) != parser.get_default(key):
             parser.error(f'--{key.replace("_", "-")} is a desd_pretrain option the benchmark does not use')
-    return PretrainConfig(**args), options
+    return PretrainConfig.create(**args), options
 
 
 @dataclasses.dataclass
@@ -254,15 +256,15 @@ def _time_desd(cfg: PretrainConfig, prepared, ctx, workers: int, warmup: int, me
         loader = build_view_loader(prepared, pretrainer.patch_size, cfg.batch_size, workers,
                                    pin_memory=device.type == 'cuda')
         try:
-            fetched = [next(loader)['data'] for _ in range(min(IN_MEMORY_BATCHES, warmup + measure))]
+            fetched = [next(loader) for _ in range(min(IN_MEMORY_BATCHES, warmup + measure))]
             batches = itertools.cycle(fetched)
             seconds = time_steps(lambda: pretrainer.train_step(next(batches)), warmup, measure, device)
             in_memory = Phase('desd_in_memory', PHASES[0][1], seconds, _peak_mib(device))
-            del batches, fetched
+            batches = fetched = None  # free them before the real-loading loop
 
             _reset_peak(device)
             buffered = loader_buffer_size(loader, workers)  # filled while the in-memory loop ran: drain it
-            seconds = time_steps(lambda: pretrainer.train_step(next(loader)['data']), warmup + buffered, measure,
+            seconds = time_steps(lambda: pretrainer.train_step(next(loader)), warmup + buffered, measure,
                                  device)
             real = Phase('desd_real_loading', PHASES[1][1], seconds, _peak_mib(device))
         finally:
@@ -332,6 +334,161 @@ def run_benchmark(cfg: PretrainConfig, warmup_iters: int, measure_iters: int,
     }
     phases = {p.name: p for p in (in_memory, real, supervised)}
     return BenchmarkResult(setup, memory_kind, phases), prepared
+
+
+# CADS against DeSD: same network, patch, batch and pre-fetched batches
+CADS_TO_DESD_STEP_TARGET = 0.5
+CADS_TO_DESD_MEMORY_TARGET = 0.6
+
+
+def activation_mib(step: Callable[[], object], parameters=()) -> float:
+    """MiB of the tensors autograd keeps for the backward pass during ``step`` (``parameters`` excluded, shared
+    storages counted once): the training memory that grows with the input, measured the same way on any device."""
+    excluded = {p.untyped_storage().data_ptr() for p in parameters}
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values()) / 2 ** 20
+
+
+@dataclasses.dataclass
+class MethodComparison:
+    setup: Dict[str, str]
+    memory_kind: str
+    phases: Dict[str, Phase]            # 'desd', 'cads'
+    activations: Dict[str, float]       # MiB kept for backward, per method
+
+    def step_ratio(self) -> float:
+        return self.phases['cads'].mean / self.phases['desd'].mean
+
+    def memory_ratio(self) -> float:
+        """CUDA: peak allocated; CPU (whose peak RSS cannot be reset between loops): activations."""
+        if self.memory_kind == 'CUDA max allocated':
+            return self.phases['cads'].peak_mib / self.phases['desd'].peak_mib
+        return self.activations['cads'] / self.activations['desd']
+
+
+def compare_cads_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tuple[MethodComparison, object]:
+    """Times ``Pretrainer.train_step`` of CADS and of DeSD (``cfg`` with method 'desd', all else equal) on the
+    same pre-fetched CADS batches (DeSD ignores their DRRs)."""
+    from nnunetv2_desd.pretraining.cli import prepare_data
+    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
+    ctx = init_distributed(cfg.device)
+    device = ctx.device
+    prepared = prepare_data(cfg, ctx)
+    cfg.plans = prepared.plans_identifier
+    phases, activations, networks = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix='desd_benchmark_') as scratch:
+        batches = None
+        for method in ('cads', 'desd'):  # CPU peak RSS only grows: the smaller step first
+            _free(device)
+            _reset_peak(device)
+            with contextlib.redirect_stdout(io.StringIO()):
+                pretrainer = Pretrainer(dataclasses.replace(cfg, method=method), prepared, ctx, scratch)
+            pretrainer.step = cfg.freeze_last_layer_epochs * cfg.iters_per_epoch
+            if batches is None:
+                loader = build_view_loader(prepared, pretrainer.patch_size, cfg.batch_size, 0,
+                                           drr_files=prepared.drr_files)
+                batches = [next(loader) for _ in range(IN_MEMORY_BATCHES)]
+            cycle = itertools.cycle(batches)
+            seconds = time_steps(lambda: pretrainer.train_step(next(cycle)), warmup, measure, device)
+            phases[method] = Phase(method, method.upper() if method == 'cads' else 'DeSD', seconds, _peak_mib(device))
+            activations[method] = activation_mib(lambda: pretrainer.train_step(next(cycle)),
+                                                 [*pretrainer.student.parameters(), *pretrainer.teacher.parameters()])
+            networks[method] = _network_signature(pretrainer.network)
+            pretrainer = None  # freed before the next method is built
+    memory_kind = 'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'
+    patch = [int(p) for p in (cfg.patch_size or prepared.configuration_manager.patch_size)]
+    block = CADSInputs(cfg.mask_ratio, cfg.mask_patch).block
+    setup = {
+        'dataset': prepared.dataset_name,
+        'device': _device_name(device),
+        'network': f'{networks["cads"][0]}, {networks["cads"][1]:,} parameters (the same for both methods)',
+        'patch': ' x '.join(map(str, patch)),
+        'batch': f'{cfg.batch_size} volumes x 2 views; CADS packs each view to '
+                 f'{patch[0]} x {patch[1] // block} x {patch[2] // block} (mask ratio {cfg.mask_ratio:g}, patch '
+                 f'{"x".join(map(str, cfg.mask_patch))}) and adds one DRR per volume',
+        'heads': f'K = {cfg.out_dim}, hidden {cfg.head_hidden_dim}, bottleneck {cfg.head_bottleneck_dim}',
+        'optimisation': f'{cfg.optimizer}, clip {cfg.clip_grad:g} (the same for both)',
+        'iterations': f'{warmup} warm-up + {measure} timed per method, on {IN_MEMORY_BATCHES} pre-fetched batches',
+        'memory': ('CUDA max allocated per method' if device.type == 'cuda' else
+                   'activations kept for backward (the peak RSS of a CPU process cannot be reset between methods)'),
+    }
+    return MethodComparison(setup, memory_kind, phases, activations), prepared
+
+
+def comparison_markdown(result: MethodComparison) -> str:
+    lines = [f'## CADS vs DeSD pre-training step: {result.setup["dataset"]}', '', '| setting | value |', '|---|---|']
+    lines += [f'| {k} | {v} |' for k, v in result.setup.items() if k != 'dataset']
+    lines += ['', f'| method | s / iteration | activations kept for backward [MiB] | {result.memory_kind} [MiB] |',
+              '|---|---|---|---|']
+    for name in ('desd', 'cads'):
+        ph = result.phases[name]
+        lines.append(f'| {ph.label} | {ph.mean:.4g} ± {ph.std:.2g} | {result.activations[name]:,.1f} | '
+                     f'{ph.peak_mib:,.0f} |')
+    met = {True: 'yes', False: 'no'}
+    r1, r2 = result.step_ratio(), result.memory_ratio()
+    lines += ['', '| ratio | value | target | met |', '|---|---|---|---|',
+              f'| CADS step / DeSD step | {r1:.3f} | <= {CADS_TO_DESD_STEP_TARGET} | '
+              f'{met[r1 <= CADS_TO_DESD_STEP_TARGET]} |',
+              f'| CADS memory / DeSD memory ({"CUDA peak" if result.memory_kind.startswith("CUDA") else "activations"})'
+              f' | {r2:.3f} | <= {CADS_TO_DESD_MEMORY_TARGET} | {met[r2 <= CADS_TO_DESD_MEMORY_TARGET]} |']
+    return '\n'.join(lines) + '\n'
+
+
+def comparison_plot(result: MethodComparison, path: str) -> None:
+    """Two panels: time per step and memory, DeSD next to CADS."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 4))
+    FigureCanvasAgg(fig)
+    names = ('desd', 'cads')
+    labels = [result.phases[n].label for n in names]
+    cuda = result.memory_kind.startswith('CUDA')
+    panels = (('time per iteration [ms]', [1e3 * result.phases[n].mean for n in names], result.step_ratio(),
+               CADS_TO_DESD_STEP_TARGET),
+              ('CUDA peak [MiB]' if cuda else 'activations for backward [MiB]',
+               [result.phases[n].peak_mib if cuda else result.activations[n] for n in names], result.memory_ratio(),
+               CADS_TO_DESD_MEMORY_TARGET))
+    for i, (ylabel, values, ratio, target) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        bars = ax.bar(labels, values, color=['tab:blue', 'tab:orange'])
+        ax.bar_label(bars, labels=[f'{v:.4g}' for v in values], padding=3)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1.3 * max(values))
+        ax.set_title(f'CADS / DeSD = {ratio:.2f} (target <= {target})', fontsize=9)
+    fig.suptitle(f'{result.setup["dataset"]}, patch {result.setup["patch"]}; {result.setup["device"]}', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format='png', dpi=120)
+
+
+def write_comparison(result: MethodComparison, out: str) -> str:
+    """cads_vs_desd.md/.csv/.png in ``out``; returns the Markdown."""
+    os.makedirs(out, exist_ok=True)
+    text = comparison_markdown(result)
+    atomic_write_text(text, os.path.join(out, 'cads_vs_desd.md'))
+    rows_ = [(f'{n}_seconds_per_iteration', result.phases[n].mean, 's', '') for n in ('desd', 'cads')]
+    rows_ += [(f'{n}_activations_for_backward', result.activations[n], 'MiB', '') for n in ('desd', 'cads')]
+    rows_ += [(f'{n}_peak_memory', result.phases[n].peak_mib, f'MiB ({result.memory_kind})', '')
+              for n in ('desd', 'cads')]
+    rows_ += [('cads_to_desd_step_ratio', result.step_ratio(), '', f'<= {CADS_TO_DESD_STEP_TARGET}'),
+              ('cads_to_desd_memory_ratio', result.memory_ratio(), '', f'<= {CADS_TO_DESD_MEMORY_TARGET}')]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(('quantity', 'value', 'unit', 'target'))
+    writer.writerows((q, repr(float(v)), u, t) for q, v, u, t in rows_)
+    atomic_write_text(buffer.getvalue(), os.path.join(out, 'cads_vs_desd.csv'))
+    atomic_write(os.path.join(out, 'cads_vs_desd.png'), lambda f: comparison_plot(result, f))
+    return text
 
 
 # reporting
@@ -419,15 +576,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         if options['out'] is None:
             default_out_folder('')  # fail before measuring, not after
-        result, prepared = run_benchmark(cfg, options['warmup_iters'], options['measure_iters'],
-                                         options['supervised_compile'])
-        out = options['out'] or default_out_folder(prepared.dataset_name)
-        text = write_outputs(result, out)
+        if cfg.method == 'cads':
+            comparison, prepared = compare_cads_with_desd(cfg, options['warmup_iters'], options['measure_iters'])
+            out = options['out'] or default_out_folder(prepared.dataset_name)
+            text = write_comparison(comparison, out)
+        else:
+            result, prepared = run_benchmark(cfg, options['warmup_iters'], options['measure_iters'],
+                                             options['supervised_compile'])
+            out = options['out'] or default_out_folder(prepared.dataset_name)
+            text = write_outputs(result, out)
     except DesdError as e:
         print(f'desd_pretrain_benchmark: error: {e}', file=sys.stderr)
         sys.exit(2)
     print(text)
-    print(f'written to {out}: benchmark.md, benchmark.csv, benchmark.png')
+    print(f'written to {out}: ' + ('cads_vs_desd' if cfg.method == 'cads' else 'benchmark') + '.md/.csv/.png')
 
 
 if __name__ == '__main__':

@@ -5,77 +5,106 @@ import sys
 from typing import List, Optional, Tuple
 
 from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.config import PretrainConfig
+from nnunetv2_desd.pretraining.config import METHOD_DEFAULTS, SCALED_EPOCH_COUNTS, PretrainConfig
+from nnunetv2_desd.pretraining.views.drr import ATTENUATIONS, VIEWS
 
-METHODS = ('desd',)
+METHODS = ('desd', 'cads')
+
+
+def _default(key: str) -> str:
+    """The default of a config field as help text, per method where the methods differ."""
+    base = getattr(PretrainConfig(''), key)
+    per_method = {m: METHOD_DEFAULTS[m].get(key, base) for m in METHODS}
+    if len(set(map(str, per_method.values()))) == 1:
+        text = str(base)
+    else:
+        text = ', '.join(f'{m} {v}' for m, v in per_method.items())
+    if key in SCALED_EPOCH_COUNTS:
+        text += '; scaled to runs shorter than the official epochs'
+    return f'(default: {text})'
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = PretrainConfig('')
-    p = argparse.ArgumentParser(prog='desd_pretrain', description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog='desd_pretrain', description=__doc__)
     p.add_argument('-d', dest='dataset', required=True, help='dataset id or name in nnUNet_raw (labels optional)')
-    p.add_argument('-m', dest='method', default=d.method, choices=METHODS)
-    p.add_argument('-c', dest='configuration', default=d.configuration, help='nnU-Net 3D configuration')
-    p.add_argument('-p', dest='plans', default=None, help='plans identifier (default: the planner\'s, nnUNetPlans)')
-    p.add_argument('-pl', dest='planner', default=d.planner,
-                   help='nnU-Net experiment planner, e.g. nnUNetPlannerResEncM')
-    p.add_argument('--plans-from', default=None,
-                   help='use the plans nnU-Net made for this (labelled) dataset, so the encoder transfers 1:1')
+    p.add_argument('-m', dest='method', default='desd', choices=METHODS,
+                   help='desd: deep self-distillation; cads: DeSD + CT/DRR alignment with packed masking (CT only)')
+    p.add_argument('-c', dest='configuration', help='nnU-Net 3D configuration ' + _default('configuration'))
+    p.add_argument('-p', dest='plans', help='plans identifier (default: the planner\'s, nnUNetPlans)')
+    p.add_argument('-pl', dest='planner', help='nnU-Net experiment planner, e.g. nnUNetPlannerResEncM '
+                                                + _default('planner'))
+    p.add_argument('--plans-from', help='use the plans nnU-Net made for this (labelled) dataset, so the encoder '
+                                        'transfers 1:1')
     p.add_argument('--c', dest='continue_training', action='store_true', help='continue from checkpoint_latest')
-    p.add_argument('-device', dest='device', default=d.device, choices=('cuda', 'cpu'))
-    p.add_argument('--epochs', type=int, default=d.epochs)
-    p.add_argument('--iters-per-epoch', type=int, default=d.iters_per_epoch)
-    p.add_argument('--batch-size', type=int, default=d.batch_size, help='per process; each sample gives 2 views')
-    p.add_argument('--patch-size', type=int, nargs=3, default=None, help='default: the plans\' patch size')
-    p.add_argument('--out-dim', type=int, default=d.out_dim, help='K, the number of prototypes')
-    p.add_argument('--stages', type=int, nargs='+', default=None,
+    p.add_argument('-device', dest='device', choices=('cuda', 'cpu'), help=_default('device'))
+    p.add_argument('--epochs', type=int, help=_default('epochs'))
+    p.add_argument('--iters-per-epoch', type=int, help=_default('iters_per_epoch'))
+    p.add_argument('--batch-size', type=int, help='per process; each sample gives 2 views ' + _default('batch_size'))
+    p.add_argument('--patch-size', type=int, nargs=3, help='default: the plans\' patch size')
+    p.add_argument('--out-dim', type=int, help='K, the number of prototypes ' + _default('out_dim'))
+    p.add_argument('--stages', type=int, nargs='+',
                    help='encoder stages to distil (default: the deepest 4; must include the deepest)')
-    p.add_argument('--head-hidden-dim', type=int, default=d.head_hidden_dim)
-    p.add_argument('--head-bottleneck-dim', type=int, default=d.head_bottleneck_dim)
+    p.add_argument('--head-hidden-dim', type=int, help=_default('head_hidden_dim'))
+    p.add_argument('--head-bottleneck-dim', type=int, help=_default('head_bottleneck_dim'))
     p.add_argument('--no-head-bn', dest='head_bn', action='store_false', help='no batch norm in the heads')
-    p.add_argument('--optimizer', default=d.optimizer, choices=('sgd', 'adamw'))
-    p.add_argument('--lr', type=float, default=d.lr, help='base lr per 256 samples (scaled by the global batch)')
-    p.add_argument('--min-lr', type=float, default=d.min_lr)
-    p.add_argument('--warmup-epochs', type=int, default=d.warmup_epochs)
-    p.add_argument('--weight-decay', type=float, default=d.weight_decay)
-    p.add_argument('--clip-grad', type=float, default=d.clip_grad)
-    p.add_argument('--teacher-temp', type=float, default=d.teacher_temp)
-    p.add_argument('--warmup-teacher-temp', type=float, default=d.warmup_teacher_temp)
-    p.add_argument('--warmup-teacher-temp-epochs', type=int, default=d.warmup_teacher_temp_epochs)
-    p.add_argument('--teacher-momentum', type=float, default=d.teacher_momentum)
-    p.add_argument('--freeze-last-layer-epochs', type=int, default=d.freeze_last_layer_epochs)
-    p.add_argument('--num-workers', type=int, default=None,
+    p.add_argument('--optimizer', choices=('sgd', 'adamw'), help=_default('optimizer'))
+    p.add_argument('--lr', type=float, help='base lr per 256 samples (scaled by the global batch) ' + _default('lr'))
+    p.add_argument('--min-lr', type=float, help=_default('min_lr'))
+    p.add_argument('--warmup-epochs', type=int, help=_default('warmup_epochs'))
+    p.add_argument('--weight-decay', type=float, help=_default('weight_decay'))
+    p.add_argument('--weight-decay-end', type=float,
+                   help='cosine schedule weight-decay -> this per iteration ' + _default('weight_decay_end'))
+    p.add_argument('--clip-grad', type=float, help='per-parameter gradient-norm clipping, 0 = off '
+                                                   + _default('clip_grad'))
+    p.add_argument('--teacher-temp', type=float, help=_default('teacher_temp'))
+    p.add_argument('--warmup-teacher-temp', type=float, help=_default('warmup_teacher_temp'))
+    p.add_argument('--warmup-teacher-temp-epochs', type=int, help=_default('warmup_teacher_temp_epochs'))
+    p.add_argument('--teacher-momentum', type=float, help=_default('teacher_momentum'))
+    p.add_argument('--freeze-last-layer-epochs', type=int, help=_default('freeze_last_layer_epochs'))
+    g = p.add_argument_group('CADS')
+    g.add_argument('--mask-ratio', type=float, help='share of 3D patches masked: 1 - 1/k^2 keeps 1 of every k x k '
+                                                   'in-plane block (0 = no masking) ' + _default('mask_ratio'))
+    g.add_argument('--mask-patch', type=int, nargs=3,
+                   help='patch size of the masking, in voxels ' + _default('mask_patch'))
+    g.add_argument('--drr-view', choices=VIEWS, help=_default('drr_view'))
+    g.add_argument('--drr-attenuation', choices=ATTENUATIONS, help=_default('drr_attenuation'))
+    p.add_argument('--num-workers', type=int,
                    help='augmentation processes (default: nnU-Net\'s nnUNet_n_proc_DA logic; 0 = in-process)')
-    p.add_argument('-np', dest='num_preprocessing_processes', type=int, default=d.num_preprocessing_processes,
-                   help='processes for checking, fingerprinting and preprocessing')
-    p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument('-np', dest='num_preprocessing_processes', type=int,
+                   help='processes for checking, fingerprinting, preprocessing and DRRs '
+                        + _default('num_preprocessing_processes'))
+    p.add_argument('--seed', type=int, help=_default('seed'))
     p.add_argument('--preprocess-only', action='store_true',
-                   help='check, plan and preprocess, then stop (run this once before torchrun on a cluster)')
+                   help='check, plan and preprocess (and make the DRRs), then stop (run this once before torchrun '
+                        'on a cluster)')
     return p
 
 
 def parse_config(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool]:
     args = vars(build_parser().parse_args(argv))
     preprocess_only = args.pop('preprocess_only')
-    return PretrainConfig(**args), preprocess_only
+    return PretrainConfig.create(**args), preprocess_only
 
 
-def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
-    """Prepares the data (rank 0), pre-trains, and returns the export path."""
-    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+def prepare_data(cfg: PretrainConfig, ctx):
+    """Checks, plans and preprocesses (and for CADS makes the DRRs) on rank 0; the other ranks then find it done."""
     from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
-    from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE, Pretrainer, output_folder_for
-
-    ctx = init_distributed(cfg.device)
-    if ctx.device.type == 'cuda':
-        import torch
-        torch.backends.cudnn.benchmark = True  # as nnU-Net's trainer
+    if cfg.method == 'cads':  # refuse what CADS cannot use before anything is written
+        from nnunetv2_desd.pretraining.data.drrs import require_ct
+        from nnunetv2_desd.pretraining.data.raw import read_raw_dataset
+        from nnunetv2_desd.pretraining.views.masking import block_for_ratio
+        block_for_ratio(cfg.mask_ratio)
+        raw = read_raw_dataset(cfg.dataset)
+        require_ct(raw.dataset_json['channel_names'], raw.name)
 
     def prepare():
-        return prepare_pretraining_data(cfg.dataset, cfg.configuration, cfg.plans, cfg.planner, cfg.plans_from,
-                                        cfg.num_preprocessing_processes)
+        prepared = prepare_pretraining_data(cfg.dataset, cfg.configuration, cfg.plans, cfg.planner, cfg.plans_from,
+                                            cfg.num_preprocessing_processes)
+        if cfg.method == 'cads':
+            from nnunetv2_desd.pretraining.data.drrs import write_drrs
+            prepared.drr_files = write_drrs(prepared, cfg.drr_view, cfg.drr_attenuation,
+                                            cfg.num_preprocessing_processes)
+        return prepared
 
     if ctx.is_main:
         prepared = prepare()
@@ -83,6 +112,20 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
     else:
         ctx.barrier()
         prepared = prepare()  # finds rank 0's work done
+    return prepared
+
+
+def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
+    """Prepares the data (rank 0), pre-trains, and returns the export path."""
+    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE, Pretrainer, output_folder_for
+
+    ctx = init_distributed(cfg.device)
+    if ctx.device.type == 'cuda':
+        import torch
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's trainer
+    prepared = prepare_data(cfg, ctx)
     cfg.plans = prepared.plans_identifier
     if preprocess_only:
         return None
@@ -100,7 +143,7 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
     workers = get_allowed_n_proc_DA() if cfg.num_workers is None else cfg.num_workers
     loader = build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
-                               pin_memory=ctx.device.type == 'cuda')
+                               pin_memory=ctx.device.type == 'cuda', drr_files=prepared.drr_files)
     try:
         trainer.run(loader)
     finally:

@@ -1,13 +1,26 @@
 """The one configuration object of a pre-training run, with the documented defaults.
 
-Defaults follow DeSD's official run (METHODS.md §1) where it carries over to nnU-Net's networks:
+The dataclass defaults follow DeSD's official run (METHODS.md §1) where it carries over to nnU-Net's networks:
 SGD momentum 0.9, lr = 0.3 * global batch / 256 with 10 warm-up epochs then cosine, weight decay 1e-6
 (not on biases and norms), K = 60000, student temperature 0.1, teacher temperature 0.04 -> 0.07 over 20
 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine, per iteration), prototypes frozen for
-the first epoch. nnU-Net-style length: 250 iterations per epoch.
+the first epoch. nnU-Net-style length: 250 iterations per epoch. ``METHOD_DEFAULTS`` holds what CADS's
+official run changes (METHODS.md §2).
+
+``PretrainConfig.create`` applies a method's defaults and scales the recipe's epoch counts (lr warm-up,
+teacher-temperature warm-up, frozen prototypes) to runs shorter than the official one, so a 10-epoch run keeps
+the official proportions: CADS warms the teacher temperature up over 50 of 150 epochs, a 15-epoch run over 5.
+Values given explicitly are never scaled.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
+
+METHOD_DEFAULTS = {
+    'desd': dict(epochs=300),
+    'cads': dict(epochs=150, optimizer='adamw', lr=7.5e-4, min_lr=2e-6, weight_decay=0.04, weight_decay_end=0.4,
+                 clip_grad=0.3, freeze_last_layer_epochs=3, warmup_teacher_temp_epochs=50),
+}
+SCALED_EPOCH_COUNTS = ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs')
 
 
 @dataclass
@@ -44,7 +57,13 @@ class PretrainConfig:
     min_lr: float = 1e-6
     warmup_epochs: int = 10
     weight_decay: float = 1e-6
-    clip_grad: float = 0.0                 # 0: off (DeSD's recipe does not clip)
+    weight_decay_end: Optional[float] = None  # cosine weight_decay -> weight_decay_end per iteration; None: constant
+    clip_grad: float = 0.0                 # per-parameter gradient-norm clipping (DINO); 0: off (DeSD does not clip)
+    # CADS
+    mask_ratio: float = 0.75               # keep 1 of every 2x2 in-plane block of patches
+    mask_patch: List[int] = field(default_factory=lambda: [4, 8, 8])
+    drr_view: str = 'lateral'
+    drr_attenuation: str = 'linear'
     # engine
     num_workers: Optional[int] = None      # augmentation processes; default nnU-Net's get_allowed_n_proc_DA()
     num_preprocessing_processes: int = 2
@@ -52,4 +71,21 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def create(cls, dataset: str, method: str = 'desd', **given) -> 'PretrainConfig':
+        """Dataclass defaults, then ``METHOD_DEFAULTS[method]`` with scaled epoch counts, then ``given``
+        (options left at None count as not given)."""
+        given = {k: v for k, v in given.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f'unknown PretrainConfig fields {unknown}')
+        official = {**cls(dataset).to_dict(), **METHOD_DEFAULTS.get(method, {})}
+        values = dict(official)
+        epochs = given.get('epochs', official['epochs'])
+        if epochs < official['epochs']:
+            for key in SCALED_EPOCH_COUNTS:
+                values[key] = round(official[key] * epochs / official['epochs'])
+        values.update(given, dataset=dataset, method=method)
+        return cls(**values)
 

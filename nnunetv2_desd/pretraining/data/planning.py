@@ -13,7 +13,7 @@ Work that is already done (plans, complete preprocessed folder) is reused.
 import os
 import shutil
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, save_json
 
@@ -34,6 +34,7 @@ class PreparedData:
     data_folder: str
     identifiers: List[str]
     plans_source: str
+    drr_files: Optional[Dict[str, str]] = None  # case -> DRR file (CADS)
 
     @property
     def plans_manager(self):

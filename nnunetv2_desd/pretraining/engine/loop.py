@@ -12,17 +12,19 @@ from tqdm import tqdm
 
 from nnunetv2_desd.errors import DesdError
 from nnunetv2_desd.pretraining.config import PretrainConfig
+from nnunetv2_desd.pretraining.data.drrs import drr_projection_axis
 from nnunetv2_desd.pretraining.data.planning import PreparedData
 from nnunetv2_desd.pretraining.engine.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict,
                                                          load_checkpoint, restore_rng_state, tensor_digest)
 from nnunetv2_desd.pretraining.engine.distributed import DistContext, all_reduce_mean
 from nnunetv2_desd.pretraining.engine.ema import ema_update
+from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
-from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss, cross_view_pairs
+from nnunetv2_desd.pretraining.methods.cads import CADS
+from nnunetv2_desd.pretraining.methods.desd import DeSD, DeepSelfDistillationLoss
 from nnunetv2_desd.pretraining.models.network import (MultiStageDistillationNetwork, build_planned_network,
                                                       planned_encoder, resolve_stages)
-from nnunetv2_desd.pretraining.views.augmentation import split_views
 
 EXPORT_FILE = 'pretrained_export.pth'
 # a resumed run must build the same modules as the checkpoint
@@ -61,7 +63,7 @@ class Pretrainer:
         self.teacher.heads[0].load_state_dict(self.student.heads[-1].state_dict())
         self.teacher.to(self.device).requires_grad_(False)
         self.loss = DeepSelfDistillationLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(self.device)
-        self.pairs = cross_view_pairs(2)
+        self.method = self._build_method(cm)
 
         self.student_forward: nn.Module = self.student
         if dist_ctx.enabled:
@@ -78,6 +80,17 @@ class Pretrainer:
         self.scaler = torch.amp.GradScaler('cuda') if self.amp else None
         self.step = 0
         self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method)
+
+    def _build_method(self, cm):
+        if self.cfg.method == 'desd':
+            return DeSD()
+        if self.cfg.method == 'cads':
+            method = CADS(self.cfg.mask_ratio, self.cfg.mask_patch)
+            drr_files = (self.prepared.drr_files or {}).values()
+            axes = {drr_projection_axis(np.load(f, mmap_mode='r').shape) for f in drr_files}
+            method.check(self.patch_size, cm.pool_op_kernel_sizes, sorted(axes))
+            return method
+        raise DesdError(f'-m {self.cfg.method!r}: choose desd or cads.')
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.student.parameters() if p.ndim > 1]
@@ -101,23 +114,30 @@ class Pretrainer:
     def teacher_momentum(self) -> float:
         return cosine(self.step, self.total_steps, self.cfg.teacher_momentum, 1.0)
 
+    def weight_decay(self) -> float:
+        if self.cfg.weight_decay_end is None:
+            return self.cfg.weight_decay
+        return cosine(self.step, self.total_steps, self.cfg.weight_decay, self.cfg.weight_decay_end)
+
     def teacher_temp(self) -> float:
         return linear_warmup_constant(self.epoch, self.cfg.warmup_teacher_temp_epochs,
                                       self.cfg.warmup_teacher_temp, self.cfg.teacher_temp)
 
-    def train_step(self, data: torch.Tensor) -> torch.Tensor:
-        """One iteration on ``data`` (B, 2C, *patch) from the view loader; returns the (all-reduced) loss."""
-        views = split_views(data.to(self.device, non_blocking=True))
-        n_views, batch = views.shape[:2]
-        x = views.flatten(0, 1)
+    def train_step(self, batch: dict) -> torch.Tensor:
+        """One iteration on a view-loader batch ({'data': (B, 2C, *patch)[, 'drr': ...]}); returns the
+        (all-reduced) loss."""
+        teacher_input, student_inputs = self.method.inputs(batch, self.device)
+        n_views, n_volumes = 2, teacher_input.shape[0] // 2
         for group in self.optimizer.param_groups:
             group['lr'] = self.lr()
+            if not group.get('no_decay'):
+                group['weight_decay'] = self.weight_decay()
         with torch.autocast(self.device.type, enabled=self.amp):
             with torch.no_grad():
-                teacher_logits = self.teacher(x)[0].view(n_views, batch, -1)
-            student_logits = self.student_forward(x)
-            student_logits = student_logits.view(student_logits.shape[0], n_views, batch, -1)
-        loss = self.loss(student_logits, teacher_logits, self.teacher_temp(), self.pairs)
+                teacher_logits = self.teacher(teacher_input)[0].view(n_views, n_volumes, -1)
+            student_logits = self.student_forward(*student_inputs)
+            student_logits = student_logits.view(student_logits.shape[0], self.method.n_student_inputs, n_volumes, -1)
+        loss = self.loss(student_logits, teacher_logits, self.teacher_temp(), self.method.pairs)
         if not torch.isfinite(loss):
             raise DesdError(f'loss is {loss.item()} at step {self.step}; lower --lr or check the data.')
 
@@ -131,7 +151,7 @@ class Pretrainer:
             for head in self.student.heads:
                 head.prototypes.grad = None
         if self.cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
+            clip_per_parameter_(self.student.parameters(), self.cfg.clip_grad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -157,11 +177,11 @@ class Pretrainer:
             bar = tqdm(range(cfg.iters_per_epoch), desc=f'epoch {epoch + 1}/{cfg.epochs}',
                        disable=not self.dist.is_main, leave=False)
             for _ in bar:
-                losses.append(self.train_step(next(loader)['data']).item())
+                losses.append(self.train_step(next(loader)).item())
                 bar.set_postfix(loss=f'{losses[-1]:.4f}')
             if self.dist.is_main:
                 values = dict(loss=float(np.mean(losses)), teacher_temp=temp, teacher_momentum=self.teacher_momentum(),
-                              lr=lr, epoch_time=time.time() - start)
+                              lr=lr, weight_decay=self.weight_decay(), epoch_time=time.time() - start)
                 self.progress.record(epoch, **values)
                 self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' + ', '.join(f'{k} {v:.4g}'
                                                                                  for k, v in values.items()))
@@ -231,6 +251,7 @@ class Pretrainer:
             'foreground_intensity_properties_per_channel': pm.foreground_intensity_properties_per_channel,
             'patch_size': self.patch_size, 'plans_patch_size': list(cm.patch_size),
             'distilled_stages': self.stages, 'epochs': self.epoch, 'steps': self.step,
+            'method_settings': self.method.metadata(),
             'content_sha256': tensor_digest(weights),
         }
         return {'network_weights': weights, 'desd_export': metadata}

@@ -1,10 +1,12 @@
-"""DeSD deep self-distillation loss (Ye et al., MICCAI 2022), also used by CADS."""
-from typing import List, Sequence, Tuple
+"""DeSD deep self-distillation (Ye et al., MICCAI 2022): its inputs and its loss, which CADS reuses."""
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from nnunetv2_desd.pretraining.views.augmentation import split_views
 
 
 def cross_view_pairs(n_views: int) -> List[Tuple[int, int]]:
@@ -64,3 +66,20 @@ class DeepSelfDistillationLoss(nn.Module):
             dist.all_reduce(total)
             n_rows *= dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(total / n_rows, alpha=1 - self.center_momentum)
+
+
+class DeSD:
+    """DeSD's inputs: teacher and student both see the two augmented views of every volume.
+
+    inputs(batch) -> teacher input (2B, C, *patch) and the student inputs ((2B, C, *patch),): rows are view 1 of
+    the B volumes, then view 2. Student logits come back as (D, S = 2, B, K); pairs (t1, s2), (t2, s1).
+    """
+    n_student_inputs = 2
+    pairs = cross_view_pairs(2)
+
+    def inputs(self, batch: Dict[str, Tensor], device: torch.device) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        views = split_views(batch['data'].to(device, non_blocking=True)).flatten(0, 1)
+        return views, (views,)
+
+    def metadata(self) -> dict:
+        return {}

@@ -46,8 +46,10 @@ def resolve_stages(num_stages: int, stages: Optional[Sequence[int]]) -> List[int
 class MultiStageDistillationNetwork(nn.Module):
     """Encoder + one projection head per selected stage.
 
-    forward(x: (N, C, X, Y, Z)) -> logits (D, N, K), D = number of selected stages (shallow to deep).
-    The student selects the distilled stages, the teacher only the deepest.
+    forward(x_1, ..., x_n) with x_i (N_i, C, *spatial_i) -> logits (D, N_1 + ... + N_n, K), D = number of selected
+    stages (shallow to deep), rows in input order. Inputs of different shapes (CADS: packed 3D views and DRRs)
+    pass the encoder separately, in one call (one DDP forward); the heads' batch norm normalises each input
+    over its own rows. The student selects the distilled stages, the teacher only the deepest.
     """
 
     def __init__(self, encoder: nn.Module, stages: Sequence[int], out_dim: int, hidden_dim: int = 2048,
@@ -58,6 +60,10 @@ class MultiStageDistillationNetwork(nn.Module):
         self.heads = nn.ModuleList(ProjectionHead(encoder.output_channels[s], out_dim, hidden_dim, bottleneck_dim,
                                                   use_bn) for s in self.stages)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(x)
-        return torch.stack([head(global_average_pool(features[s])) for s, head in zip(self.stages, self.heads)])
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        logits = []
+        for x in inputs:
+            features = self.encoder(x)
+            logits.append(torch.stack([head(global_average_pool(features[s]))
+                                       for s, head in zip(self.stages, self.heads)]))
+        return torch.cat(logits, dim=1)
