@@ -48,8 +48,9 @@ class MultiStageDistillationNetwork(nn.Module):
 
     forward(x_1, ..., x_n) with x_i (N_i, C, *spatial_i) -> logits (D, N_1 + ... + N_n, K), D = number of selected
     stages (shallow to deep), rows in input order. Inputs of different shapes (CADS: packed 3D views and DRRs)
-    pass the encoder separately, in one call (one DDP forward); the heads' batch norm normalises each input
-    over its own rows. The student selects the distilled stages, the teacher only the deepest.
+    pass the encoder separately, in one call (one DDP forward); their pooled features then go through each
+    head together, once (one batch norm over all rows; the normalised prototypes are computed once per step).
+    The student selects the distilled stages, the teacher only the deepest.
     """
 
     def __init__(self, encoder: nn.Module, stages: Sequence[int], out_dim: int, hidden_dim: int = 2048,
@@ -61,9 +62,9 @@ class MultiStageDistillationNetwork(nn.Module):
                                                   use_bn) for s in self.stages)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        logits = []
+        pooled = [[] for _ in self.stages]
         for x in inputs:
             features = self.encoder(x)
-            logits.append(torch.stack([head(global_average_pool(features[s]))
-                                       for s, head in zip(self.stages, self.heads)]))
-        return torch.cat(logits, dim=1)
+            for i, s in enumerate(self.stages):
+                pooled[i].append(global_average_pool(features[s]))
+        return torch.stack([head(torch.cat(rows)) for rows, head in zip(pooled, self.heads)])
