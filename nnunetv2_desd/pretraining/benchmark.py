@@ -462,7 +462,7 @@ def comparison_plot(result: MethodComparison, path: str) -> None:
     for i, (ylabel, values, ratio, target) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         bars = ax.bar(labels, values, color=['tab:blue', 'tab:orange'])
-        ax.bar_label(bars, labels=[f'{v:.4g}' for v in values], padding=3)
+        ax.bar_label(bars, labels=[f'{v:,.0f}' if v >= 1000 else f'{v:.4g}' for v in values], padding=3)
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, 1.3 * max(values))
         ax.set_title(f'CADS / DeSD = {ratio:.2f} (target <= {target})', fontsize=9)
