@@ -20,9 +20,8 @@ The demo uses its own nnU-Net folders under ``--workdir`` and never touches exis
 """
 import argparse
 import os
-import sys
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.errors import command_errors
 
 POOL_ID, LABELLED_ID = 500, 501
 CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--out-dim', '4096', '--head-hidden-dim', '512',
@@ -90,7 +89,7 @@ def main(argv=None) -> None:
     from nnunetv2_desd.pretraining.cli import parse_config, run
     from nnunetv2_desd.pretraining.data.sources import write_chest_ct_datasets
     from nnunetv2_desd.trainers import EXT_TRAINER_FOLDER
-    try:
+    with command_errors('desd_demo'):
         pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID)
         print(f'[1/4] real chest CT crops written: {pool} (unlabelled), {labelled} (labelled)')
         _plan_labelled_dataset()
@@ -104,9 +103,6 @@ def main(argv=None) -> None:
             _write_demo_plans()
         report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
                                                       *(GPU_BENCHMARK if args.full else CPU_BENCHMARK)]))
-    except DesdError as e:
-        print(f'desd_demo: error: {e}', file=sys.stderr)
-        sys.exit(2)
     plans = 'nnUNetPlans' if args.full else DEMO_PLANS
     print(f'[4/4] fine-tuned vs vanilla nnU-Net compared.\n\ntable:  {report["md"]}\nfigure: '
           f'{report["png"]}\n\nTo fine-tune with stock nnU-Net yourself:\n' +

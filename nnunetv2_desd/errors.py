@@ -1,2 +1,17 @@
+import sys
+from contextlib import contextmanager
+
+
 class DesdError(Exception):
     """A problem with the user's input. Command-line tools print its message alone and exit with code 2."""
+
+
+@contextmanager
+def command_errors(prog: str):
+    """The body of a command: a DesdError ends it with ``PROG: error: MESSAGE`` on one line and exit code 2."""
+    try:
+        yield
+    except DesdError as e:
+        message = ' '.join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f'{prog}: error: {message}', file=sys.stderr)
+        sys.exit(2)

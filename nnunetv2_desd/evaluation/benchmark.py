@@ -1,12 +1,18 @@
-"""``desd_benchmark``: a pre-trained fine-tuning trainer against the vanilla nnU-Net trainer, fold by fold.
+"""``desd_benchmark``: a pre-trained fine-tuning or a semi-supervised trainer against the vanilla nnU-Net trainer.
 
     desd_benchmark -d 501 -w EXPORT.pth -tr nnUNetTrainerDeSD --folds 0 1 2 3 4 --fractions 0.1 0.25 1.0
+    desd_benchmark -d 501 -tr nnUNetTrainerDMD --fractions 0.1 0.2      # semi-supervised DMD: no -w
 
 One cell is one (trainer, fold, labelled fraction). Each cell is a stock ``nnUNetv2_train`` run; a fraction below
 1 is an extra entry of nnU-Net's splits_final.json (see ``fractions``), so the validation cases of a fold never
 change. A cell whose ``validation/summary.json`` exists is reused, one with ``checkpoint_final.pth`` only
 validates (``--val``), one with ``checkpoint_latest.pth`` continues (``--c``); the others start fresh, the tested
 trainer with ``-pretrained_weights EXPORT``. The report (Markdown, CSV, PNG) pairs the two trainers' per-case Dice.
+
+A DMD trainer (``nnUNetTrainerDMD`` and its variants) trains on the labelled fraction plus an unlabelled pool: the
+fold's training cases left out of the fraction, and the ``desd_preprocess_unlabelled`` pool where one exists. Before
+the first run, every DMD cell to run is checked to have unlabelled cases (a fraction of 1 leaves none out) and a pool
+made with the tested plans; a DMD trainer with ``-w`` is refused (it starts from two random initialisations).
 
 For clusters: ``--only tested --folds 3 --fractions 0.25`` runs exactly one cell; ``--print-commands`` prints the
 stock command of every cell still to run; ``--collect-only`` then writes the report from what exists.
@@ -22,7 +28,7 @@ import sys
 from collections import deque
 from typing import Dict, List, Optional
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.errors import DesdError, command_errors
 from nnunetv2_desd.evaluation.fractions import check_fraction, find_fraction_fold, fraction_fold
 from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
 
@@ -38,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='pre-trained export (desd_pretrain\'s pretrained_export.pth), passed as -pretrained_weights '
                         'to fresh runs of the tested trainer')
     p.add_argument('-tr', dest='trainer', default='nnUNetTrainerDeSD', help='trainer under test (default: %(default)s)')
-    p.add_argument('--baseline', default='nnUNetTrainer', help='baseline trainer (default: %(default)s)')
+    p.add_argument('--baseline', default='nnUNetTrainer',
+                   help='baseline trainer, the vanilla trainer of the same schedule (nnUNetTrainerTiny for '
+                        'nnUNetTrainerDMDTiny, nnUNetTrainerDemo for nnUNetTrainerDMDDemo; default: %(default)s)')
     p.add_argument('-p', dest='plans', default='nnUNetPlans', help='plans of the tested trainer (default: %(default)s)')
     p.add_argument('--baseline-plans', default='nnUNetPlans', help='plans of the baseline (default: %(default)s)')
     p.add_argument('-c', dest='configuration', default='3d_fullres', help='configuration (default: %(default)s)')
@@ -192,6 +200,52 @@ def check_provenance(cell: Cell, setup: Setup) -> Optional[str]:
     return None
 
 
+def is_dmd_trainer(name: str) -> bool:
+    """Whether ``name`` is nnUNetTrainerDMD or one of this package's DMD variants. Names without 'DMD' are not
+    looked up (that would import torch and nnU-Net's trainers); other DMD subclasses fail in their own run."""
+    if 'DMD' not in name:
+        return False
+    from nnunetv2_desd.trainers import variants  # noqa: F401  (defines the DMD variants)
+    from nnunetv2_desd.trainers.dmd import nnUNetTrainerDMD
+    classes, found = [nnUNetTrainerDMD], set()
+    while classes:
+        cls = classes.pop()
+        found.add(cls.__name__)
+        classes += cls.__subclasses__()
+    return name in found
+
+
+def check_unlabelled_pools(cells: List[Cell], setup: Setup) -> None:
+    """DesdError before the first run where a DMD cell to run has no unlabelled cases, a pool made with other
+    plans, or -w (see the module docstring)."""
+    from nnunetv2_desd.evaluation.fractions import fraction_fold_info
+    from nnunetv2_desd.semisupervised.pool import check_pool, preprocess_command, read_pool_record
+
+    pending = [c for c in cells if c.role == 'tested' and c.fold_id is not None and next_step(c) is not None]
+    if not pending or not is_dmd_trainer(setup.trainers['tested']):
+        return
+    trainer = setup.trainers['tested']
+    if setup.weights is not None:
+        raise DesdError(f'{trainer} trains two randomly initialised networks and takes no pre-trained weights: '
+                        f'drop -w.')
+    plans_file = os.path.join(setup.preprocessed, setup.plans['tested'] + '.json')
+    with open(plans_file) as f:
+        plans = json.load(f)
+    data_id = data_identifier(plans_file, setup.configuration)
+    record = read_pool_record(setup.preprocessed, data_id)
+    if record is not None:
+        with open(os.path.join(setup.preprocessed, 'dataset.json')) as f:
+            num_channels = len(json.load(f)['channel_names'])
+        check_pool(record, plans, setup.configuration, num_channels, setup.preprocessed)
+        return
+    empty = [c for c in pending if not (fraction_fold_info(setup.preprocessed, c.fold_id) or {}).get('left_out')]
+    if empty:
+        command = preprocess_command(setup.dataset, [], setup.plans['tested'], setup.configuration)
+        raise DesdError(f'{trainer} needs unlabelled cases, and these cells have none (a labelled fraction of 1 '
+                        f'leaves no case out): {"; ".join(c.describe() for c in empty)}. Preprocess unlabelled '
+                        f'images first ({command}) or choose fractions below 1.')
+
+
 def next_step(cell: Cell) -> Optional[str]:
     """None (done: reuse), 'val' (trained, not validated), 'continue' (interrupted) or 'train' (fresh)."""
     if cell.done:
@@ -270,6 +324,8 @@ def benchmark(args: argparse.Namespace) -> Optional[dict]:
         warning = check_provenance(cell, setup)
         if warning and cell in selected:
             print(warning, file=sys.stderr)
+    if not args.collect_only:
+        check_unlabelled_pools(selected, setup)
     env = with_ext_trainers(os.environ)
     if args.print_commands:
         print_commands(selected, setup, env)
@@ -293,10 +349,8 @@ def benchmark(args: argparse.Namespace) -> Optional[dict]:
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        benchmark(args)
-    except DesdError as e:
-        print(f'desd_benchmark: error: {e}', file=sys.stderr)
-        sys.exit(2)
+        with command_errors('desd_benchmark'):
+            benchmark(args)
     except KeyboardInterrupt:
         print('desd_benchmark: interrupted; run the same command again to continue (finished cells are reused, '
               'interrupted ones continue with --c).', file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.errors import DesdError, command_errors
 from nnunetv2_desd.pretraining import cli
 from nnunetv2_desd.pretraining.config import PretrainConfig
 from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write, atomic_write_text
@@ -41,6 +41,7 @@ from nnunetv2_desd.pretraining.methods.cads import CADS as CADSInputs
 DESD_TO_SUPERVISED_TARGET = 1.5       # one DeSD step costs at most 1.5 supervised steps
 LOADING_TO_IN_MEMORY_TARGET = 0.9     # real loading keeps at least 90 % of the in-memory throughput
 IN_MEMORY_BATCHES = 4                 # distinct pre-fetched batches the in-memory loop cycles through
+BAR_COLORS = ('tab:blue', 'tab:orange', 'tab:red', 'tab:pink', 'tab:green')
 BENCH_OPTIONS = ('warmup_iters', 'measure_iters', 'out', 'supervised_compile')
 PHASES = (('desd_in_memory', 'DeSD, in memory'), ('desd_real_loading', 'DeSD, real loading'),
           ('supervised', 'nnU-Net supervised'))
@@ -445,50 +446,67 @@ def comparison_markdown(result: MethodComparison) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def comparison_plot(result: MethodComparison, path: str) -> None:
-    """Two panels: time per step and memory, DeSD next to CADS."""
+def bar_panels(path: str, labels: List[str], panels, suptitle: str, figsize=(8, 4), tick_size=None) -> None:
+    """A PNG with one bar chart per panel: (y label, one value per label, title or None)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 4))
+    fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    names = ('desd', 'cads')
-    labels = [result.phases[n].label for n in names]
-    cuda = result.memory_kind.startswith('CUDA')
-    panels = (('time per iteration [ms]', [1e3 * result.phases[n].mean for n in names], result.step_ratio(),
-               CADS_TO_DESD_STEP_TARGET),
-              ('CUDA peak [MiB]' if cuda else 'activations for backward [MiB]',
-               [result.phases[n].peak_mib if cuda else result.activations[n] for n in names], result.memory_ratio(),
-               CADS_TO_DESD_MEMORY_TARGET))
-    for i, (ylabel, values, ratio, target) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
-        bars = ax.bar(labels, values, color=['tab:blue', 'tab:orange'])
+    for i, (ylabel, values, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        bars = ax.bar(labels, values, color=BAR_COLORS[:len(values)])
         ax.bar_label(bars, labels=[f'{v:,.0f}' if v >= 1000 else f'{v:.4g}' for v in values], padding=3)
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, 1.3 * max(values))
-        ax.set_title(f'CADS / DeSD = {ratio:.2f} (target <= {target})', fontsize=9)
-    fig.suptitle(f'{result.setup["dataset"]}, patch {result.setup["patch"]}; {result.setup["device"]}', fontsize=8)
+        if title:
+            ax.set_title(title, fontsize=9)
+        if tick_size:
+            ax.tick_params(axis='x', labelsize=tick_size)
+    fig.suptitle(suptitle, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format='png', dpi=120)
 
 
-def write_comparison(result: MethodComparison, out: str) -> str:
-    """cads_vs_desd.md/.csv/.png in ``out``; returns the Markdown."""
+def setup_title(setup: dict) -> str:
+    return f'{setup["dataset"]}, patch {setup["patch"]}; {setup["device"]}'
+
+
+def comparison_plot(result: MethodComparison, path: str) -> None:
+    """Two panels: time per step and memory, DeSD next to CADS."""
+    names = ('desd', 'cads')
+    cuda = result.memory_kind.startswith('CUDA')
+    panels = (('time per iteration [ms]', [1e3 * result.phases[n].mean for n in names],
+               f'CADS / DeSD = {result.step_ratio():.2f} (target <= {CADS_TO_DESD_STEP_TARGET})'),
+              ('CUDA peak [MiB]' if cuda else 'activations for backward [MiB]',
+               [result.phases[n].peak_mib if cuda else result.activations[n] for n in names],
+               f'CADS / DeSD = {result.memory_ratio():.2f} (target <= {CADS_TO_DESD_MEMORY_TARGET})'))
+    bar_panels(path, [result.phases[n].label for n in names], panels, setup_title(result.setup))
+
+
+def write_report(out: str, name: str, text: str, quantities, draw: Callable[[str], None]) -> str:
+    """``name``.md (``text``), ``name``.csv (rows quantity, value, unit, target) and ``name``.png (``draw(path)``)
+    in ``out``, each written atomically; returns ``text``."""
     os.makedirs(out, exist_ok=True)
-    text = comparison_markdown(result)
-    atomic_write_text(text, os.path.join(out, 'cads_vs_desd.md'))
-    rows_ = [(f'{n}_seconds_per_iteration', result.phases[n].mean, 's', '') for n in ('desd', 'cads')]
-    rows_ += [(f'{n}_activations_for_backward', result.activations[n], 'MiB', '') for n in ('desd', 'cads')]
-    rows_ += [(f'{n}_peak_memory', result.phases[n].peak_mib, f'MiB ({result.memory_kind})', '')
-              for n in ('desd', 'cads')]
-    rows_ += [('cads_to_desd_step_ratio', result.step_ratio(), '', f'<= {CADS_TO_DESD_STEP_TARGET}'),
-              ('cads_to_desd_memory_ratio', result.memory_ratio(), '', f'<= {CADS_TO_DESD_MEMORY_TARGET}')]
+    atomic_write_text(text, os.path.join(out, name + '.md'))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(('quantity', 'value', 'unit', 'target'))
-    writer.writerows((q, repr(float(v)), u, t) for q, v, u, t in rows_)
-    atomic_write_text(buffer.getvalue(), os.path.join(out, 'cads_vs_desd.csv'))
-    atomic_write(os.path.join(out, 'cads_vs_desd.png'), lambda f: comparison_plot(result, f))
+    writer.writerows((q, repr(float(v)), u, t) for q, v, u, t in quantities)
+    atomic_write_text(buffer.getvalue(), os.path.join(out, name + '.csv'))
+    atomic_write(os.path.join(out, name + '.png'), draw)
     return text
+
+
+def write_comparison(result: MethodComparison, out: str) -> str:
+    """cads_vs_desd.md/.csv/.png in ``out``; returns the Markdown."""
+    quantities = [(f'{n}_seconds_per_iteration', result.phases[n].mean, 's', '') for n in ('desd', 'cads')]
+    quantities += [(f'{n}_activations_for_backward', result.activations[n], 'MiB', '') for n in ('desd', 'cads')]
+    quantities += [(f'{n}_peak_memory', result.phases[n].peak_mib, f'MiB ({result.memory_kind})', '')
+                   for n in ('desd', 'cads')]
+    quantities += [('cads_to_desd_step_ratio', result.step_ratio(), '', f'<= {CADS_TO_DESD_STEP_TARGET}'),
+                   ('cads_to_desd_memory_ratio', result.memory_ratio(), '', f'<= {CADS_TO_DESD_MEMORY_TARGET}')]
+    return write_report(out, 'cads_vs_desd', comparison_markdown(result), quantities,
+                        lambda f: comparison_plot(result, f))
 
 
 # reporting
@@ -552,16 +570,7 @@ def plot(result: BenchmarkResult, path: str) -> None:
 
 def write_outputs(result: BenchmarkResult, out: str) -> str:
     """benchmark.md, benchmark.csv and benchmark.png in ``out``; returns the Markdown."""
-    os.makedirs(out, exist_ok=True)
-    text = markdown(result)
-    with open(os.path.join(out, 'benchmark.md'), 'w') as f:
-        f.write(text)
-    with open(os.path.join(out, 'benchmark.csv'), 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(('quantity', 'value', 'unit', 'target'))
-        writer.writerows((q, repr(float(v)), u, t) for q, v, u, t in rows(result))
-    plot(result, os.path.join(out, 'benchmark.png'))
-    return text
+    return write_report(out, 'benchmark', markdown(result), rows(result), lambda f: plot(result, f))
 
 
 def default_out_folder(dataset_name: str) -> str:
@@ -573,23 +582,26 @@ def default_out_folder(dataset_name: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     cfg, options = parse_args(argv)
-    try:
+    with command_errors('desd_pretrain_benchmark'):
         if options['out'] is None:
             default_out_folder('')  # fail before measuring, not after
         if cfg.method == 'cads':
             comparison, prepared = compare_cads_with_desd(cfg, options['warmup_iters'], options['measure_iters'])
             out = options['out'] or default_out_folder(prepared.dataset_name)
             text = write_comparison(comparison, out)
+        elif cfg.method == 'refs':
+            from nnunetv2_desd.pretraining.refs_benchmark import compare_refs_with_desd, write_refs_comparison
+            comparison, prepared = compare_refs_with_desd(cfg, options['warmup_iters'], options['measure_iters'])
+            out = options['out'] or default_out_folder(prepared.dataset_name)
+            text = write_refs_comparison(comparison, out)
         else:
             result, prepared = run_benchmark(cfg, options['warmup_iters'], options['measure_iters'],
                                              options['supervised_compile'])
             out = options['out'] or default_out_folder(prepared.dataset_name)
             text = write_outputs(result, out)
-    except DesdError as e:
-        print(f'desd_pretrain_benchmark: error: {e}', file=sys.stderr)
-        sys.exit(2)
     print(text)
-    print(f'written to {out}: ' + ('cads_vs_desd' if cfg.method == 'cads' else 'benchmark') + '.md/.csv/.png')
+    print(f'written to {out}: ' + {'cads': 'cads_vs_desd', 'refs': 'refs_vs_desd'}.get(cfg.method, 'benchmark')
+          + '.md/.csv/.png')
 
 
 if __name__ == '__main__':

@@ -1,14 +1,13 @@
 """``desd_pretrain``: self-supervised pre-training of an nnU-Net-planned encoder on an (unlabelled) dataset."""
 import argparse
 import os
-import sys
 from typing import List, Optional, Tuple
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.errors import DesdError, command_errors
 from nnunetv2_desd.pretraining.config import METHOD_DEFAULTS, SCALED_EPOCH_COUNTS, PretrainConfig
 from nnunetv2_desd.pretraining.views.drr import ATTENUATIONS, VIEWS
 
-METHODS = ('desd', 'cads')
+METHODS = ('desd', 'cads', 'refs')
 
 
 def _default(key: str) -> str:
@@ -28,13 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='desd_pretrain', description=__doc__)
     p.add_argument('-d', dest='dataset', required=True, help='dataset id or name in nnUNet_raw (labels optional)')
     p.add_argument('-m', dest='method', default='desd', choices=METHODS,
-                   help='desd: deep self-distillation; cads: DeSD + CT/DRR alignment with packed masking (CT only)')
+                   help='desd: deep self-distillation; cads: DeSD + CT/DRR alignment with packed masking (CT only); '
+                        'refs: DeSD + a supervised reference task with gradient matching (needs --reference)')
     p.add_argument('-c', dest='configuration', help='nnU-Net 3D configuration ' + _default('configuration'))
     p.add_argument('-p', dest='plans', help='plans identifier (default: the planner\'s, nnUNetPlans)')
     p.add_argument('-pl', dest='planner', help='nnU-Net experiment planner, e.g. nnUNetPlannerResEncM '
                                                 + _default('planner'))
     p.add_argument('--plans-from', help='use the plans nnU-Net made for this (labelled) dataset, so the encoder '
-                                        'transfers 1:1')
+                                        'transfers 1:1 (-m refs: default --reference)')
     p.add_argument('--c', dest='continue_training', action='store_true', help='continue from checkpoint_latest')
     p.add_argument('-device', dest='device', choices=('cuda', 'cpu'), help=_default('device'))
     p.add_argument('--epochs', type=int, help=_default('epochs'))
@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help='patch size of the masking, in voxels ' + _default('mask_patch'))
     g.add_argument('--drr-view', choices=VIEWS, help=_default('drr_view'))
     g.add_argument('--drr-attenuation', choices=ATTENUATIONS, help=_default('drr_attenuation'))
+    g = p.add_argument_group('ReFs')
+    g.add_argument('--reference', help='labelled dataset (id or name) of the reference task, preprocessed by '
+                                       'nnU-Net with the pre-training plans')
+    g.add_argument('--reference-weight', type=float, help='lambda_ref, weight of the reference loss '
+                                                          + _default('reference_weight'))
+    g.add_argument('--matching', choices=('fish', 'cosine'),
+                   help='gradient matching: fish = first-order inner steps (Fish); cosine = explicit '
+                        'lambda_match (1 - cos(g_ssl, g_ref)) with double backward ' + _default('matching'))
+    g.add_argument('--matching-weight', type=float, help='lambda_match of the cosine form '
+                                                         + _default('matching_weight'))
+    g.add_argument('--matching-stages', type=int, help='cosine form: match the gradients of the deepest N encoder '
+                                                       'stages only, to bound memory (default: all stages)')
+    g.add_argument('--fish-inner-lr', type=float, help='alpha, lr of the inner SGD steps of the fish form '
+                                                       + _default('fish_inner_lr'))
+    g.add_argument('--reference-batch-size', type=int, help='reference cases per process and step (default: '
+                                                            '--batch-size)')
     p.add_argument('--num-workers', type=int,
                    help='augmentation processes (default: nnU-Net\'s nnUNet_n_proc_DA logic; 0 = in-process)')
     p.add_argument('-np', dest='num_preprocessing_processes', type=int,
@@ -87,7 +103,8 @@ def parse_config(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool
 
 
 def prepare_data(cfg: PretrainConfig, ctx):
-    """Checks, plans and preprocesses (and for CADS makes the DRRs) on rank 0; the other ranks then find it done."""
+    """Checks, plans and preprocesses (and for CADS makes the DRRs) on rank 0; the other ranks then find it done.
+    ReFs: the reference is checked against the plans first."""
     from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
     if cfg.method == 'cads':  # refuse what CADS cannot use before anything is written
         from nnunetv2_desd.pretraining.data.drrs import require_ct
@@ -96,6 +113,10 @@ def prepare_data(cfg: PretrainConfig, ctx):
         block_for_ratio(cfg.mask_ratio)
         raw = read_raw_dataset(cfg.dataset)
         require_ct(raw.dataset_json['channel_names'], raw.name)
+    if cfg.method == 'refs':  # refuse a reference that does not fit before anything is written
+        check_reference_before_preparing(cfg)
+    elif cfg.reference is not None:
+        raise DesdError(f'--reference is an option of -m refs, not of -m {cfg.method}.')
 
     def prepare():
         prepared = prepare_pretraining_data(cfg.dataset, cfg.configuration, cfg.plans, cfg.planner, cfg.plans_from,
@@ -113,6 +134,29 @@ def prepare_data(cfg: PretrainConfig, ctx):
         ctx.barrier()
         prepared = prepare()  # finds rank 0's work done
     return prepared
+
+
+def check_reference_before_preparing(cfg: PretrainConfig) -> None:
+    """-m refs: the reference must be preprocessed with the plans the pre-training data will get (those of
+    ``--plans-from``, by default the reference's own)."""
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2_desd.pretraining.data.raw import read_raw_dataset, resolve_dataset_name
+    from nnunetv2_desd.pretraining.data.reference import open_reference
+    if not cfg.reference:
+        raise DesdError('-m refs needs --reference DATASET: a labelled dataset preprocessed with nnU-Net '
+                        '(nnUNetv2_plan_and_preprocess -d DATASET -c 3d_fullres).')
+    raw = read_raw_dataset(cfg.dataset)
+    reference = cfg.reference = resolve_dataset_name(cfg.reference)  # as the checkpoint records it
+    source = resolve_dataset_name(cfg.plans_from or cfg.reference)
+    source_plans = cfg.plans or 'nnUNetPlans'
+    source_file = join(nnUNet_preprocessed, source, source_plans + '.json')
+    if not isfile(source_file):
+        raise DesdError(f'{source_file} does not exist: plan and preprocess {source} first '
+                        f'(nnUNetv2_plan_and_preprocess -d {source[7:10]} -c {cfg.configuration}).')
+    # the name planning.prepare_pretraining_data gives the copied plans
+    open_reference(reference, load_json(source_file), f'{source_plans}_from{source[7:10]}', cfg.configuration,
+                   raw.num_channels, plans_source=source)
 
 
 def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
@@ -144,6 +188,8 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
     workers = get_allowed_n_proc_DA() if cfg.num_workers is None else cfg.num_workers
     loader = build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
                                pin_memory=ctx.device.type == 'cuda', drr_files=prepared.drr_files)
+    if trainer.reference is not None:
+        loader = trainer.with_reference_loader(loader, workers)
     try:
         trainer.run(loader)
     finally:
@@ -154,11 +200,8 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     cfg, preprocess_only = parse_config(argv)
-    try:
+    with command_errors('desd_pretrain'):
         path = run(cfg, preprocess_only)
-    except DesdError as e:
-        print(f'desd_pretrain: error: {e}', file=sys.stderr)
-        sys.exit(2)
     print(f'preprocessed data ready for {cfg.dataset}' if path is None else f'export: {path}')
 
 

@@ -11,6 +11,10 @@ official run changes (METHODS.md §2).
 teacher-temperature warm-up, frozen prototypes) to runs shorter than the official one, so a 10-epoch run keeps
 the official proportions: CADS warms the teacher temperature up over 50 of 150 epochs, a 15-epoch run over 5.
 Values given explicitly are never scaled.
+
+ReFs (``-m refs``, METHODS.md §4) keeps DeSD's recipe and adds its reference task; without ``--plans-from`` it
+pre-trains with the reference dataset's plans (``plans_from = reference``), so the reference's preprocessed
+data fit the network as they are.
 """
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
@@ -19,6 +23,7 @@ METHOD_DEFAULTS = {
     'desd': dict(epochs=300),
     'cads': dict(epochs=150, optimizer='adamw', lr=7.5e-4, min_lr=2e-6, weight_decay=0.04, weight_decay_end=0.4,
                  clip_grad=0.3, freeze_last_layer_epochs=3, warmup_teacher_temp_epochs=50),
+    'refs': dict(epochs=300),  # DeSD's recipe
 }
 SCALED_EPOCH_COUNTS = ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs')
 
@@ -64,6 +69,14 @@ class PretrainConfig:
     mask_patch: List[int] = field(default_factory=lambda: [4, 8, 8])
     drr_view: str = 'lateral'
     drr_attenuation: str = 'linear'
+    # ReFs
+    reference: Optional[str] = None        # labelled dataset of the reference task
+    reference_weight: float = 1.0          # lambda_ref
+    matching: str = 'fish'                 # 'fish' (first order) or 'cosine' (explicit term, double backward)
+    matching_weight: float = 1.0           # lambda_match of the cosine term
+    matching_stages: Optional[int] = None  # cosine: match the deepest N encoder stages only; None: all
+    fish_inner_lr: float = 0.01            # alpha of Fish's inner SGD steps
+    reference_batch_size: Optional[int] = None  # default: batch_size
     # engine
     num_workers: Optional[int] = None      # augmentation processes; default nnU-Net's get_allowed_n_proc_DA()
     num_preprocessing_processes: int = 2
@@ -87,5 +100,7 @@ class PretrainConfig:
             for key in SCALED_EPOCH_COUNTS:
                 values[key] = round(official[key] * epochs / official['epochs'])
         values.update(given, dataset=dataset, method=method)
+        if method == 'refs' and values['plans_from'] is None:
+            values['plans_from'] = values['reference']
         return cls(**values)
 

@@ -8,10 +8,9 @@ picture per case.
 """
 import argparse
 import os
-import sys
 from typing import List, Optional
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.errors import command_errors
 from nnunetv2_desd.pretraining.views.drr import ATTENUATIONS, DEFAULT_ATTENUATION, DEFAULT_VIEW, VIEWS
 
 
@@ -57,11 +56,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with command_errors('desd_drr'):
         run(args)
-    except DesdError as e:
-        print(f'desd_drr: error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ the stock nnUNetv2_* commands find the trainers. ``desd_train``, ``desd_predict`
 import os
 import sys
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.errors import command_errors
 from nnunetv2_desd.trainers import EXT_TRAINER_FOLDER, with_ext_trainers
 
 
@@ -18,11 +18,8 @@ def print_trainer_path() -> None:
 
 def _run_stock(entry_point) -> None:
     os.environ.update(with_ext_trainers(os.environ))
-    try:
+    with command_errors(os.path.basename(sys.argv[0])):
         entry_point()
-    except DesdError as e:
-        print(f'{os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 def train() -> None:

@@ -1,4 +1,5 @@
-"""nnU-Net trainers that fine-tune a pre-trained export: ``nnUNetTrainerDeSD``, ``nnUNetTrainerCADS``.
+"""nnU-Net trainers that fine-tune a pre-trained export: ``nnUNetTrainerDeSD``, ``nnUNetTrainerCADS``,
+``nnUNetTrainerReFs``.
 
 Used with the stock command::
 
@@ -17,6 +18,11 @@ Recipe (defaults; change them in a subclass, as nnU-Net's own trainer variants d
 - ``freeze_encoder_epochs`` 0: the encoder's lr is 0 for that many epochs while the decoder learns, then the
   encoder warms up on its own. Neither paper freezes; nnssl's final recipe does not either. Freezing sets the lr
   to 0 (the encoder's gradients are still computed, which keeps DDP and torch.compile unchanged).
+- The optimizer follows the architecture, not the trainer: a network class with ``preferred_optimizer = 'adamw'``
+  (transformers: ``PVTUNet``) is fine-tuned with AdamW, peak lr ``adamw_lr`` 1e-4, weight decay
+  ``adamw_weight_decay`` 0.05 (none on biases and norms), betas (0.9, 0.999), with the same warm-up + poly
+  schedule, as transformer segmentation networks are fine-tuned (UNETR, Swin-UNETR: AdamW 1e-4); ``initial_lr``
+  and nnU-Net's SGD are kept for CNNs.
 
 Loading: nnU-Net's ``-pretrained_weights`` loader asserts on the first shape difference and reports nothing. So
 ``initialize()`` reads the same ``-pretrained_weights`` argument of the command line and loads the encoder itself:
@@ -54,6 +60,14 @@ def pretrained_weights_argument(argv: List[str]) -> Optional[str]:
     return value
 
 
+def preferred_optimizer(network: torch.nn.Module) -> str:
+    """'adamw' or 'sgd', from the architecture's class attribute ``preferred_optimizer`` (default 'sgd')."""
+    name = str(getattr(network, 'preferred_optimizer', 'sgd')).lower()
+    if name not in ('sgd', 'adamw'):
+        raise DesdError(f'{type(network).__name__}.preferred_optimizer is {name!r}; fine-tuning knows sgd and adamw.')
+    return name
+
+
 class nnUNetTrainerPretrained(nnUNetTrainer):
     """nnU-Net's trainer with a pre-trained encoder from ``-pretrained_weights`` and the fine-tuning schedule."""
     method = None  # the pre-training method this trainer is named after; another method's export only warns
@@ -64,6 +78,9 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
         self.warmup_epochs = 50
         self.encoder_lr_multiplier = 1.0
         self.freeze_encoder_epochs = 0
+        self.adamw_lr = 1e-4  # peak lr for architectures that prefer AdamW
+        self.adamw_weight_decay = 0.05
+        self.optimizer_name, self.peak_lr = None, None  # set by configure_optimizers
         self.pretrained_file = None
         self._stem_to_restore = None
 
@@ -80,16 +97,26 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
 
     def configure_optimizers(self):
         network = self.bare_network
-        encoder = list(network.encoder.parameters())
-        encoder_ids = {id(p) for p in encoder}
-        rest = [p for p in network.parameters() if id(p) not in encoder_ids]
+        self.optimizer_name = preferred_optimizer(network)
+        encoder = [p for p in network.encoder.parameters() if p.requires_grad]  # PVT's frozen 2D path left out
+        encoder_ids = {id(p) for p in network.encoder.parameters()}
+        rest = [p for p in network.parameters() if id(p) not in encoder_ids and p.requires_grad]
         # the decoder's group comes first: nnU-Net logs and plots param_groups[0]['lr']
-        groups = [{'params': rest, 'name': 'decoder'},
-                  {'params': encoder, 'name': 'encoder', 'lr_scale': self.encoder_lr_multiplier,
-                   'start_epoch': self.freeze_encoder_epochs}]
-        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                    nesterov=True)
-        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.warmup_epochs, self.num_epochs)
+        parts = [('decoder', rest, {}),
+                 ('encoder', encoder, {'lr_scale': self.encoder_lr_multiplier,
+                                       'start_epoch': self.freeze_encoder_epochs})]
+        if self.optimizer_name == 'adamw':
+            self.peak_lr = self.adamw_lr
+            groups = [{'params': [p for p in params if p.ndim > 1], 'name': name, **extra} for name, params, extra
+                      in parts] + [{'params': [p for p in params if p.ndim <= 1], 'name': f'{name} (no decay)',
+                                    'weight_decay': 0.0, **extra} for name, params, extra in parts]
+            optimizer = torch.optim.AdamW(groups, self.peak_lr, weight_decay=self.adamw_weight_decay)
+        else:
+            self.peak_lr = self.initial_lr
+            groups = [{'params': params, 'name': name, **extra} for name, params, extra in parts]
+            optimizer = torch.optim.SGD(groups, self.peak_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                        nesterov=True)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.peak_lr, self.warmup_epochs, self.num_epochs)
 
     def load_pretrained_encoder(self, path: str) -> None:
         export = read_export(path)
@@ -114,9 +141,9 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
             f'(sha256 {export.file_sha256})' +
             (f'; stem {plan.stem_key} adapted from {tuple(export.weights[plan.stem_key].shape)} to '
              f'{tuple(self._stem_to_restore[1].shape)} input channels' if plan.stem_key else ''))
-        self.print_to_log_file(f'fine-tuning: peak lr {self.initial_lr}, warm-up {self.warmup_epochs} epochs, encoder '
-                               f'lr x{self.encoder_lr_multiplier}, encoder frozen for {self.freeze_encoder_epochs} '
-                               f'epochs, {self.num_epochs} epochs')
+        self.print_to_log_file(f'fine-tuning: {self.optimizer_name}, peak lr {self.peak_lr}, warm-up '
+                               f'{self.warmup_epochs} epochs, encoder lr x{self.encoder_lr_multiplier}, encoder '
+                               f'frozen for {self.freeze_encoder_epochs} epochs, {self.num_epochs} epochs')
         if self.local_rank == 0:
             meta = export.metadata
             atomic_write_json({
@@ -126,7 +153,8 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
                 'trainer': type(self).__name__, 'plans_name': self.plans_manager.plans_name,
                 'loaded_encoder_tensors': plan.num_loaded, 'encoder_tensors': plan.num_encoder_tensors,
                 'adapted_stem': plan.stem_key,
-                'recipe': {'initial_lr': self.initial_lr, 'warmup_epochs': self.warmup_epochs,
+                'recipe': {'optimizer': self.optimizer_name, 'peak_lr': self.peak_lr,
+                           'initial_lr': self.initial_lr, 'warmup_epochs': self.warmup_epochs,
                            'encoder_lr_multiplier': self.encoder_lr_multiplier,
                            'freeze_encoder_epochs': self.freeze_encoder_epochs, 'num_epochs': self.num_epochs},
             }, os.path.join(self.output_folder, PROVENANCE_FILE))
@@ -154,3 +182,10 @@ class nnUNetTrainerDeSD(nnUNetTrainerPretrained):
 class nnUNetTrainerCADS(nnUNetTrainerPretrained):
     """Fine-tunes a CADS export (``desd_pretrain -m cads``); same recipe as DeSD."""
     method = 'cads'
+
+
+class nnUNetTrainerReFs(nnUNetTrainerPretrained):
+    """Fine-tunes a ReFs export (``desd_pretrain -m refs --reference R``); same recipe as DeSD. The export's decoder
+    was trained on the reference task (its segmentation outputs are not transferred), so nnU-Net's loader starts
+    the decoder from it rather than from a random initialisation; the warm-up still applies to both."""
+    method = 'refs'

@@ -20,13 +20,12 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import traceback
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.errors import DesdError, command_errors
 from nnunetv2_desd.trainers.pretrained_weights import read_export
 
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pretrained'
@@ -331,12 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with command_errors('desd_plan_like_pretrained'):
         plan_like_pretrained(**vars(args))
-    except DesdError as e:
-        message = ' '.join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f'desd_plan_like_pretrained: error: {message}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -54,7 +54,7 @@ def build_view_loader(prepared: PreparedData, patch_size: Sequence[int], batch_s
     random locations, no foreground oversampling."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     dataset = infer_dataset_class(prepared.data_folder)(prepared.data_folder, prepared.identifiers)
-    label_manager = prepared.plans_manager.get_label_manager(prepared.dataset_json)
+    label_manager = prepared.label_manager
     loader_class, extra = (nnUNetDataLoader, {}) if drr_files is None else (ViewsAndDrrLoader,
                                                                             {'drr_files': drr_files})
     loader = loader_class(dataset, batch_size, context_patch_size(patch_size), patch_size, label_manager,

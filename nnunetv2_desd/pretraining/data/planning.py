@@ -46,6 +46,10 @@ class PreparedData:
         return self.plans_manager.get_configuration(self.configuration)
 
     @property
+    def label_manager(self):
+        return self.plans_manager.get_label_manager(self.dataset_json)
+
+    @property
     def num_input_channels(self) -> int:
         return len(self.dataset_json['channel_names'])
 

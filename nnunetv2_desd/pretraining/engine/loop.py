@@ -23,12 +23,15 @@ from nnunetv2_desd.pretraining.engine.progress import ProgressLog
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
 from nnunetv2_desd.pretraining.methods.cads import CADS
 from nnunetv2_desd.pretraining.methods.desd import DeSD, DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.methods.refs import (ReFs, deep_supervision_scales, matched_encoder_names,
+                                                   reference_loss)
 from nnunetv2_desd.pretraining.models.network import (MultiStageDistillationNetwork, build_planned_network,
                                                       planned_encoder, resolve_stages)
 
 EXPORT_FILE = 'pretrained_export.pth'
 # a resumed run must build the same modules as the checkpoint
-ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'stages', 'head_hidden_dim', 'head_bottleneck_dim', 'head_bn')
+ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'stages', 'head_hidden_dim', 'head_bottleneck_dim', 'head_bn',
+                     'reference')
 
 
 def output_folder_for(prepared: PreparedData, method: str) -> str:
@@ -52,10 +55,14 @@ class Pretrainer:
         if any(p % s for p, s in zip(self.patch_size, total_stride)):
             raise DesdError(f'--patch-size {self.patch_size} must be divisible by the encoder\'s total stride '
                             f'{total_stride.tolist()}.')
-        label_manager = prepared.plans_manager.get_label_manager(prepared.dataset_json)
+        label_manager = prepared.label_manager
+        self.num_segmentation_heads = label_manager.num_segmentation_heads
+        self.reference = self._open_reference() if cfg.method == 'refs' else None
+        # ReFs: the planned network with the reference's outputs; its decoder is the reference branch
         self.network = build_planned_network(prepared.plans_manager, cm, prepared.num_input_channels,
-                                             label_manager.num_segmentation_heads)
-        encoder = planned_encoder(self.network)
+                                             (self.reference.label_manager if self.reference is not None else
+                                              label_manager).num_segmentation_heads)
+        encoder = planned_encoder(self.network, drr_path=cfg.method == 'cads')
         self.stages = resolve_stages(len(encoder.output_channels), cfg.stages)
         head_args = (cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_bn)
         self.student = MultiStageDistillationNetwork(encoder, self.stages, *head_args).to(self.device)
@@ -67,10 +74,14 @@ class Pretrainer:
 
         self.student_forward: nn.Module = self.student
         if dist_ctx.enabled:
-            if self.device.type == 'cuda':  # global batch statistics in the heads (SyncBN is CUDA-only in torch)
+            # global batch statistics in the heads (SyncBN is CUDA-only in torch, and has no double backward)
+            if self.device.type == 'cuda' and not (self.reference is not None and cfg.matching == 'cosine'):
                 self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            self.student_forward = DDP(self.student, device_ids=[self.device.index] if self.device.type == 'cuda'
-                                       else None)
+            if self.reference is None:  # ReFs averages its gradients itself (its steps are no plain backward)
+                self.student_forward = DDP(self.student, device_ids=[self.device.index]
+                                           if self.device.type == 'cuda' else None)
+        if self.reference is not None:
+            self._build_reference_branch(cm)
 
         self.global_batch = cfg.batch_size * dist_ctx.world_size
         self.peak_lr = cfg.lr * self.global_batch / 256
@@ -79,7 +90,43 @@ class Pretrainer:
         self.amp = self.device.type == 'cuda'
         self.scaler = torch.amp.GradScaler('cuda') if self.amp else None
         self.step = 0
+        self.metrics = {}  # extra per-step values of the method (ReFs: both losses, gradient cosine)
         self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method)
+
+    def _open_reference(self):
+        from nnunetv2_desd.pretraining.data.reference import open_reference
+        if not self.cfg.reference:
+            raise DesdError('-m refs needs --reference DATASET.')
+        prepared = self.prepared
+        return open_reference(self.cfg.reference, prepared.plans, prepared.plans_identifier, prepared.configuration,
+                              prepared.num_input_channels, plans_source=prepared.plans_source)
+
+    def _build_reference_branch(self, cm) -> None:
+        """ReFs: nnU-Net's loss for the reference labels, and the parameter names its steps work with."""
+        self.method.reference_plans = self.reference.plans_identifier
+        self.deep_supervision_scales = deep_supervision_scales(cm.pool_op_kernel_sizes)
+        self.reference_loss = reference_loss(self.reference.label_manager,
+                                             self.reference.configuration_manager.batch_dice,
+                                             len(self.deep_supervision_scales)).to(self.device)
+        encoder = self.student.encoder
+        decoder_only = {n: p for n, p in self.network.named_parameters() if n.startswith('decoder.')}
+        self.trainable_parameters = {n: p for n, p in {**dict(self.student.named_parameters()), **decoder_only}.items()
+                                     if p.requires_grad}
+        self.student_parameter_names = [n for n, _ in self.student.named_parameters() if n in self.trainable_parameters]
+        self.network_parameter_names = [n for n, _ in self.network.named_parameters() if n in self.trainable_parameters]
+        self.encoder_names = ['encoder.' + n for n, p in encoder.named_parameters() if p.requires_grad]
+        self.matched_names = self.encoder_names if self.cfg.matching != 'cosine' else \
+            ['encoder.' + n for n in matched_encoder_names(encoder, len(encoder.output_channels),
+                                                           self.cfg.matching_stages)]
+
+    def with_reference_loader(self, loader, num_workers: int):
+        """ReFs: ``loader``'s view batches, each with a reference batch under 'reference'."""
+        from nnunetv2_desd.pretraining.data.reference import WithReference, build_reference_loader
+        reference = build_reference_loader(self.reference, self.patch_size,
+                                           self.cfg.reference_batch_size or self.cfg.batch_size,
+                                           self.deep_supervision_scales, num_workers,
+                                           pin_memory=self.device.type == 'cuda')
+        return WithReference(loader, reference)
 
     def _build_method(self, cm):
         if self.cfg.method == 'desd':
@@ -90,11 +137,23 @@ class Pretrainer:
             axes = {drr_projection_axis(np.load(f, mmap_mode='r').shape) for f in drr_files}
             method.check(self.patch_size, cm.pool_op_kernel_sizes, sorted(axes))
             return method
-        raise DesdError(f'-m {self.cfg.method!r}: choose desd or cads.')
+        if self.cfg.method == 'refs':
+            cfg = self.cfg
+            return ReFs(self.reference.dataset_name, cfg.reference_weight, cfg.matching, cfg.matching_weight,
+                        cfg.matching_stages, cfg.fish_inner_lr, cfg.reference_batch_size)
+        raise DesdError(f'-m {self.cfg.method!r}: choose desd, cads or refs.')
+
+    def optimized_parameters(self) -> list:
+        """The student (encoder and heads); ReFs adds the decoder of its reference branch."""
+        params = list(self.student.parameters())
+        if self.reference is not None:
+            params += [p for n, p in self.network.named_parameters() if n.startswith('decoder.')]
+        return params
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.student.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.student.parameters() if p.ndim <= 1]  # biases and norms
+        params = self.optimized_parameters()
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]  # biases and norms
         groups = [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0, 'no_decay': True}]
         if self.cfg.optimizer == 'sgd':
             return torch.optim.SGD(groups, lr=self.peak_lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
@@ -123,30 +182,37 @@ class Pretrainer:
         return linear_warmup_constant(self.epoch, self.cfg.warmup_teacher_temp_epochs,
                                       self.cfg.warmup_teacher_temp, self.cfg.teacher_temp)
 
-    def train_step(self, batch: dict) -> torch.Tensor:
-        """One iteration on a view-loader batch ({'data': (B, 2C, *patch)[, 'drr': ...]}); returns the
-        (all-reduced) loss."""
+    def ssl_loss(self, batch: dict, student=None) -> torch.Tensor:
+        """The self-distillation loss of a view batch (updates the loss's centre); ``student``: the forward to
+        use instead of ``self.student_forward`` (ReFs: the student at other parameter values)."""
         teacher_input, student_inputs = self.method.inputs(batch, self.device)
         n_views, n_volumes = 2, teacher_input.shape[0] // 2
+        with torch.autocast(self.device.type, enabled=self.amp):
+            with torch.no_grad():
+                teacher_logits = self.teacher(teacher_input)[0].view(n_views, n_volumes, -1)
+            student_logits = (student or self.student_forward)(*student_inputs)
+            student_logits = student_logits.view(student_logits.shape[0], self.method.n_student_inputs, n_volumes, -1)
+        return self.loss(student_logits, teacher_logits, self.teacher_temp(), self.method.pairs)
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        """One iteration on a view-loader batch ({'data': (B, 2C, *patch)[, 'drr': ...][, 'reference': ...]});
+        returns the (all-reduced) loss."""
         for group in self.optimizer.param_groups:
             group['lr'] = self.lr()
             if not group.get('no_decay'):
                 group['weight_decay'] = self.weight_decay()
-        with torch.autocast(self.device.type, enabled=self.amp):
-            with torch.no_grad():
-                teacher_logits = self.teacher(teacher_input)[0].view(n_views, n_volumes, -1)
-            student_logits = self.student_forward(*student_inputs)
-            student_logits = student_logits.view(student_logits.shape[0], self.method.n_student_inputs, n_volumes, -1)
-        loss = self.loss(student_logits, teacher_logits, self.teacher_temp(), self.method.pairs)
-        if not torch.isfinite(loss):
-            raise DesdError(f'loss is {loss.item()} at step {self.step}; lower --lr or check the data.')
-
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
+        if self.reference is None:
+            loss = self.ssl_loss(batch)
+            if not torch.isfinite(loss):
+                raise DesdError(f'loss is {loss.item()} at step {self.step}; lower --lr or check the data.')
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         else:
-            loss.backward()
+            loss, self.metrics = self.method.compute_gradients(self, batch)  # fills .grad
+            if self.dist.enabled:
+                average_gradients(self.optimized_parameters())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.epoch < self.cfg.freeze_last_layer_epochs:
             for head in self.student.heads:
                 head.prototypes.grad = None
@@ -162,7 +228,10 @@ class Pretrainer:
         ema_update(self.teacher.encoder, self.student.encoder, momentum)
         ema_update(self.teacher.heads[0], self.student.heads[-1], momentum)
         self.step += 1
-        return all_reduce_mean(loss.detach())
+        if self.metrics and self.dist.enabled:
+            values = all_reduce_mean(torch.tensor(list(self.metrics.values()), device=self.device))
+            self.metrics = dict(zip(self.metrics, values.tolist()))
+        return all_reduce_mean(loss.detach().to(self.device))
 
     def run(self, loader: Iterator[dict]) -> None:
         cfg = self.cfg
@@ -172,16 +241,19 @@ class Pretrainer:
                               f'{self.stages}, patch {self.patch_size}, batch {cfg.batch_size} x '
                               f'{self.dist.world_size} process(es), peak lr {self.peak_lr:.3g}, device {self.device}')
         while self.epoch < cfg.epochs:
-            epoch, start, losses = self.epoch, time.time(), []
+            epoch, start, losses, metrics = self.epoch, time.time(), [], {}
             lr, temp = self.lr(), self.teacher_temp()
             bar = tqdm(range(cfg.iters_per_epoch), desc=f'epoch {epoch + 1}/{cfg.epochs}',
                        disable=not self.dist.is_main, leave=False)
             for _ in bar:
                 losses.append(self.train_step(next(loader)).item())
+                for key, value in self.metrics.items():
+                    metrics.setdefault(key, []).append(value)
                 bar.set_postfix(loss=f'{losses[-1]:.4f}')
             if self.dist.is_main:
-                values = dict(loss=float(np.mean(losses)), teacher_temp=temp, teacher_momentum=self.teacher_momentum(),
-                              lr=lr, weight_decay=self.weight_decay(), epoch_time=time.time() - start)
+                values = dict(loss=_mean(losses), teacher_temp=temp, teacher_momentum=self.teacher_momentum(),
+                              lr=lr, weight_decay=self.weight_decay(), epoch_time=time.time() - start,
+                              **{key: _mean(v) for key, v in metrics.items()})
                 self.progress.record(epoch, **values)
                 self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' + ', '.join(f'{k} {v:.4g}'
                                                                                  for k, v in values.items()))
@@ -232,11 +304,22 @@ class Pretrainer:
         self.progress.log(f'continuing from {path} at epoch {self.epoch}')
 
     def export(self) -> dict:
-        """nnU-Net's pretrained-weights format: the whole planned network with the teacher encoder, plus metadata."""
+        """nnU-Net's pretrained-weights format: the whole planned network with the teacher encoder, plus metadata.
+
+        ReFs: the decoder is the one trained on the reference task; its segmentation outputs (which nnU-Net never
+        transfers) are replaced by freshly initialised ones for this dataset's labels, so the export has the
+        tensors and shapes of a DeSD export of the same plans.
+        """
         network = copy.deepcopy(self.network).cpu()
         network.encoder.load_state_dict(cpu_state_dict(self.teacher.encoder))
         weights = cpu_state_dict(network)
         pm, cm = self.prepared.plans_manager, self.prepared.configuration_manager
+        if self.reference is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                template = build_planned_network(pm, cm, self.prepared.num_input_channels,
+                                                 self.num_segmentation_heads).state_dict()
+            weights = {k: template[k].clone() if '.seg_layers.' in k else weights[k] for k in template}
         metadata = {
             'format': 'nnunetv2_desd.export', 'version': 1, 'method': self.cfg.method,
             'source_dataset': self.prepared.dataset_name, 'plans_source': self.prepared.plans_source,
@@ -260,3 +343,26 @@ class Pretrainer:
         path = os.path.join(self.output_folder, name)
         atomic_save(self.export(), path)
         return path
+
+
+def _mean(values) -> float:
+    """Mean over the finite values (a step whose AMP scaler skipped it may report none), NaN if there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float('nan')
+
+
+def average_gradients(parameters) -> None:
+    """Averages ``.grad`` over the processes, as DDP does for a plain backward: one all-reduce of all gradients
+    (a parameter without gradient counts as zeros where another process has one; None where none has)."""
+    import torch.distributed as dist
+    params = list(parameters)
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(has_grad)
+    params = [p for p, h in zip(params, has_grad.tolist()) if h > 0]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()

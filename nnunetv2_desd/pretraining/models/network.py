@@ -22,11 +22,15 @@ def build_planned_network(plans_manager, configuration_manager, num_input_channe
                                                     num_output_channels, enable_deep_supervision=True)
 
 
-def planned_encoder(network: nn.Module) -> nn.Module:
+def planned_encoder(network: nn.Module, drr_path: bool = True) -> nn.Module:
+    """``network.encoder`` returning every stage's features. An encoder with a separate 2D path for radiographs
+    (PVT-UNet's, frozen in the segmentation network) gets it trainable when ``drr_path`` (CADS), frozen otherwise."""
     encoder = getattr(network, 'encoder', None)
     if encoder is None or not hasattr(encoder, 'output_channels'):
         raise DesdError(f'{type(network).__name__} has no nnU-Net encoder (network.encoder with output_channels).')
     encoder.return_skips = True  # every stage's output, not only the deepest
+    if hasattr(encoder, 'set_drr_path_trainable'):
+        encoder.set_drr_path_trainable(drr_path)
     return encoder
 
 

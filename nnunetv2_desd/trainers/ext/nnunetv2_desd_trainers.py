@@ -1,5 +1,7 @@
 """Re-exports nnunetv2-desd's trainers for nnU-Net's lookup (``nnUNet_extTrainer`` points at this folder)."""
-from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, nnUNetTrainerDeSD  # noqa: F401
+from nnunetv2_desd.trainers.dmd import nnUNetTrainerDMD, nnUNetTrainerDMDEnsemble  # noqa: F401
+from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, nnUNetTrainerDeSD, nnUNetTrainerReFs  # noqa: F401
 from nnunetv2_desd.trainers.variants import (nnUNetTrainerCADSDemo, nnUNetTrainerCADSTiny,  # noqa: F401
                                              nnUNetTrainerDemo, nnUNetTrainerDeSDDemo, nnUNetTrainerDeSDTiny,
-                                             nnUNetTrainerTiny)
+                                             nnUNetTrainerDMDDemo, nnUNetTrainerDMDTiny, nnUNetTrainerReFsDemo,
+                                             nnUNetTrainerReFsTiny, nnUNetTrainerTiny)

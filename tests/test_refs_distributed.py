@@ -1,0 +1,75 @@
+"""ReFs with the gloo backend: it averages its gradients itself (no DDP wrapper); 2 processes on half batches
+equal 1 process on the whole batch.
+
+alpha = 0 makes the fish step grad(L_ssl + L_ref), which that equality holds for (with alpha > 0 each process
+takes its inner step on its own half batch). Heads without batch norm, as in test_distributed.py.
+"""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TINY, nnunet_env, run_command
+from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+from test_distributed import _free_port
+
+STEPS = 2
+BATCH = 4
+
+
+def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: torch.Tensor, targets, results):
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    from nnunetv2_desd.pretraining.config import PretrainConfig
+    from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
+    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
+
+    ctx = init_distributed('cpu')
+    cfg = PretrainConfig('920', method='refs', reference='921', device='cpu', epochs=2, iters_per_epoch=2,
+                         batch_size=BATCH // world_size, patch_size=[16, 16, 16], out_dim=64, head_hidden_dim=32,
+                         head_bottleneck_dim=16, head_bn=False, freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0,
+                         fish_inner_lr=0.0)
+    trainer = Pretrainer(cfg, prepare_pretraining_data('920', plans_from='921'), ctx, env['nnUNet_results'])
+    half = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    losses = []
+    for i in range(STEPS):
+        batch = {'data': views[i, half], 'reference': {'data': images[i, half], 'target': [t[i, half] for t in targets]}}
+        losses.append(trainer.train_step(batch).item())
+    if rank == 0:
+        results[world_size] = {'losses': losses, 'metrics': dict(trainer.metrics),
+                               'network': {k: v.clone() for k, v in trainer.network.state_dict().items()}}
+    if ctx.enabled:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
+    env = nnunet_env(tmp_path)
+    for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        monkeypatch.setenv(key, env[key])
+    write_synthetic_dataset(env['nnUNet_raw'], 920, n_cases=2, shape=(24, 24, 24))
+    write_synthetic_dataset(env['nnUNet_raw'], 921, name='SyntheticLabelled', n_cases=2, shape=(24, 24, 24),
+                            labelled=True, seed=1)
+    run_command(['nnUNetv2_plan_and_preprocess', '-d', '921', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env)
+    run_command(['desd_pretrain', '-d', '920', '-m', 'refs', '--reference', '921', '--preprocess-only', *TINY], env)
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(STEPS, BATCH, 2, 16, 16, 16, generator=g)
+    images = torch.randn(STEPS, BATCH, 1, 16, 16, 16, generator=g)
+    targets = [torch.randint(0, 3, (STEPS, BATCH, 1, s, s, s), generator=g).float() for s in (16, 8, 4)]
+    env = dict(env, MASTER_ADDR='127.0.0.1')
+    with mp.Manager() as manager:
+        results = manager.dict()
+        for world_size in (1, 2):
+            env['MASTER_PORT'] = str(_free_port())
+            os.environ.update(env)
+            mp.start_processes(_steps, args=(world_size, env, views, images, targets, results), nprocs=world_size,
+                               start_method='spawn')
+        one, two = dict(results[1]), dict(results[2])
+    assert len(set(round(v, 4) for v in one['losses'])) == STEPS  # the weights really move between steps
+    torch.testing.assert_close(torch.tensor(two['losses']), torch.tensor(one['losses']), rtol=1e-4, atol=1e-5)
+    for key in ('ssl_loss', 'reference_loss'):
+        assert two['metrics'][key] == pytest.approx(one['metrics'][key], rel=1e-4)
+    for k, v in one['network'].items():  # encoder and the reference decoder alike
+        torch.testing.assert_close(two['network'][k], v, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,154 @@
+"""ReFs end to end: desd_pretrain -m refs on a tiny pool with a labelled reference, the export through stock
+nnUNetv2_train, a refused reference, and the engine's two matching forms on real batches."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY, nnunet_env, run_command
+from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
+
+pytestmark = pytest.mark.e2e
+
+RUN = 'refs__nnUNetPlans_from921__3d_fullres'
+REFS = ['-m', 'refs', '--reference', '921', *TINY]
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def refs_run(tmp_path_factory):
+    """Unlabelled pool 920 (2 outputs: background, body) + labelled reference 921 (3 labels), planned by nnU-Net;
+    one ReFs run with the default fish form (the pool takes the reference's plans). Shared: never modify."""
+    root = tmp_path_factory.mktemp('refs')
+    env = with_ext_trainers(nnunet_env(root))
+    pool = write_synthetic_dataset(env['nnUNet_raw'], 920, n_cases=3, shape=(32, 32, 32))
+    reference = write_synthetic_dataset(env['nnUNet_raw'], 921, name='SyntheticLabelled', n_cases=5,
+                                        shape=(32, 32, 32), labelled=True, seed=1)
+    run_command(['nnUNetv2_plan_and_preprocess', '-d', '921', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env)
+    run_command(['desd_pretrain', '-d', '920', '--epochs', '1', '--iters-per-epoch', '2', *REFS], env)
+    return root, env, pool, reference
+
+
+def test_refs_export_has_the_desd_layout_and_fine_tunes_with_stock_nnunet(refs_run):
+    root, env, pool, reference = refs_run
+    out = root / 'results' / pool / RUN
+    export = _load(out / 'pretrained_export.pth')
+    meta, weights = export['desd_export'], export['network_weights']
+    assert meta['method'] == 'refs' and meta['plans_source'] == reference  # --plans-from defaults to --reference
+    settings = meta['method_settings']
+    assert settings['reference'] == reference and settings['reference_plans'] == 'nnUNetPlans'
+    assert settings['matching'] == 'fish' and settings['fish_inner_lr'] == 0.01 and settings['matching_weight'] is None
+
+    final = _load(out / 'checkpoint_final.pth')
+    assert final['config']['reference'] == reference and final['step'] == 2
+    # trained with the reference's 3 outputs; exported with the 2 (background, body) a DeSD export has
+    seg = [k for k in weights if '.seg_layers.' in k and k.endswith('weight')]
+    assert seg and all(weights[k].shape[0] == 2 for k in seg) and all(final['network'][k].shape[0] == 3 for k in seg)
+    assert {k: v.shape for k, v in weights.items() if '.seg_layers.' not in k} == \
+        {k: v.shape for k, v in final['network'].items() if '.seg_layers.' not in k}
+    for k, v in final['teacher'].items():  # the encoder is the teacher's
+        if k.startswith('encoder.'):
+            assert torch.equal(weights[k], v), k
+    decoder = [k for k in weights if k.startswith('decoder.') and '.seg_layers.' not in k and
+               not k.startswith('decoder.encoder.')]
+    assert decoder and all(torch.equal(weights[k], final['network'][k]) for k in decoder)  # trained decoder
+    log = next(out.glob('training_log_*.txt')).read_text()
+    assert all(f'{key} ' in log for key in ('ssl_loss', 'reference_loss', 'gradient_cosine'))
+
+    run_command(['nnUNetv2_train', '921', '3d_fullres', '0', '-tr', 'nnUNetTrainerReFsTiny', '-device', 'cpu',
+                 '-pretrained_weights', out / 'pretrained_export.pth'], env)
+    fold = root / 'results' / reference / 'nnUNetTrainerReFsTiny__nnUNetPlans__3d_fullres' / 'fold_0'
+    provenance = json.loads((fold / PROVENANCE_FILE).read_text())
+    assert provenance['method'] == 'refs' and provenance['loaded_encoder_tensors'] == provenance['encoder_tensors']
+    assert (fold / 'checkpoint_final.pth').exists() and (fold / 'validation' / 'summary.json').exists()
+
+
+def test_reference_with_other_plans_is_refused_before_anything_is_written(refs_run):
+    root, env, pool, reference = refs_run
+    # dataset 923: the reference's plans with another spacing, as --plans-from source
+    other = root / 'preprocessed' / 'Dataset923_OtherPlans'
+    other.mkdir()
+    shutil.copy(root / 'preprocessed' / reference / 'dataset.json', other / 'dataset.json')
+    plans = json.loads((root / 'preprocessed' / reference / 'nnUNetPlans.json').read_text())
+    plans['configurations']['3d_fullres']['spacing'] = [2.0, 2.0, 2.0]
+    (other / 'nnUNetPlans.json').write_text(json.dumps(plans))
+    proc = run_command(['desd_pretrain', '-d', '920', '--plans-from', '923', '--epochs', '1', *REFS], env,
+                       check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith('desd_pretrain: error: reference Dataset921_SyntheticLabelled is not preprocessed with '
+                            "the pre-training plans 'nnUNetPlans_from923'")
+    assert 'spacing' in error and '[2.0, 2.0, 2.0]' in error
+    assert 'nnUNetv2_move_plans_between_datasets -s 923 -t 921 -sp nnUNetPlans -tp nnUNetPlans_from923' in error
+    assert not (root / 'preprocessed' / pool / 'nnUNetPlans_from923.json').exists()
+
+
+def _trainer(env, monkeypatch, tmp_path, *args):
+    for key, value in env.items():
+        if key.startswith('nnUNet'):
+            monkeypatch.setenv(key, value)
+    from nnunetv2_desd.pretraining.cli import parse_config, prepare_data
+    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
+    cfg, _ = parse_config(['-d', '920', '--epochs', '2', '--iters-per-epoch', '2', '--freeze-last-layer-epochs', '0',
+                           '--lr', '30', '--warmup-epochs', '0', *REFS, *args])
+    ctx = init_distributed('cpu')
+    prepared = prepare_data(cfg, ctx)
+    cfg.plans = prepared.plans_identifier
+
+    def build(**changes):
+        return Pretrainer(dataclasses.replace(cfg, **changes), prepared, ctx, str(tmp_path / 'out'))
+    return build, prepared
+
+
+def test_engine_fish_and_cosine_steps(refs_run, monkeypatch, tmp_path):
+    """alpha = 0 (fish) and lambda_match = 0 (cosine) both step along grad(L_ssl + lambda_ref L_ref); alpha > 0 and
+    lambda_match > 0 each change that step; parameters stay the module's own."""
+    root, env, pool, reference = refs_run
+    build, prepared = _trainer(env, monkeypatch, tmp_path)
+    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    first = build(matching='fish', fish_inner_lr=0.0)
+    batch = next(first.with_reference_loader(build_view_loader(prepared, first.patch_size, 2, 0), 0))
+    assert batch['reference']['data'].shape == (2, 1, 16, 16, 16)
+    assert [tuple(t.shape[2:]) for t in batch['reference']['target']] == [(16, 16, 16), (8, 8, 8), (4, 4, 4)]
+
+    def encoder_after_step(trainer):
+        trainer.train_step(batch)
+        assert all(isinstance(p, torch.nn.Parameter) for p in trainer.network.parameters())
+        assert all(trainer.trainable_parameters[n] is p for n, p in trainer.student.named_parameters())
+        assert set(trainer.metrics) == {'ssl_loss', 'reference_loss', 'gradient_cosine'}
+        return torch.cat([p.detach().flatten() for p in trainer.student.encoder.parameters()])
+
+    start = torch.cat([p.detach().flatten() for p in first.student.encoder.parameters()])
+    joint_fish = encoder_after_step(first)
+    joint_cosine = encoder_after_step(build(matching='cosine', matching_weight=0.0))
+    assert (joint_fish - start).abs().max() > 1e-4
+    torch.testing.assert_close(joint_fish, joint_cosine, rtol=1e-4, atol=1e-6)
+    fish = encoder_after_step(build(matching='fish', fish_inner_lr=0.05))
+    cosine = encoder_after_step(build(matching='cosine', matching_weight=1.0, matching_stages=1))
+    assert (fish - joint_fish).abs().max() > 1e-6 and (cosine - joint_cosine).abs().max() > 1e-6
+
+
+def test_refs_options_are_checked_and_the_checkpoint_resumes(refs_run, monkeypatch, tmp_path):
+    root, env, pool, reference = refs_run
+    build, _ = _trainer(env, monkeypatch, tmp_path)
+    trainer = build()
+    trainer.load_checkpoint(str(root / 'results' / pool / RUN / 'checkpoint_latest.pth'))
+    assert trainer.step == 2 and trainer.method.reference == reference
+    with pytest.raises(DesdError, match='--matching-stages 9'):
+        build(matching='cosine', matching_stages=9)
+    with pytest.raises(DesdError, match='--matching'):
+        build(matching='exact')
+    from nnunetv2_desd.pretraining.cli import parse_config, prepare_data
+    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    for argv, message in ((['-m', 'refs'], 'needs --reference'), (['--reference', '921'], 'option of -m refs')):
+        cfg, _ = parse_config(['-d', '920', *argv])
+        with pytest.raises(DesdError, match=message):
+            prepare_data(cfg, init_distributed('cpu'))
