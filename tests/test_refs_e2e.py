@@ -1,5 +1,6 @@
 """ReFs end to end: desd_pretrain -m refs on a tiny pool with a labelled reference, the export through stock
 nnUNetv2_train, a refused reference, and the engine's two matching forms on real batches."""
+import csv
 import dataclasses
 import json
 import shutil
@@ -88,6 +89,22 @@ def test_reference_with_other_plans_is_refused_before_anything_is_written(refs_r
     assert 'spacing' in error and '[2.0, 2.0, 2.0]' in error
     assert 'nnUNetv2_move_plans_between_datasets -s 923 -t 921 -sp nnUNetPlans -tp nnUNetPlans_from923' in error
     assert not (root / 'preprocessed' / pool / 'nnUNetPlans_from923.json').exists()
+
+
+def test_refs_benchmark_command_times_desd_and_both_matching_forms(refs_run, tmp_path):
+    root, env, pool, reference = refs_run
+    out = tmp_path / 'bench'
+    proc = run_command(['desd_pretrain_benchmark', '-d', '920', *REFS, '--warmup-iters', '1', '--measure-iters', '1',
+                        '--out', str(out)], env, timeout=600)
+    assert '| ReFs (fish, default) step / DeSD step |' in proc.stdout
+    with open(out / 'refs_vs_desd.csv') as f:
+        values = {r['quantity']: float(r['value']) for r in csv.DictReader(f)}
+    for name in ('fish', 'cosine', 'cosine_deepest'):
+        assert values[f'{name}_to_desd_step_ratio'] == pytest.approx(
+            values[f'{name}_seconds_per_step'] / values['desd_seconds_per_step'])
+    # the cosine form keeps both tasks' graphs and their gradients' graphs for the double backward
+    assert values['cosine_saved_for_backward_peak'] > values['desd_saved_for_backward_peak'] > 0
+    assert (out / 'refs_vs_desd.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def _trainer(env, monkeypatch, tmp_path, *args):

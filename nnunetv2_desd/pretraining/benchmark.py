@@ -241,19 +241,24 @@ def _time_supervised(cfg: PretrainConfig, prepared, patch: List[int], device: to
         return phase, _network_signature(trainer.network), compiled
 
 
+def typical_step_pretrainer(cfg: PretrainConfig, prepared, ctx, log_dir: str):
+    """A silently built ``Pretrainer`` at its typical step: past the first epoch(s), whose prototypes stay frozen."""
+    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
+    with contextlib.redirect_stdout(io.StringIO()):  # citation banner, device line
+        pretrainer = Pretrainer(cfg, prepared, ctx, log_dir)
+    pretrainer.step = cfg.freeze_last_layer_epochs * cfg.iters_per_epoch
+    return pretrainer
+
+
 def _time_desd(cfg: PretrainConfig, prepared, ctx, workers: int, warmup: int, measure: int
                ) -> Tuple[Phase, Phase, Tuple[str, int], List[int], int]:
     """In-memory then real-loading loop on one Pretrainer and one view loader."""
     from nnunetv2_desd.pretraining.data.loader import build_view_loader
-    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
     device = ctx.device
     _free(device)
     _reset_peak(device)
     with tempfile.TemporaryDirectory(prefix='desd_benchmark_') as scratch:  # the Pretrainer's (empty) log
-        with contextlib.redirect_stdout(io.StringIO()):
-            pretrainer = Pretrainer(cfg, prepared, ctx, scratch)
-        # time the typical step: past the first epoch(s), whose prototypes stay frozen
-        pretrainer.step = cfg.freeze_last_layer_epochs * cfg.iters_per_epoch
+        pretrainer = typical_step_pretrainer(cfg, prepared, ctx, scratch)
         loader = build_view_loader(prepared, pretrainer.patch_size, cfg.batch_size, workers,
                                    pin_memory=device.type == 'cuda')
         try:
@@ -382,7 +387,6 @@ def compare_cads_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
     from nnunetv2_desd.pretraining.cli import prepare_data
     from nnunetv2_desd.pretraining.data.loader import build_view_loader
     from nnunetv2_desd.pretraining.engine.distributed import init_distributed
-    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
     ctx = init_distributed(cfg.device)
     device = ctx.device
     prepared = prepare_data(cfg, ctx)
@@ -393,9 +397,7 @@ def compare_cads_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
         for method in ('cads', 'desd'):  # CPU peak RSS only grows: the smaller step first
             _free(device)
             _reset_peak(device)
-            with contextlib.redirect_stdout(io.StringIO()):
-                pretrainer = Pretrainer(dataclasses.replace(cfg, method=method), prepared, ctx, scratch)
-            pretrainer.step = cfg.freeze_last_layer_epochs * cfg.iters_per_epoch
+            pretrainer = typical_step_pretrainer(dataclasses.replace(cfg, method=method), prepared, ctx, scratch)
             if batches is None:
                 loader = build_view_loader(prepared, pretrainer.patch_size, cfg.batch_size, 0,
                                            drr_files=prepared.drr_files)

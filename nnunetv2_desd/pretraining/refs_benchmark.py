@@ -11,9 +11,7 @@ Reported: seconds per step, memory (CUDA: max allocated per loop; every device: 
 autograd keeps for backward during one step, parameters excluded) and ReFs (default form) step / DeSD step,
 target <= 2.5.
 """
-import contextlib
 import dataclasses
-import io
 import itertools
 import tempfile
 import weakref
@@ -23,7 +21,7 @@ import torch
 
 from nnunetv2_desd.pretraining.benchmark import (IN_MEMORY_BATCHES, Phase, _device_name, _free, _network_signature,
                                                  _peak_mib, _reset_peak, activation_mib, bar_panels, setup_title,
-                                                 time_steps, write_report)
+                                                 time_steps, typical_step_pretrainer, write_report)
 from nnunetv2_desd.pretraining.config import PretrainConfig
 
 REFS_TO_DESD_STEP_TARGET = 2.5
@@ -93,7 +91,6 @@ def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
     from nnunetv2_desd.pretraining.data.loader import build_view_loader
     from nnunetv2_desd.pretraining.data.reference import WithReference, build_reference_loader, open_reference
     from nnunetv2_desd.pretraining.engine.distributed import init_distributed
-    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
     from nnunetv2_desd.pretraining.methods.refs import deep_supervision_scales
     ctx = init_distributed(cfg.device)
     device = ctx.device
@@ -114,9 +111,7 @@ def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
         for name, label, loop_cfg in _loops(cfg):
             _free(device)
             _reset_peak(device)
-            with contextlib.redirect_stdout(io.StringIO()):
-                pretrainer = Pretrainer(loop_cfg, prepared, ctx, scratch)
-            pretrainer.step = cfg.freeze_last_layer_epochs * cfg.iters_per_epoch  # past the frozen prototypes
+            pretrainer = typical_step_pretrainer(loop_cfg, prepared, ctx, scratch)
             cycle = itertools.cycle(batches)
             parameters = [*pretrainer.optimized_parameters(), *pretrainer.teacher.parameters()]
             phases[name] = Phase(name, label, time_steps(lambda: pretrainer.train_step(next(cycle)), warmup, measure,
