@@ -92,7 +92,7 @@ def test_reference_with_other_plans_is_refused_before_anything_is_written(refs_r
 
 
 def test_refs_benchmark_command_times_desd_and_both_matching_forms(refs_run, tmp_path):
-    root, env, pool, reference = refs_run
+    env = refs_run[1]
     out = tmp_path / 'bench'
     proc = run_command(['desd_pretrain_benchmark', '-d', '920', *REFS, '--warmup-iters', '1', '--measure-iters', '1',
                         '--out', str(out)], env, timeout=600)
