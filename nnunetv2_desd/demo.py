@@ -24,12 +24,13 @@ import os
 from nnunetv2_desd.errors import command_errors
 
 POOL_ID, LABELLED_ID = 500, 501
-CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--out-dim', '4096', '--head-hidden-dim', '512',
+CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--head-hidden-dim', '512',
                 '--head-bottleneck-dim', '128', '--epochs', '10', '--iters-per-epoch', '10', '--warmup-epochs', '2',
-                '--warmup-teacher-temp-epochs', '3', '--batch-size', '2', '-np', '1']
+                '--batch-size', '2', '-np', '1']
 CPU_LR = {'desd': ['--lr', '5.0'], 'cads': ['--lr', '0.1']}
 TRAINER = {'desd': 'nnUNetTrainerDeSD', 'cads': 'nnUNetTrainerCADS'}
 GPU_SETTINGS = ['-device', 'cuda']
+PROBE_SETTINGS = ['--voxels-per-class', '1000']
 DEMO_PLANS = 'nnUNetPlans_demo'
 CPU_BENCHMARK = ['--baseline', 'nnUNetTrainerDemo', '-p', DEMO_PLANS,
                  '--baseline-plans', DEMO_PLANS, '--folds', '0', '--fractions', '0.25', '1.0', '-device', 'cpu']
@@ -77,6 +78,18 @@ def _write_demo_plans() -> None:
     atomic_write_json(plans, join(folder, DEMO_PLANS + '.json'))
 
 
+def loss_against_ln_k(export: str) -> str:
+    """The pre-training loss per epoch against ln K (what a uniform student scores), from the run's final checkpoint."""
+    import math
+    from nnunetv2_desd.pretraining.engine.checkpoint import load_checkpoint
+    checkpoint = load_checkpoint(os.path.join(os.path.dirname(export), 'checkpoint_final.pth'))
+    losses = checkpoint['progress']['loss']['value']
+    ln_k = math.log(checkpoint['config']['out_dim'])
+    return (f'pre-training loss per epoch: {" ".join(f"{v:.2f}" for v in losses)}\n'
+            f'ln K = {ln_k:.2f} (a uniform student); the last epoch ends at {losses[-1] / ln_k:.2f} ln K '
+            f'({100 * (1 - losses[-1] / ln_k):+.0f} % below)')
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog='desd_demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,26 +99,37 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     folders = _use_workdir(args.workdir)
     from nnunetv2_desd.evaluation.benchmark import benchmark, build_parser
+    from nnunetv2_desd.evaluation.probe import build_parser as probe_parser, probe_markdown, run_probe
     from nnunetv2_desd.pretraining.cli import parse_config, run
     from nnunetv2_desd.pretraining.data.sources import write_chest_ct_datasets
+    from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write_text
     from nnunetv2_desd.trainers import EXT_TRAINER_FOLDER
     with command_errors('desd_demo'):
         pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID)
-        print(f'[1/4] real chest CT crops written: {pool} (unlabelled), {labelled} (labelled)')
+        print(f'[1/5] real chest CT crops written: {pool} (unlabelled), {labelled} (labelled)')
         _plan_labelled_dataset()
-        print(f'[2/4] {labelled} planned and preprocessed by nnU-Net')
+        print(f'[2/5] {labelled} planned and preprocessed by nnU-Net')
         cfg, _ = parse_config(['-d', str(POOL_ID), '-m', args.method, '--plans-from', str(LABELLED_ID),
                                *(GPU_SETTINGS if args.full else CPU_SETTINGS + CPU_LR[args.method])])
         export = run(cfg)
-        print(f'[3/4] {args.method} pre-training done: {export}')
+        loss_text = loss_against_ln_k(export)
+        print(f'[3/5] {args.method} pre-training done: {export}\n{loss_text}\n'
+              f'(curves: {os.path.join(os.path.dirname(export), "progress.png")})')
+        probe, probe_paths = run_probe(probe_parser().parse_args(
+            ['-d', str(LABELLED_ID), '-w', export, '-device', 'cuda' if args.full else 'cpu', *PROBE_SETTINGS]))
+        print(f'[4/5] encoder probe, the export against nnU-Net\'s random initialisation:\n\n{probe_markdown(probe)}')
         trainer = TRAINER[args.method] + ('' if args.full else 'Demo')
         if not args.full:
             _write_demo_plans()
         report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
                                                       *(GPU_BENCHMARK if args.full else CPU_BENCHMARK)]))
+    summary = os.path.join(os.path.abspath(args.workdir), 'demo_summary.md')
+    atomic_write_text(f'# desd_demo ({args.method}{", full" if args.full else ", CPU settings"})\n\n## Pre-training\n\n'
+                      f'{loss_text}\n\n{probe_markdown(probe)}\n## Fine-tuning\n\n{report["text"]}', summary)
     plans = 'nnUNetPlans' if args.full else DEMO_PLANS
-    print(f'[4/4] fine-tuned vs vanilla nnU-Net compared.\n\ntable:  {report["md"]}\nfigure: '
-          f'{report["png"]}\n\nTo fine-tune with stock nnU-Net yourself:\n' +
+    print(f'[5/5] fine-tuned vs vanilla nnU-Net compared.\n\ntable:  {report["md"]}\nfigure: '
+          f'{report["png"]}\nprobe:  {probe_paths["md"]}, {probe_paths["png"]}\nsummary: {summary}\n\n'
+          f'To fine-tune with stock nnU-Net yourself:\n' +
           ''.join(f'  export {k}={v}\n' for k, v in folders.items()) +
           f'  export nnUNet_extTrainer={EXT_TRAINER_FOLDER}\n'
           f'  nnUNetv2_train {LABELLED_ID} 3d_fullres 1 -tr {TRAINER[args.method]} -p {plans} '

@@ -60,3 +60,16 @@ def finetune_datasets(tmp_path_factory):
     run_command(['desd_pretrain', '-d', '901', '--epochs', '1', '--iters-per-epoch', '2', *TINY], env)
     export = root / 'results' / 'Dataset901_Synthetic' / 'desd__nnUNetPlans__3d_fullres' / 'pretrained_export.pth'
     return root, env, export
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, where no CUDA device is visible."""
+    cuda_tests = [item for item in items if item.get_closest_marker('cuda') is not None]
+    if not cuda_tests:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device: torch.cuda.is_available() is false')
+    for item in cuda_tests:
+        item.add_marker(skip)

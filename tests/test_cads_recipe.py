@@ -10,7 +10,7 @@ from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
 
 
 def test_cads_official_defaults():
-    cfg = PretrainConfig.create('500', 'cads')
+    cfg = PretrainConfig.create('500', 'cads', recipe='official')
     assert (cfg.optimizer, cfg.lr, cfg.min_lr, cfg.epochs) == ('adamw', 7.5e-4, 2e-6, 150)
     assert (cfg.weight_decay, cfg.weight_decay_end, cfg.clip_grad) == (0.04, 0.4, 0.3)
     assert (cfg.freeze_last_layer_epochs, cfg.warmup_teacher_temp_epochs, cfg.warmup_epochs) == (3, 50, 10)
@@ -22,8 +22,8 @@ def test_cads_official_defaults():
 
 def test_epoch_counts_scale_to_short_runs_unless_given():
     cfg = PretrainConfig.create('500', 'cads', epochs=15)
-    # 10/150, 50/150 and 3/150 of 15 epochs, rounded
-    assert (cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs, cfg.freeze_last_layer_epochs) == (1, 5, 0)
+    # 10/150, 50/150 and 3/150 of 15 epochs, rounded; 0.3 frozen epochs round to 0 but stay 1
+    assert (cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs, cfg.freeze_last_layer_epochs) == (1, 5, 1)
     cfg = PretrainConfig.create('500', 'cads', epochs=60, warmup_teacher_temp_epochs=7)
     assert (cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs, cfg.freeze_last_layer_epochs) == (4, 7, 1)
     assert PretrainConfig.create('500', 'cads', epochs=600).warmup_teacher_temp_epochs == 50  # longer: unchanged

@@ -33,7 +33,7 @@ def test_drr_gradients_reach_the_shared_3d_parameters_centre_slice_only():
     network = _network()
     # heads without batch norm: with it, the DRR rows' loss would also reach the 3D rows through the batch statistics
     student = MultiStageDistillationNetwork(planned_encoder(network), [1, 2], out_dim=16, hidden_dim=8,
-                                            bottleneck_dim=4, use_bn=False)
+                                            bottleneck_dim=4, norm='none')
     views = torch.randn(4, 1, 8, 8, 8)
     drr = torch.randn(2, 1, 8, 8, 1)
     logits = student(views, drr)

@@ -129,7 +129,7 @@ def test_projection_head_shapes_and_prototype_normalisation():
 
 
 def test_projection_head_without_bn_takes_one_sample():
-    head = ProjectionHead(8, out_dim=5, hidden_dim=16, bottleneck_dim=6, use_bn=False)
+    head = ProjectionHead(8, out_dim=5, hidden_dim=16, bottleneck_dim=6, norm='none')
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
     assert head(torch.randn(1, 8)).shape == (1, 5)
     single = ProjectionHead(8, out_dim=5, bottleneck_dim=6, n_layers=1)
@@ -140,3 +140,82 @@ def test_global_average_pool():
     fmap = torch.arange(2 * 3 * 2 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2, 2)
     assert global_average_pool(fmap)[0].tolist() == [3.5, 11.5, 19.5]
     assert global_average_pool(torch.ones(2, 4, 3, 3)).shape == (2, 4)
+
+
+def test_entropy_and_kl_diagnostics_by_hand():
+    # teacher p = [3/5, 1/5, 1/5] (both views), student q = [1/2, 1/4, 1/4] (both inputs)
+    # H(p) = -(3/5 ln 3/5 + 2/5 ln 1/5), H(q) = 1/2 ln 2 + 1/2 ln 4 = 3/2 ln 2, KL(p||q) = H(p, q) - H(p)
+    loss_fn = DeepSelfDistillationLoss(out_dim=3)
+    student = torch.tensor([TAU_S * LN2, 0.0, 0.0]).expand(1, 2, 1, 3)
+    teacher = torch.tensor([0.04 * LN3, 0.0, 0.0]).expand(2, 1, 3)
+    loss = loss_fn(student, teacher, teacher_temp=0.04, pairs=cross_view_pairs(2))
+    h_p = -(3 / 5 * math.log(3 / 5) + 2 / 5 * math.log(1 / 5))
+    d = loss_fn.diagnostics
+    assert d['teacher_entropy'].item() == pytest.approx(h_p, rel=1e-5)
+    assert d['student_entropy'].item() == pytest.approx(1.5 * LN2, rel=1e-5)
+    assert d['kl_teacher_student'].item() == pytest.approx(7 / 5 * LN2 - h_p, rel=1e-4)
+    assert loss.item() == pytest.approx(h_p + d['kl_teacher_student'].item(), rel=1e-6)
+
+
+def test_uniform_student_scores_ln_k_and_diagnostics_tell_collapse():
+    # a uniform student against a one-hot-like teacher: loss ln K, student entropy ln K, teacher entropy ~ 0
+    k = 5
+    loss_fn = DeepSelfDistillationLoss(out_dim=k)
+    teacher = torch.zeros(2, 3, k)
+    teacher[..., 2] = 10.0   # /0.04: every other prototype ~ e^-250
+    loss = loss_fn(torch.zeros(2, 2, 3, k), teacher, 0.04, cross_view_pairs(2))
+    assert loss.item() == pytest.approx(math.log(k), rel=1e-6)
+    assert loss_fn.diagnostics['student_entropy'].item() == pytest.approx(math.log(k), rel=1e-6)
+    assert loss_fn.diagnostics['teacher_entropy'].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss_fn.diagnostics['kl_teacher_student'].item() == pytest.approx(math.log(k), rel=1e-5)
+
+
+def test_sinkhorn_knopp_by_hand_and_its_marginals():
+    from nnunetv2_desd.pretraining.methods.desd import sinkhorn_knopp
+    # one iteration on exp(scores) = [[e, 1], [1, 1]] (N = K = 2): columns -> mass 1/2 each,
+    # column 0: [e, 1] / (e + 1) / 2, column 1: [1/4, 1/4]; then rows to 1
+    e = math.e
+    a, b = e / (e + 1) / 2, 1 / (e + 1) / 2
+    expected = torch.tensor([[a / (a + 0.25), 0.25 / (a + 0.25)], [b / (b + 0.25), 0.25 / (b + 0.25)]])
+    q = sinkhorn_knopp(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), n_iters=1)
+    assert torch.allclose(q, expected, atol=1e-6)
+    # converged: every row sums to 1, every column to N / K, whatever the scores (even ones exp underflows on)
+    q = sinkhorn_knopp(torch.tensor([[200.0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, -300]]), 500)
+    assert torch.allclose(q.sum(1), torch.ones(6), atol=1e-5) and torch.allclose(q.sum(0), torch.full((3,), 2.0),
+                                                                                  atol=1e-3)
+
+
+def test_sinkhorn_targets_use_a_fifo_queue_of_teacher_rows():
+    from nnunetv2_desd.pretraining.methods.desd import sinkhorn_knopp
+    loss_fn = DeepSelfDistillationLoss(out_dim=3, queue_size=6)
+    first, second = torch.randn(2, 2, 3), torch.randn(2, 2, 3)
+    loss_fn(torch.zeros(1, 2, 2, 3), first, 0.5, cross_view_pairs(2))
+    assert int(loss_fn.queue_filled) == 4 and torch.equal(loss_fn.queue[2:], first.reshape(4, 3))
+    targets = loss_fn.teacher_targets(second, 0.5)
+    # the 4 queued rows of the first batch, then the batch: its rows of the equipartition over all 8
+    expected = sinkhorn_knopp(torch.cat([first.reshape(4, 3), second.reshape(4, 3)]) / 0.5)[4:]
+    assert torch.allclose(targets.reshape(4, 3), expected, atol=1e-6)
+    assert int(loss_fn.queue_filled) == 6   # full: the oldest 2 rows dropped
+    assert torch.equal(loss_fn.queue, torch.cat([first.reshape(4, 3)[2:], second.reshape(4, 3)]))
+    # a uniform student still scores ln K against any target
+    assert loss_fn(torch.zeros(1, 2, 2, 3), second, 0.5, cross_view_pairs(2)).item() == pytest.approx(LN3, rel=1e-6)
+
+
+def test_running_batch_norm_uses_bias_corrected_running_statistics():
+    from nnunetv2_desd.pretraining.models.heads import RunningBatchNorm1d
+    norm = RunningBatchNorm1d(1, momentum=0.5, eps=0.0)
+    x1, x2 = torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [9.0]])
+    # step 1: mean 2, var 1; bias-corrected EMA = the batch's own -> (x - 2) / 1
+    assert norm(x1).flatten().tolist() == pytest.approx([-1.0, 1.0])
+    # step 2: running mean (0.25 * 2 + 0.5 * 7) / 0.75 = 16/3, var (0.25 * 1 + 0.5 * 4) / 0.75 = 3
+    y = norm(x2).flatten()
+    assert y.tolist() == pytest.approx([(5 - 16 / 3) / math.sqrt(3), (9 - 16 / 3) / math.sqrt(3)], rel=1e-5)
+    # eval: the same statistics, none updated
+    norm.eval()
+    assert norm(x2).flatten().tolist() == pytest.approx(y.tolist()) and int(norm.steps) == 2
+    # four near-identical rows: batch norm blows the differences up to +-1, the running statistics keep them small
+    rows = torch.tensor([[1.0], [1.1], [1.0], [1.1]])
+    assert torch.nn.BatchNorm1d(1)(rows).abs().min() > 0.99
+    running = RunningBatchNorm1d(1, momentum=0.5)
+    running(torch.tensor([[0.0], [2.0]]))
+    assert running(rows).std() < 0.1   # (0.05 / sqrt(0.335), by the formula above)

@@ -5,6 +5,8 @@ normalise over its own half batch. On CUDA the engine converts the heads to Sync
 """
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -
     ctx = init_distributed('cpu')
     cfg = PretrainConfig('900', device='cpu', epochs=2, iters_per_epoch=2, batch_size=BATCH // world_size,
                          patch_size=[16, 16, 16], out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
-                         head_bn=False, freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0)
+                         head_norm='none', freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0)
     trainer = Pretrainer(cfg, prepare_pretraining_data('900'), ctx, env['nnUNet_results'])
     local = data.chunk(world_size, dim=1)[rank]  # (STEPS, BATCH / world, 2, *patch)
     losses = [trainer.train_step({'data': local[i]}).item() for i in range(STEPS)]
@@ -82,3 +84,16 @@ def test_torchrun_cli_on_cpu(tmp_path):
                  '-d', '900', '--epochs', '1', '--iters-per-epoch', '2', *TINY], env)
     log = next((tmp_path / 'results' / name / 'desd__nnUNetPlans__3d_fullres').glob('training_log_*.txt'))
     assert 'batch 2 x 2 process(es)' in log.read_text()
+
+
+def test_torchrun_with_one_process_makes_the_process_group(tmp_path):
+    """torchrun --nproc_per_node 1 sets WORLD_SIZE=1: the group must still exist (the nccl path on one GPU)."""
+    code = ('from nnunetv2_desd.pretraining.engine.distributed import init_distributed\n'
+            'import torch.distributed as dist\n'
+            'ctx = init_distributed("cpu")\n'
+            'print(dist.is_initialized(), dist.get_backend(), ctx.world_size, ctx.enabled)\n')
+    env = dict(os.environ, WORLD_SIZE='1', RANK='0', LOCAL_RANK='0', TORCHELASTIC_RUN_ID='test',
+               MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ['True', 'gloo', '1', 'False']

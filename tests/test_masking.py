@@ -124,7 +124,7 @@ def test_any_float_dtype(dtype):
     assert packed.dtype == dtype and torch.equal(keep, ref_keep) and torch.equal(packed, ref.to(dtype))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_loop_reconstruction():
     x = arange_views(2, 1, (4, 12, 16), dtype=torch.float32).cuda().requires_grad_()
     packed, keep = packed_masking(x, (2, 3, 4), 2, generator=torch.Generator('cuda').manual_seed(0))

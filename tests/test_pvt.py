@@ -146,7 +146,7 @@ def test_segmentation_network_freezes_the_2d_path_and_pretraining_heads_attach()
     encoder = planned_encoder(network, drr_path=False)  # DeSD: 3D only, so DDP sees no unused parameters
     assert not any(p.requires_grad for p in encoder.drr_path.parameters())
     student = MultiStageDistillationNetwork(planned_encoder(network), [2, 3, 4, 5], out_dim=16, hidden_dim=8,
-                                            bottleneck_dim=4, use_bn=False)
+                                            bottleneck_dim=4, norm='none')
     packed, drr = torch.randn(4, 1, 16, 16, 16), torch.randn(2, 1, 16, 32, 1)  # CADS's packed views, DRRs
     logits = student(packed, drr)
     assert logits.shape == (4, 6, 16)  # (stages, 2B + B, K)
@@ -157,7 +157,7 @@ def test_segmentation_network_freezes_the_2d_path_and_pretraining_heads_attach()
 def test_weight_transfer_from_a_pretrained_network():
     pretrained = _tiny(num_classes=2, seed=1)
     student = MultiStageDistillationNetwork(planned_encoder(pretrained), [4, 5], out_dim=8, hidden_dim=8,
-                                            bottleneck_dim=4, use_bn=False)
+                                            bottleneck_dim=4, norm='none')
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     student(torch.randn(2, 1, 16, 32, 32), torch.randn(2, 1, 16, 32, 1)).pow(2).sum().backward()
     optimizer.step()

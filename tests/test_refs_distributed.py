@@ -29,7 +29,7 @@ def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: t
     ctx = init_distributed('cpu')
     cfg = PretrainConfig('920', method='refs', reference='921', device='cpu', epochs=2, iters_per_epoch=2,
                          batch_size=BATCH // world_size, patch_size=[16, 16, 16], out_dim=64, head_hidden_dim=32,
-                         head_bottleneck_dim=16, head_bn=False, freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0,
+                         head_bottleneck_dim=16, head_norm='none', freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0,
                          fish_inner_lr=0.0)
     trainer = Pretrainer(cfg, prepare_pretraining_data('920', plans_from='921'), ctx, env['nnUNet_results'])
     half = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)

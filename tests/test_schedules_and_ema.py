@@ -71,3 +71,19 @@ def test_ema_mismatch_raises():
     with pytest.raises(ValueError):
         ema_update(teacher, nn.Linear(2, 3), 0.9)
     assert torch.equal(teacher.weight, before)  # nothing updated on failure
+
+
+def test_recipes_and_scaled_epoch_counts():
+    from nnunetv2_desd.pretraining.config import PretrainConfig
+    small = PretrainConfig.create('D', epochs=10)
+    official = PretrainConfig.create('D', recipe='official', epochs=10)
+    assert (small.head_norm, small.teacher_temp, small.teacher_momentum) == ('running', 0.02, 0.9)
+    assert (official.head_norm, official.teacher_temp, official.teacher_momentum) == ('batch', 0.07, 0.996)
+    # 1 frozen-prototype epoch of 300 scales to 0.03 of 10: kept at 1 (it rounded to 0 before);
+    # 10 lr warm-up epochs of 300 -> round(0.33) = 0 -> 1; 20 teacher-temperature epochs -> round(0.67) = 1
+    assert (official.freeze_last_layer_epochs, official.warmup_epochs, official.warmup_teacher_temp_epochs) == (1, 1, 1)
+    cads = PretrainConfig.create('D', method='cads', recipe='official', epochs=75)   # of CADS's 150
+    assert (cads.freeze_last_layer_epochs, cads.warmup_epochs, cads.warmup_teacher_temp_epochs) == (2, 5, 25)
+    # given values win over recipe and scaling
+    given = PretrainConfig.create('D', epochs=10, teacher_temp=0.05, freeze_last_layer_epochs=0)
+    assert given.teacher_temp == 0.05 and given.freeze_last_layer_epochs == 0

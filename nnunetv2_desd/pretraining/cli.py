@@ -4,7 +4,8 @@ import os
 from typing import List, Optional, Tuple
 
 from nnunetv2_desd.errors import DesdError, command_errors
-from nnunetv2_desd.pretraining.config import METHOD_DEFAULTS, SCALED_EPOCH_COUNTS, PretrainConfig
+from nnunetv2_desd.pretraining.config import METHOD_DEFAULTS, RECIPES, SCALED_EPOCH_COUNTS, PretrainConfig
+from nnunetv2_desd.pretraining.models.heads import HEAD_NORMS
 from nnunetv2_desd.pretraining.views.drr import ATTENUATIONS, VIEWS
 
 METHODS = ('desd', 'cads', 'refs')
@@ -18,6 +19,8 @@ def _default(key: str) -> str:
         text = str(base)
     else:
         text = ', '.join(f'{m} {v}' for m, v in per_method.items())
+    if key in RECIPES['small-batch']:
+        text = f'{RECIPES["small-batch"][key]}; --recipe official: {text}'
     if key in SCALED_EPOCH_COUNTS:
         text += '; scaled to runs shorter than the official epochs'
     return f'(default: {text})'
@@ -29,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-m', dest='method', default='desd', choices=METHODS,
                    help='desd: deep self-distillation; cads: DeSD + CT/DRR alignment with packed masking (CT only); '
                         'refs: DeSD + a supervised reference task with gradient matching (needs --reference)')
+    p.add_argument('--recipe', choices=tuple(RECIPES),
+                   help='small-batch: what makes self-distillation learn at nnU-Net\'s batch sizes (running head '
+                        'statistics, sharper and faster teacher); official: the method\'s published recipe, for large '
+                        'global batches. Options given explicitly override either ' + _default('recipe'))
     p.add_argument('-c', dest='configuration', help='nnU-Net 3D configuration ' + _default('configuration'))
     p.add_argument('-p', dest='plans', help='plans identifier (default: the planner\'s, nnUNetPlans)')
     p.add_argument('-pl', dest='planner', help='nnU-Net experiment planner, e.g. nnUNetPlannerResEncM '
@@ -46,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='encoder stages to distil (default: the deepest 4; must include the deepest)')
     p.add_argument('--head-hidden-dim', type=int, help=_default('head_hidden_dim'))
     p.add_argument('--head-bottleneck-dim', type=int, help=_default('head_bottleneck_dim'))
-    p.add_argument('--no-head-bn', dest='head_bn', action='store_false', help='no batch norm in the heads')
+    p.add_argument('--head-norm', choices=HEAD_NORMS,
+                   help='normalisation in the heads: batch = DeSD\'s BatchNorm1d over the per-process batch, running = '
+                        'batch norm with running statistics over steps (small batches), none = DINO\'s ViT recipe '
+                        + _default('head_norm'))
     p.add_argument('--optimizer', choices=('sgd', 'adamw'), help=_default('optimizer'))
     p.add_argument('--lr', type=float, help='base lr per 256 samples (scaled by the global batch) ' + _default('lr'))
     p.add_argument('--min-lr', type=float, help=_default('min_lr'))
@@ -60,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup-teacher-temp', type=float, help=_default('warmup_teacher_temp'))
     p.add_argument('--warmup-teacher-temp-epochs', type=int, help=_default('warmup_teacher_temp_epochs'))
     p.add_argument('--teacher-momentum', type=float, help=_default('teacher_momentum'))
+    p.add_argument('--teacher-momentum-end', type=float, help='the teacher momentum\'s cosine schedule ends here '
+                                                               + _default('teacher_momentum_end'))
+    p.add_argument('--center-momentum', type=float, help='EMA momentum of the teacher centre '
+                                                          + _default('center_momentum'))
+    p.add_argument('--sinkhorn-queue', type=int, help='teacher targets by Sinkhorn-Knopp equipartition over the '
+                                                       'current and this many past teacher rows (0: DeSD\'s centring) '
+                                                       + _default('sinkhorn_queue'))
     p.add_argument('--freeze-last-layer-epochs', type=int, help=_default('freeze_last_layer_epochs'))
     g = p.add_argument_group('CADS')
     g.add_argument('--mask-ratio', type=float, help='share of 3D patches masked: 1 - 1/k^2 keeps 1 of every k x k '

@@ -7,10 +7,10 @@ epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine, per iteration)
 the first epoch. nnU-Net-style length: 250 iterations per epoch. ``METHOD_DEFAULTS`` holds what CADS's
 official run changes (METHODS.md §2).
 
-``PretrainConfig.create`` applies a method's defaults and scales the recipe's epoch counts (lr warm-up,
+``PretrainConfig.create`` applies a method's defaults, then the recipe's (``RECIPES``), and scales the recipe's epoch counts (lr warm-up,
 teacher-temperature warm-up, frozen prototypes) to runs shorter than the official one, so a 10-epoch run keeps
 the official proportions: CADS warms the teacher temperature up over 50 of 150 epochs, a 15-epoch run over 5.
-Values given explicitly are never scaled.
+A count the recipe has (e.g. one frozen-prototype epoch) stays at least 1. Values given explicitly are never scaled.
 
 ReFs (``-m refs``, METHODS.md §4) keeps DeSD's recipe and adds its reference task; without ``--plans-from`` it
 pre-trains with the reference dataset's plans (``plans_from = reference``), so the reference's preprocessed
@@ -26,12 +26,23 @@ METHOD_DEFAULTS = {
     'refs': dict(epochs=300),  # DeSD's recipe
 }
 SCALED_EPOCH_COUNTS = ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs')
+# --recipe: 'official' is the method's published recipe (the dataclass defaults plus METHOD_DEFAULTS); 'small-batch'
+# (the default) changes what breaks at nnU-Net's batch of 2 volumes x 2 views per process, as measured with
+# desd_probe and the loss diagnostics (README, "Pre-training at nnU-Net's batch sizes"): running statistics instead of
+# batch statistics in the heads, Sinkhorn-Knopp targets over a queue instead of a centre, K scaled to that queue
+# (K <= 4 x queue keeps the targets sharp), a sharper teacher, a faster-moving teacher.
+RECIPES = {
+    'official': {},
+    'small-batch': dict(head_norm='running', sinkhorn_queue=64, out_dim=256, teacher_temp=0.02, warmup_teacher_temp=0.02,
+                        teacher_momentum=0.9),
+}
 
 
 @dataclass
 class PretrainConfig:
     dataset: str
     method: str = 'desd'
+    recipe: str = 'small-batch'            # see RECIPES
     configuration: str = '3d_fullres'
     plans: Optional[str] = None            # default: the planner's own plans name (nnUNetPlans)
     planner: str = 'ExperimentPlanner'
@@ -48,13 +59,15 @@ class PretrainConfig:
     stages: Optional[List[int]] = None     # default: the deepest 4 encoder stages
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
-    head_bn: bool = True
+    head_norm: str = 'batch'               # 'batch' (DeSD), 'running' or 'none' (DINO ViT); see heads.py
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 20
     center_momentum: float = 0.9
+    sinkhorn_queue: int = 0                # > 0: Sinkhorn-Knopp targets over this many past teacher rows, no centring
     teacher_momentum: float = 0.996
+    teacher_momentum_end: float = 1.0      # cosine teacher_momentum -> this per iteration
     freeze_last_layer_epochs: int = 1
     # optimisation
     optimizer: str = 'sgd'
@@ -93,12 +106,16 @@ class PretrainConfig:
         unknown = sorted(set(given) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f'unknown PretrainConfig fields {unknown}')
+        recipe = given.get('recipe', cls.recipe)
+        if recipe not in RECIPES:
+            raise ValueError(f'unknown recipe {recipe!r}: choose one of {sorted(RECIPES)}')
         official = {**cls(dataset).to_dict(), **METHOD_DEFAULTS.get(method, {})}
-        values = dict(official)
+        values = {**official, **RECIPES[recipe]}
         epochs = given.get('epochs', official['epochs'])
         if epochs < official['epochs']:
-            for key in SCALED_EPOCH_COUNTS:
-                values[key] = round(official[key] * epochs / official['epochs'])
+            for key in SCALED_EPOCH_COUNTS:  # a count the recipe has stays at least 1 epoch
+                scaled = round(official[key] * epochs / official['epochs'])
+                values[key] = max(scaled, 1) if official[key] > 0 else 0
         values.update(given, dataset=dataset, method=method)
         if method == 'refs' and values['plans_from'] is None:
             values['plans_from'] = values['reference']

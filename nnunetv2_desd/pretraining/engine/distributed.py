@@ -27,12 +27,15 @@ class DistContext:
 
 
 def init_distributed(device: str) -> DistContext:
-    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK. The long timeout covers preprocessing done by rank 0."""
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK. The long timeout covers preprocessing done by rank 0.
+
+    Under torchrun the process group is made even for one process (``--nproc_per_node 1``), so that path (nccl's
+    collectives included) runs as it does on more GPUs; a plain ``desd_pretrain`` is a single process without one."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if device == 'cuda' and not torch.cuda.is_available():
         from nnunetv2_desd.errors import DesdError
         raise DesdError('-device cuda: no CUDA device is visible. Use -device cpu.')
-    if world_size == 1:
+    if world_size == 1 and 'TORCHELASTIC_RUN_ID' not in os.environ:
         return DistContext(0, 1, torch.device(device))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if device == 'cuda':

@@ -1,5 +1,6 @@
 """The pre-training loop: student/teacher, schedules, AMP, DDP, checkpoints, progress, export."""
 import copy
+import math
 import os
 import time
 from typing import Iterator
@@ -30,7 +31,7 @@ from nnunetv2_desd.pretraining.models.network import (MultiStageDistillationNetw
 
 EXPORT_FILE = 'pretrained_export.pth'
 # a resumed run must build the same modules as the checkpoint
-ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'stages', 'head_hidden_dim', 'head_bottleneck_dim', 'head_bn',
+ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'sinkhorn_queue', 'stages', 'head_hidden_dim', 'head_bottleneck_dim', 'head_norm',
                      'reference')
 
 
@@ -64,12 +65,13 @@ class Pretrainer:
                                               label_manager).num_segmentation_heads)
         encoder = planned_encoder(self.network, drr_path=cfg.method == 'cads')
         self.stages = resolve_stages(len(encoder.output_channels), cfg.stages)
-        head_args = (cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_bn)
+        head_args = (cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_norm)
         self.student = MultiStageDistillationNetwork(encoder, self.stages, *head_args).to(self.device)
         self.teacher = MultiStageDistillationNetwork(copy.deepcopy(encoder), self.stages[-1:], *head_args)
         self.teacher.heads[0].load_state_dict(self.student.heads[-1].state_dict())
         self.teacher.to(self.device).requires_grad_(False)
-        self.loss = DeepSelfDistillationLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(self.device)
+        self.loss = DeepSelfDistillationLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum,
+                                             cfg.sinkhorn_queue).to(self.device)
         self.method = self._build_method(cm)
 
         self.student_forward: nn.Module = self.student
@@ -91,7 +93,9 @@ class Pretrainer:
         self.scaler = torch.amp.GradScaler('cuda') if self.amp else None
         self.step = 0
         self.metrics = {}  # extra per-step values of the method (ReFs: both losses, gradient cosine)
-        self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method)
+        self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method,
+                                    reference_lines={'loss': (math.log(cfg.out_dim), 'ln K (uniform student)'),
+                                                     'entropy': (math.log(cfg.out_dim), 'ln K')})
 
     def _open_reference(self):
         from nnunetv2_desd.pretraining.data.reference import open_reference
@@ -171,7 +175,7 @@ class Pretrainer:
                              self.peak_lr, self.cfg.min_lr)
 
     def teacher_momentum(self) -> float:
-        return cosine(self.step, self.total_steps, self.cfg.teacher_momentum, 1.0)
+        return cosine(self.step, self.total_steps, self.cfg.teacher_momentum, self.cfg.teacher_momentum_end)
 
     def weight_decay(self) -> float:
         if self.cfg.weight_decay_end is None:
@@ -207,10 +211,12 @@ class Pretrainer:
             if not torch.isfinite(loss):
                 raise DesdError(f'loss is {loss.item()} at step {self.step}; lower --lr or check the data.')
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            method_metrics = {}
         else:
-            loss, self.metrics = self.method.compute_gradients(self, batch)  # fills .grad
+            loss, method_metrics = self.method.compute_gradients(self, batch)  # fills .grad
             if self.dist.enabled:
                 average_gradients(self.optimized_parameters())
+        self.metrics = {**method_metrics, **{k: float(v) for k, v in self.loss.diagnostics.items()}}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.epoch < self.cfg.freeze_last_layer_epochs:

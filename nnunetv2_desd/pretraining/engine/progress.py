@@ -1,22 +1,28 @@
 """nnU-Net-style training log file and progress.png for pre-training runs."""
 import os
 from datetime import datetime
+from typing import Dict, Optional, Tuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write
 
-# panel order and axis labels for the known quantities; anything else is appended in recording order
-_LABELS = {'loss': 'loss', 'teacher_temp': 'teacher temperature', 'teacher_momentum': 'teacher momentum',
-           'lr': 'learning rate', 'epoch_time': 'epoch time [s]'}
+# panels in order: (axis label, quantities drawn in it); anything else gets a panel of its own, in recording order
+_PANELS = (('loss', ('loss',)), ('entropy', ('teacher_entropy', 'student_entropy')),
+           ('KL(teacher || student)', ('kl_teacher_student',)), ('teacher temperature', ('teacher_temp',)),
+           ('teacher momentum', ('teacher_momentum',)), ('learning rate', ('lr',)), ('epoch time [s]', ('epoch_time',)))
+_PANEL_KEYS = {'loss': 'loss', 'entropy': 'entropy'}  # reference_lines name panels by these keys
 
 
 class ProgressLog:
     """Timestamped log file plus per-epoch scalar history. Non-main ranks (is_main=False) do nothing."""
 
-    def __init__(self, output_folder: str, is_main: bool = True, name: str = 'pretraining'):
+    def __init__(self, output_folder: str, is_main: bool = True, name: str = 'pretraining',
+                 reference_lines: Optional[Dict[str, Tuple[float, str]]] = None):
+        """``reference_lines``: panel key ('loss', 'entropy') -> (value, label) drawn as a horizontal line."""
         self.output_folder = output_folder
+        self.reference_lines = reference_lines or {}
         self.is_main = is_main
         self.name = name
         self.history = {}  # quantity -> {'epoch': [int], 'value': [float]}
@@ -50,13 +56,22 @@ class ProgressLog:
         """Write progress.png (one panel per quantity vs epoch) atomically into output_folder."""
         if not self.is_main or not self.history:
             return
-        keys = [k for k in _LABELS if k in self.history] + [k for k in self.history if k not in _LABELS]
-        fig = Figure(figsize=(10, 3 * len(keys)))
+        panels = [(label, [k for k in keys if k in self.history]) for label, keys in _PANELS]
+        known = {k for _, keys in _PANELS for k in keys}
+        panels = [p for p in panels if p[1]] + [(k, [k]) for k in self.history if k not in known]
+        fig = Figure(figsize=(10, 3 * len(panels)))
         FigureCanvasAgg(fig)
-        for i, key in enumerate(keys):
-            ax = fig.add_subplot(len(keys), 1, i + 1)
-            ax.plot(self.history[key]['epoch'], self.history[key]['value'], color='b', linewidth=2)
-            ax.set_ylabel(_LABELS.get(key, key))
+        for i, (label, keys) in enumerate(panels):
+            ax = fig.add_subplot(len(panels), 1, i + 1)
+            for key, color in zip(keys, ('b', 'r', 'g')):
+                ax.plot(self.history[key]['epoch'], self.history[key]['value'], color=color, linewidth=2,
+                        label=key.replace('_', ' '))
+            reference = self.reference_lines.get(_PANEL_KEYS.get(label, ''))
+            if reference is not None:
+                ax.axhline(reference[0], color='k', linestyle='--', linewidth=1, label=reference[1])
+            if len(keys) > 1 or reference is not None:
+                ax.legend(fontsize=8)
+            ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_title(self.name)

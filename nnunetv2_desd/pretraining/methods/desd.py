@@ -1,4 +1,5 @@
 """DeSD deep self-distillation (Ye et al., MICCAI 2022): its inputs and its loss, which CADS reuses."""
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -7,6 +8,25 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from nnunetv2_desd.pretraining.views.augmentation import split_views
+
+
+def mean_entropy(probs: Tensor) -> Tensor:
+    """H(p) = -sum_k p_k ln p_k, averaged over every leading axis (rows of distributions on the last axis)."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1).mean()
+
+
+def sinkhorn_knopp(scores: Tensor, n_iters: int = 3) -> Tensor:
+    """Equipartition targets (SwAV): Q = diag(u) exp(scores) diag(v) with columns scaled to sum N/K and rows to 1.
+
+    scores (N, K) = logits / tau. Alternating normalisation in the log domain (sharp teachers underflow exp in
+    float32): each iteration scales every column to mass 1/K, then every row to mass 1/N; returned rows sum to 1.
+    """
+    n, k = scores.shape
+    log_q = scores.double()
+    for _ in range(n_iters):
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n)
+    return (log_q + math.log(n)).exp().to(scores.dtype)
 
 
 def cross_view_pairs(n_views: int) -> List[Tuple[int, int]]:
@@ -21,15 +41,33 @@ class DeepSelfDistillationLoss(nn.Module):
         P_t = softmax((t - c) / tau_t)   (no gradient),           P_s = softmax(s / tau_s)
         c <- m c + (1 - m) mean(t)       (mean over all teacher rows of the global batch, after the loss)
 
+    ``queue_size`` > 0 replaces the centring by Sinkhorn-Knopp equipartition (SwAV) over the current teacher rows
+    plus the last ``queue_size`` teacher rows (a FIFO queue; under DDP the rows of every process, all-gathered):
+
+        P_t = rows of the current batch in sinkhorn_knopp([queue; t] / tau_t)
+
+    With 4 teacher rows per process (nnU-Net's batch of 2, 2 views), a centre estimated from a few rows lets the
+    teacher swing between one prototype for everything and a uniform output; equipartition over a queue of past
+    rows rules out both. The centre is still updated (and all-reduced), so every process issues the same collectives
+    (one all_gather, one all_reduce per step).
+
     DeSD: S = T = 2 views, pairs = cross_view_pairs(2). CADS: student inputs [view1, view2, DRR],
     pairs [(0, 1), (0, 2), (1, 0), (1, 2)]. Computed in float32 whatever the input dtype.
+
+    After each call ``diagnostics`` holds (detached) the mean teacher entropy H(P_t), the mean student entropy
+    H(P_s) (over depths, inputs and rows) and KL(P_t || P_s) = H(P_t, P_s) - H(P_t) over the loss's pairs, so
+    loss = teacher_entropy_of_pairs + kl. A uniform student scores ln K; a collapsed teacher shows as
+    teacher_entropy -> 0 (one prototype) or -> ln K (uniform) (METHODS.md §8).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, queue_size: int = 0):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("queue", torch.zeros(queue_size, out_dim))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.diagnostics: Dict[str, Tensor] = {}
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float,
                 pairs: Sequence[Tuple[int, int]]) -> Tensor:
@@ -46,15 +84,40 @@ class DeepSelfDistillationLoss(nn.Module):
             raise ValueError(f"pairs {list(pairs)} empty or out of range for T={n_teacher}, S={n_student}")
 
         teacher = teacher_logits.detach().float()
-        targets = F.softmax((teacher - self.center) / teacher_temp, dim=-1)         # (T, B, K)
+        targets = self.teacher_targets(teacher, teacher_temp)                          # (T, B, K)
         log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # (D, S, B, K)
         t_idx = torch.tensor([a for a, _ in pairs], device=teacher.device)
         s_idx = torch.tensor([b for _, b in pairs], device=teacher.device)
         # (D, P, B): cross-entropy per depth, pair and sample; equal group sizes -> one mean
         cross_entropy = -(targets[t_idx].unsqueeze(0) * log_probs[:, s_idx]).sum(dim=-1)
         loss = cross_entropy.mean()
+        with torch.no_grad():
+            teacher_entropy_of_pairs = mean_entropy(targets[t_idx])  # equal group sizes: the mean over pairs
+            self.diagnostics = {'teacher_entropy': mean_entropy(targets), 'student_entropy': mean_entropy(
+                log_probs.exp()), 'kl_teacher_student': loss.detach() - teacher_entropy_of_pairs}
         self.update_center(teacher_logits)
         return loss
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher: Tensor, teacher_temp: float) -> Tensor:
+        """(T, B, K) teacher logits -> targets: centred softmax, or Sinkhorn-Knopp over queue + batch (then the
+        batch's rows enter the queue)."""
+        if self.queue.shape[0] == 0:
+            return F.softmax((teacher - self.center) / teacher_temp, dim=-1)
+        local = teacher.reshape(-1, teacher.shape[-1])
+        rows, offset = local, 0
+        if dist.is_available() and dist.is_initialized():  # the global batch, as the centre's all_reduce sees it
+            gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, local.contiguous())
+            rows, offset = torch.cat(gathered), dist.get_rank() * local.shape[0]
+        size, n = self.queue.shape[0], min(rows.shape[0], self.queue.shape[0])
+        queued = self.queue[size - int(self.queue_filled):]
+        targets = sinkhorn_knopp(torch.cat([queued, rows]) / teacher_temp)[len(queued):]
+        targets = targets[offset:offset + local.shape[0]]
+        self.queue.copy_(torch.cat([self.queue[n:], rows[-n:]]) if n < size else rows[-size:])
+        if int(self.queue_filled) < size:  # the queue fills from its end: the newest rows are always last
+            self.queue_filled.fill_(min(size, int(self.queue_filled) + n))
+        return targets.view_as(teacher)
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:

@@ -58,12 +58,12 @@ class MultiStageDistillationNetwork(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, stages: Sequence[int], out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, use_bn: bool = True):
+                 bottleneck_dim: int = 256, norm: str = 'batch'):
         super().__init__()
         self.encoder = encoder
         self.stages = list(stages)
         self.heads = nn.ModuleList(ProjectionHead(encoder.output_channels[s], out_dim, hidden_dim, bottleneck_dim,
-                                                  use_bn) for s in self.stages)
+                                                  norm) for s in self.stages)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         pooled = [[] for _ in self.stages]

@@ -1,0 +1,525 @@
+"""``desd_probe``: a frozen-encoder linear probe per stage, exports against nnU-Net's random initialisation.
+
+    desd_probe -d 501 -w EXPORT.pth [EXPORT2.pth ...] [--labels desd desd dino ...]
+
+Answers "did pre-training learn anything useful?" in minutes on a CPU. Every encoder (each export, and the same
+planned architecture at nnU-Net's initialisation under ``--random-seeds``) is frozen; each stage's features of the
+labelled dataset's preprocessed cases feed a multinomial logistic regression per voxel (features trilinearly
+upsampled to the voxel grid, standardised, L2-regularised). k-fold over cases (nnU-Net's split function): the
+probe is fitted on the training cases' voxels and scored on the held-out cases, Dice per foreground label (mean
+over the labels present) and voxel accuracy, per stage, as mean +- sd over folds.
+
+Data: nnU-Net's dataset class over the plans' preprocessed folder; one window of the plans' patch per case,
+centred on the case's labelled foreground (zero-padded where the case is smaller). Network: nnU-Net's builder
+for the plans, the export's ``encoder.*`` tensors loaded strictly. The plans must be the export's (architecture,
+spacing, axis order, normalisation); other plans are refused, naming ``desd_plan_like_pretrained``.
+
+Exports given the same ``--labels`` entry form a group (e.g. three pre-training seeds of one recipe): the report
+adds the group's mean and sd over its exports, and its gain over the best and the mean random initialisation.
+"""
+import argparse
+import copy
+import csv
+import io
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from nnunetv2_desd.errors import DesdError, command_errors
+
+DEFAULT_RANDOM_SEEDS = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the probe itself: features in, Dice out (no nnU-Net needed, so it can be checked on known features)
+# ----------------------------------------------------------------------------------------------------------------
+def sample_features(feature_map: torch.Tensor, voxels: torch.Tensor, full_shape: Sequence[int]) -> torch.Tensor:
+    """Trilinear upsampling of ``feature_map`` (C, *s) to the grid ``full_shape``, read at ``voxels`` (N, 3) only:
+    the values ``F.interpolate(..., size=full_shape, mode='trilinear', align_corners=False)`` has there. -> (N, C)."""
+    shape = torch.tensor(list(full_shape), dtype=torch.float32)
+    normalised = (2 * voxels.float() + 1) / shape - 1                        # voxel centres in [-1, 1]
+    grid = normalised.flip(-1).view(1, -1, 1, 1, 3)                          # grid_sample wants (x, y, z) = (W, H, D)
+    values = F.grid_sample(feature_map[None].float(), grid, mode='bilinear', padding_mode='border',
+                           align_corners=False)
+    return values.view(feature_map.shape[0], -1).T
+
+
+@dataclass
+class LinearProbe:
+    """logits = W (x - mean) / std + b, per voxel."""
+    weight: torch.Tensor   # (K, C)
+    bias: torch.Tensor     # (K,)
+    mean: torch.Tensor     # (C,)
+    std: torch.Tensor      # (C,)
+
+    def logits_map(self, feature_map: torch.Tensor, full_shape: Sequence[int]) -> torch.Tensor:
+        """(C, *s) -> (K, *full_shape). The probe is affine and trilinear weights sum to 1, so scoring at the stage's
+        resolution and upsampling the logits equals scoring the upsampled features."""
+        w = self.weight / self.std
+        b = self.bias - w @ self.mean
+        logits = torch.einsum('kc,c...->k...', w, feature_map.float()) + b.view(-1, *([1] * (feature_map.dim() - 1)))
+        if tuple(logits.shape[1:]) != tuple(full_shape):
+            logits = F.interpolate(logits[None], size=tuple(full_shape), mode='trilinear', align_corners=False)[0]
+        return logits
+
+
+def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, num_classes: int,
+                     l2: float = 1e-3, max_iter: int = 100) -> LinearProbe:
+    """Weighted multinomial logistic regression: min_W,b  sum_i w_i CE(W z_i + b, y_i) / sum_i w_i + l2 ||W||^2,
+    z = standardised features (N, C); targets (N,) in [0, num_classes). Full-batch L-BFGS."""
+    features = features.float()
+    weights = weights.float() / weights.sum()
+    mean = (weights[:, None] * features).sum(0)
+    std = ((weights[:, None] * (features - mean) ** 2).sum(0)).sqrt().clamp_min(1e-6)
+    z = (features - mean) / std
+    w = torch.zeros(num_classes, z.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn='strong_wolfe')
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (F.cross_entropy(z @ w.T + b, targets, reduction='none') * weights).sum() + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return LinearProbe(w.detach(), b.detach(), mean, std)
+
+
+def stratified_voxels(label: torch.Tensor, classes: Sequence[int], per_class: int,
+                      generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``per_class`` voxels of each class present, each weighted by (class voxels / sampled voxels), so the
+    weighted sample keeps the case's class frequencies. -> voxels (N, 3), class indices (N,), weights (N,)."""
+    voxels, targets, weights = [], [], []
+    for index, value in enumerate(classes):
+        where = (label == value).nonzero()
+        if len(where) == 0:
+            continue
+        take = where[torch.randperm(len(where), generator=generator)[:per_class]]
+        voxels.append(take)
+        targets.append(torch.full((len(take),), index, dtype=torch.long))
+        weights.append(torch.full((len(take),), len(where) / len(take)))
+    return torch.cat(voxels), torch.cat(targets), torch.cat(weights)
+
+
+def dice_scores(prediction: torch.Tensor, label: torch.Tensor, foreground: Sequence[int]) -> List[float]:
+    """Dice 2|P∩L| / (|P| + |L|) per foreground class index, NaN where the class is in neither; ``prediction`` and
+    ``label`` hold class indices, voxels outside the valid region already removed (1D tensors)."""
+    scores = []
+    for c in foreground:
+        p, t = prediction == c, label == c
+        denominator = int(p.sum() + t.sum())
+        scores.append(float('nan') if denominator == 0 else 2 * int((p & t).sum()) / denominator)
+    return scores
+
+
+def probe_stage(features: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], folds: List[dict],
+                num_classes: int, voxels_per_class: int = 2000, seed: int = 0) -> List[Tuple[float, float]]:
+    """One stage: ``features[case]`` (C, *s), ``labels[case]`` (*S) of class indices (-1: ignored voxels), ``folds``
+    nnU-Net-style [{'train': [...], 'val': [...]}]. -> (Dice, accuracy) per fold; Dice is the mean over held-out
+    cases of the mean over the foreground classes present (class 0 is background)."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = list(range(num_classes))
+    results = []
+    for fold in folds:
+        xs, ys, ws = [], [], []
+        for case in fold['train']:
+            voxels, targets, weights = stratified_voxels(labels[case], classes, voxels_per_class, generator)
+            xs.append(sample_features(features[case], voxels, labels[case].shape))
+            ys.append(targets)
+            ws.append(weights)
+        probe = fit_linear_probe(torch.cat(xs), torch.cat(ys), torch.cat(ws), num_classes)
+        case_dice, correct, counted = [], 0, 0
+        for case in fold['val']:
+            label = labels[case]
+            prediction = probe.logits_map(features[case], label.shape).argmax(0)
+            valid = label >= 0
+            p, t = prediction[valid], label[valid]
+            correct, counted = correct + int((p == t).sum()), counted + int(valid.sum())
+            scores = [s for s in dice_scores(p, t, classes[1:]) if not np.isnan(s)]
+            if scores:
+                case_dice.append(float(np.mean(scores)))
+        results.append((float(np.mean(case_dice)) if case_dice else float('nan'), correct / max(counted, 1)))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nnU-Net side: plans, cases, encoders
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Encoder:
+    name: str               # row label
+    group: str              # exports of one recipe share a group; random inits are group 'random'
+    state: Optional[dict]   # encoder.* tensors; None: nnU-Net's initialisation with ``seed``
+    seed: int = 0
+    distilled_stages: Tuple[int, ...] = ()
+
+
+def export_plans_differences(meta: dict, plans: dict, configuration: str) -> List[str]:
+    """What in ``plans`` (configuration) differs from the export's: architecture, then preprocessing (spacing,
+    axis order, normalisation, CT statistics), each as 'ENTRY ACTUAL instead of EXPORTED'."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_desd.preprocessing_match import preprocessing_differences
+    if configuration not in plans['configurations']:
+        return [f'no configuration {configuration!r}']
+    cm = PlansManager(plans).get_configuration(configuration)
+    differences = []
+    arch = meta['architecture']
+    if cm.network_arch_class_name != arch['network_class_name']:
+        differences.append(f'architecture {cm.network_arch_class_name} instead of {arch["network_class_name"]}')
+    elif dict(cm.network_arch_init_kwargs) != dict(arch['arch_kwargs']):
+        keys = sorted(k for k in set(arch['arch_kwargs']) | set(cm.network_arch_init_kwargs)
+                      if arch['arch_kwargs'].get(k) != cm.network_arch_init_kwargs.get(k))
+        differences.append(f'architecture arguments {keys} differ')
+    exported = copy.deepcopy(plans)
+    exported['transpose_forward'] = meta['transpose_forward']
+    exported['foreground_intensity_properties_per_channel'] = meta['foreground_intensity_properties_per_channel']
+    exported_cfg = exported['configurations'][configuration]
+    exported_cfg.pop('inherits_from', None)
+    exported_cfg.update(PlansManager(plans).get_configuration(configuration).configuration,
+                        spacing=meta['spacing'], normalization_schemes=meta['normalization_schemes'],
+                        use_mask_for_norm=meta['use_mask_for_norm'])
+    return differences + preprocessing_differences(exported, plans, configuration)
+
+
+def find_export_plans(dataset_name: str, exports: Sequence, plans_name: Optional[str], configuration: str) -> dict:
+    """The plans of ``dataset_name`` that every export fits, with preprocessed data; ``plans_name`` or, by default,
+    the first fitting one in nnUNet_preprocessed (the exports' own plans name first). DesdError naming the fixing
+    command otherwise."""
+    from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    folder = join(nnUNet_preprocessed, dataset_name)
+    if plans_name is not None:
+        candidates = [plans_name]
+    else:
+        names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith('.json') and
+                       f not in ('dataset.json', 'dataset_fingerprint.json', 'splits_final.json')) \
+            if isdir(folder) else []
+        own = [e.metadata['plans_name'] for e in exports]
+        candidates = sorted(names, key=lambda n: (n not in own, n))
+    fix = (f'make plans that fit it: desd_plan_like_pretrained -d {dataset_name} -w {exports[0].file} '
+           f'(then pass -p nnUNetPlans_pretrained)')
+    reasons = []
+    for name in candidates:
+        file = join(folder, name + '.json')
+        if not isfile(file):
+            reasons.append(f'{name}: no {file}')
+            continue
+        plans = load_json(file)
+        if 'configurations' not in plans:
+            continue
+        problems = [f'{os.path.basename(e.file)}: {d}' for e in exports
+                    for d in export_plans_differences(e.metadata, plans, configuration)]
+        if problems:
+            reasons.append(f'{name}: ' + '; '.join(problems[:3]))
+            continue
+        data = join(folder, plans['configurations'][configuration].get('data_identifier', ''))
+        if not isdir(data):
+            reasons.append(f'{name}: not preprocessed ({data} missing; run nnUNetv2_preprocess -d '
+                           f'{dataset_name[7:10]} -plans_name {name} -c {configuration})')
+            continue
+        return plans
+    if not candidates:
+        raise DesdError(f'{dataset_name} has no plans in {folder}; {fix}.')
+    raise DesdError(f'no plans of {dataset_name} fit the export(s) ({" | ".join(reasons)}); {fix}.')
+
+
+def load_probe_cases(plans: dict, dataset_json: dict, dataset_name: str, configuration: str,
+                     patch_size: Sequence[int]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], List[int]]:
+    """Each preprocessed case, through nnU-Net's dataset class, cropped to one ``patch_size`` window centred on its
+    foreground bounding box. -> images (C, *patch), labels (*patch) as class indices (-1: padding, ignore label or
+    nnU-Net's outside-mask), and the label values the class indices stand for."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+    from batchgenerators.utilities.file_and_folder_operations import join
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    label_manager = PlansManager(plans).get_label_manager(dataset_json)
+    if label_manager.has_regions:
+        raise DesdError(f'{dataset_name} is region-based; the probe needs plain integer labels.')
+    values = [int(v) for v in label_manager.all_labels if v != label_manager.ignore_label]
+    folder = join(nnUNet_preprocessed, dataset_name, plans['configurations'][configuration]['data_identifier'])
+    dataset = infer_dataset_class(folder)(folder)
+    if len(dataset.identifiers) < 2:
+        raise DesdError(f'{folder} holds {len(dataset.identifiers)} case(s); the probe needs at least 2.')
+    lookup = torch.full((max(values) + 2,), -1, dtype=torch.long)
+    lookup[torch.tensor(values)] = torch.arange(len(values))
+    images, labels = {}, {}
+    for case in sorted(dataset.identifiers):
+        data, seg, _, _ = dataset.load_case(case)
+        seg = np.asarray(seg[0])
+        foreground = np.argwhere(seg > 0)
+        centre = (foreground.min(0) + foreground.max(0)) // 2 if len(foreground) else np.array(seg.shape) // 2
+        bbox = [[int(c) - p // 2, int(c) - p // 2 + p] for c, p in zip(centre, patch_size)]
+        images[case] = torch.from_numpy(np.ascontiguousarray(crop_and_pad_nd(np.asarray(data), [[0, data.shape[0]]]
+                                                                               + bbox, pad_value=0))).float()
+        crop = torch.from_numpy(crop_and_pad_nd(seg, bbox, pad_value=-1).astype(np.int64))
+        crop[(crop < 0) | (crop > max(values))] = max(values) + 1   # -> lookup's last entry, -1
+        labels[case] = lookup[crop]
+    return images, labels, values
+
+
+@torch.no_grad()
+def encoder_features(encoder_spec: Encoder, plans: dict, dataset_json: dict, configuration: str,
+                     images: Dict[str, torch.Tensor], device: torch.device) -> Dict[int, Dict[str, torch.Tensor]]:
+    """stage -> case -> features (C_s, *s) of the frozen encoder (eval mode), on CPU."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_desd.pretraining.models.network import build_planned_network, planned_encoder
+    pm = PlansManager(plans)
+    label_manager = pm.get_label_manager(dataset_json)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(encoder_spec.seed)
+        network = build_planned_network(pm, pm.get_configuration(configuration), len(dataset_json['channel_names']),
+                                        label_manager.num_segmentation_heads)
+    encoder = planned_encoder(network, drr_path=False)
+    if encoder_spec.state is not None:
+        missing, unexpected = encoder.load_state_dict(encoder_spec.state, strict=False)
+        missing = [k for k in missing if not k.startswith('drr_')] if hasattr(encoder, 'set_drr_path_trainable') \
+            else missing
+        if missing or unexpected:
+            raise DesdError(f'{encoder_spec.name}: the export\'s encoder does not fit the plans\' network '
+                            f'(missing {missing[:3]}, unexpected {unexpected[:3]}).')
+    encoder.to(device).eval()
+    features: Dict[int, Dict[str, torch.Tensor]] = {}
+    for case, image in images.items():
+        with torch.autocast(device.type, enabled=device.type == 'cuda'):
+            outputs = encoder(image[None].to(device))
+        for stage, output in enumerate(outputs):
+            features.setdefault(stage, {})[case] = output[0].float().cpu()
+    return features
+
+
+def read_exports(files: Sequence[str], groups: Optional[Sequence[str]]) -> Tuple[list, List[Encoder]]:
+    from nnunetv2_desd.trainers.pretrained_weights import ENCODER, read_export
+    if groups is not None and len(groups) != len(files):
+        raise DesdError(f'--labels: {len(groups)} label(s) for {len(files)} export(s); give one per export.')
+    exports, encoders = [], []
+    for i, file in enumerate(files):
+        export = read_export(file)
+        meta = export.require_metadata()
+        state = {k[len(ENCODER):]: v for k, v in export.weights.items() if k.startswith(ENCODER)}
+        if not state:
+            raise DesdError(f'{file} holds no encoder.* tensors.')
+        group = groups[i] if groups is not None else meta['method']
+        run = os.path.basename(os.path.dirname(export.file))
+        name = f'{group}: {run}' if len(files) == 1 or groups is None else f'{group} #{groups[:i + 1].count(group)}'
+        exports.append(export)
+        encoders.append(Encoder(name, group, state, distilled_stages=tuple(meta.get('distilled_stages', ()))))
+    names = [e.name for e in encoders]
+    for i, e in enumerate(encoders):
+        if names.count(e.name) > 1:
+            e.name = f'{e.name} ({i + 1})'
+    return exports, encoders
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeResult:
+    encoders: List[Encoder]
+    rows: List[dict]        # encoder, group, stage, fold, dice, accuracy
+    num_stages: int
+    setup: dict
+
+    def per_fold(self, name: str, stage: int, key: str = 'dice') -> np.ndarray:
+        return np.array([r[key] for r in self.rows if r['encoder'] == name and r['stage'] == stage], dtype=float)
+
+    def encoder_mean(self, name: str, stage: int, key: str = 'dice') -> float:
+        return float(np.nanmean(self.per_fold(name, stage, key)))
+
+    def groups(self) -> Dict[str, List[str]]:
+        out: Dict[str, List[str]] = {}
+        for e in self.encoders:
+            out.setdefault(e.group, []).append(e.name)
+        return out
+
+    def group_stats(self, group: str, stage: int, key: str = 'dice') -> Tuple[float, float]:
+        """Mean and sd (ddof 1; 0 for one encoder) over the group's encoders of their fold means."""
+        values = np.array([self.encoder_mean(n, stage, key) for n in self.groups()[group]])
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+    def best_random(self, stage: int) -> float:
+        return max(self.encoder_mean(n, stage) for n in self.groups()['random'])
+
+    def distilled_stages(self, group: str) -> Tuple[int, ...]:
+        return next(e.distilled_stages for e in self.encoders if e.group == group)
+
+
+def _pm(values: np.ndarray) -> str:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return 'n/a'
+    return f'{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}'
+
+
+def probe_markdown(result: ProbeResult) -> str:
+    s = result.setup
+    stages = range(result.num_stages)
+    header = '| encoder | ' + ' | '.join(f'stage {i}' for i in stages) + ' |\n|---|' + '---|' * result.num_stages
+    lines = [f'# Encoder probe: {s["dataset"]}', '',
+             f'Frozen encoders, a linear (logistic-regression) probe per stage on upsampled features; '
+             f'{s["folds"]}-fold over {s["cases"]} cases (patch {s["patch_size"]}, plans {s["plans"]}); '
+             f'{s["voxels_per_class"]} training voxels per class and case. Values: mean ± sd over folds. '
+             f'"random": the same network at nnU-Net\'s initialisation (seeds {s["random_seeds"]}).', '',
+             '## Dice (mean over foreground labels)', '', header]
+    for key, title in (('dice', None), ('accuracy', '## Voxel accuracy')):
+        if title:
+            lines += ['', title, '', header]
+        for e in result.encoders:
+            lines.append(f'| {e.name} | ' + ' | '.join(_pm(result.per_fold(e.name, i, key)) for i in stages) + ' |')
+    groups = [g for g in result.groups() if g != 'random']
+    if groups:
+        lines += ['', '## Gain in Dice over random initialisation', '',
+                  'Per group of exports: mean (± sd over its exports) of their fold-mean Dice, minus the best and '
+                  'the mean random initialisation. Distilled stages are marked *.', '', header]
+        random_mean = [result.group_stats('random', i)[0] for i in stages]
+        for g in groups:
+            distilled = result.distilled_stages(g)
+            cells, gains = [], []
+            for i in stages:
+                mean, sd = result.group_stats(g, i)
+                gain = mean - result.best_random(i)
+                if i in distilled:
+                    gains.append(gain)
+                cells.append(f'{gain:+.3f} (vs mean {mean - random_mean[i]:+.3f}; ± {sd:.3f})'
+                             + ('*' if i in distilled else ''))
+            n = len(result.groups()[g])
+            lines.append(f'| {g} − best random (n = {n}) | ' + ' | '.join(cells) + ' |')
+            if gains:
+                wins = sum(x > 0 for x in gains)
+                lines.append(f'| {g}: mean gain over distilled stages | {np.mean(gains):+.3f}; beats the best random '
+                             f'initialisation at {wins} of {len(gains)} distilled stages |' + ' |' * (len(stages) - 1))
+    return '\n'.join(lines) + '\n'
+
+
+def probe_csv(result: ProbeResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=['encoder', 'group', 'stage', 'fold', 'dice', 'accuracy'])
+    writer.writeheader()
+    writer.writerows(result.rows)
+    return buffer.getvalue()
+
+
+def probe_figure(result: ProbeResult, file) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    stages = np.arange(result.num_stages)
+    for e in result.encoders:
+        values = [result.encoder_mean(e.name, i) for i in stages]
+        if e.group == 'random':
+            ax.plot(stages, values, color='0.6', linestyle='--', linewidth=1, marker='.',
+                    label=e.name)
+        else:
+            ax.plot(stages, values, marker='o', linewidth=1.5, label=e.name)
+    ax.set_xticks(stages)
+    ax.set_xlabel('encoder stage (0 = full resolution)')
+    ax.set_ylabel('linear-probe Dice (mean over folds)')
+    ax.set_title(f'Encoder probe on {result.setup["dataset"]}')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(file, format='png', dpi=110)
+
+
+def write_probe_report(result: ProbeResult, out: str) -> Dict[str, str]:
+    from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write, atomic_write_text
+    os.makedirs(out, exist_ok=True)
+    paths = {k: os.path.join(out, f'probe.{k}') for k in ('md', 'csv', 'png')}
+    atomic_write_text(probe_markdown(result), paths['md'])
+    atomic_write_text(probe_csv(result), paths['csv'])
+    atomic_write(paths['png'], lambda f: probe_figure(result, f))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command
+# ----------------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='desd_probe', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-d', dest='dataset', required=True, help='labelled dataset (id or name), preprocessed')
+    p.add_argument('-w', dest='exports', nargs='+', required=True, help='export(s) of desd_pretrain')
+    p.add_argument('--labels', nargs='+', help='one label per export; exports with the same label are averaged '
+                                               '(default: the export\'s method)')
+    p.add_argument('-p', dest='plans', help='plans identifier (default: the first plans of the dataset that fit '
+                                            'the exports, their own plans name first)')
+    p.add_argument('-c', dest='configuration', default='3d_fullres', help='configuration (default: %(default)s)')
+    p.add_argument('--folds', type=_positive_int, default=5, help='k of the k-fold over cases, at most the number '
+                                                                  'of cases (default: %(default)s)')
+    p.add_argument('--random-seeds', type=_positive_int, default=DEFAULT_RANDOM_SEEDS,
+                   help='random initialisations to compare with, seeds 0..N-1 (default: %(default)s)')
+    p.add_argument('--voxels-per-class', type=_positive_int, default=2000,
+                   help='training voxels per class and case (default: %(default)s)')
+    p.add_argument('--patch-size', type=_positive_int, nargs=3, help='window per case (default: the plans\' patch)')
+    p.add_argument('-device', default='auto', choices=('auto', 'cuda', 'cpu'),
+                   help='where the encoders run (default: cuda when visible)')
+    p.add_argument('-o', dest='output', help='report folder (default: nnUNet_results/<Dataset>/desd_probe)')
+    return p
+
+
+def run_probe(args: argparse.Namespace, progress: bool = True) -> Tuple[ProbeResult, Dict[str, str]]:
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from tqdm import tqdm
+    from nnunetv2_desd.pretraining.data.raw import resolve_dataset_name
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise DesdError('no CUDA device is visible. Use -device cpu.')
+    device = torch.device('cuda' if args.device != 'cpu' and torch.cuda.is_available() else 'cpu')
+    if nnUNet_preprocessed is None:
+        raise DesdError('nnUNet_preprocessed must be set.')
+    dataset_name = resolve_dataset_name(args.dataset)
+    exports, encoders = read_exports(args.exports, args.labels)
+    if 'random' in {e.group for e in encoders}:
+        raise DesdError('--labels: "random" names the random initialisations; choose another label.')
+    plans = find_export_plans(dataset_name, exports, args.plans, args.configuration)
+    dataset_json = load_json(join(nnUNet_preprocessed, dataset_name, 'dataset.json'))
+    patch = list(args.patch_size or plans['configurations'][args.configuration].get('patch_size')
+                 or exports[0].metadata['plans_patch_size'])
+    images, labels, values = load_probe_cases(plans, dataset_json, dataset_name, args.configuration, patch)
+    k = min(args.folds, len(images))
+    folds = generate_crossval_split(sorted(images), seed=12345, n_splits=k)
+    encoders += [Encoder(f'random (seed {s})', 'random', None, seed=s) for s in range(args.random_seeds)]
+    rows, num_stages = [], 0
+    for spec in tqdm(encoders, desc='desd_probe: encoders', disable=not progress):
+        features = encoder_features(spec, plans, dataset_json, args.configuration, images, device)
+        num_stages = len(features)
+        for stage, stage_features in features.items():
+            for fold, (dice, accuracy) in enumerate(probe_stage(stage_features, labels, folds, len(values),
+                                                                args.voxels_per_class)):
+                rows.append(dict(encoder=spec.name, group=spec.group, stage=stage, fold=fold, dice=dice,
+                                 accuracy=accuracy))
+    setup = dict(dataset=dataset_name, plans=plans['plans_name'], folds=k, cases=len(images), patch_size=patch,
+                 voxels_per_class=args.voxels_per_class, random_seeds=list(range(args.random_seeds)),
+                 exports=[e.file for e in exports])
+    result = ProbeResult(encoders, rows, num_stages, setup)
+    out = args.output or join(nnUNet_results or '.', dataset_name, 'desd_probe')
+    return result, write_probe_report(result, out)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    with command_errors('desd_probe'):
+        result, paths = run_probe(args)
+    print(probe_markdown(result))
+    print(f'table:  {paths["md"]}\ncsv:    {paths["csv"]}\nfigure: {paths["png"]}')
+
+
+if __name__ == '__main__':
+    main()
