@@ -6,14 +6,17 @@
 3. Pre-trains with DeSD (``--method cads``: CADS) on the pool with Dataset501's plans (``--plans-from 501``) and
    writes the export that ``nnUNetv2_train 501 3d_fullres FOLD -tr nnUNetTrainerDeSD -pretrained_weights EXPORT``
    (``nnUNetTrainerCADS``) accepts.
-4. Fine-tunes the export and trains vanilla nnU-Net on the same folds and labelled fractions with
+4. Probes the export with ``desd_probe`` against 3 random initialisations of the same network (per stage), and
+   prints the pre-training loss per epoch against ln K.
+5. Fine-tunes the export and trains vanilla nnU-Net on the same folds and labelled fractions with
    ``desd_benchmark``, which writes a table and a figure of Dice against labelled fraction.
 
-Default: reduced CPU settings (18 minutes measured on 2 cores). Pre-training: patch 32^3, K 4096, 10 epochs of
+Default: reduced CPU settings. Pre-training: patch 32^3, the small-batch recipe (K 256), 10 epochs of
 10 iterations (DeSD: SGD, base lr 5.0; CADS: AdamW, base lr 0.1, i.e. peak 7.8e-4 at batch 2). Fine-tuning and
 vanilla: plans ``nnUNetPlans_demo`` (501's plans with a 32^3 patch, same network and preprocessed data),
 nnUNetTrainerDeSDDemo (nnUNetTrainerCADSDemo) vs nnUNetTrainerDemo (10 epochs of 10 iterations, no mirroring),
-fold 0, fractions 0.25 and 1.0.
+fold 0, fractions 0.25 and 1.0. ``demo_summary.md`` in the work folder collects the loss, the probe and the
+comparison.
 ``--full``: the real experiment on a GPU (nnU-Net's patch, the method's documented defaults, nnUNetTrainerDeSD
 (nnUNetTrainerCADS) vs nnUNetTrainer at 1000 epochs, 5 folds, fractions 0.1, 0.25, 0.5 and 1.0).
 The demo uses its own nnU-Net folders under ``--workdir`` and never touches existing ones.
