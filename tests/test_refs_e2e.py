@@ -140,7 +140,8 @@ def test_engine_fish_and_cosine_steps(refs_run, monkeypatch, tmp_path):
         trainer.train_step(batch)
         assert all(isinstance(p, torch.nn.Parameter) for p in trainer.network.parameters())
         assert all(trainer.trainable_parameters[n] is p for n, p in trainer.student.named_parameters())
-        assert set(trainer.metrics) == {'ssl_loss', 'reference_loss', 'gradient_cosine'}
+        assert set(trainer.metrics) == {'ssl_loss', 'reference_loss', 'gradient_cosine', 'teacher_entropy',
+                                        'student_entropy', 'kl_teacher_student'}
         return torch.cat([p.detach().flatten() for p in trainer.student.encoder.parameters()])
 
     start = torch.cat([p.detach().flatten() for p in first.student.encoder.parameters()])
