@@ -89,8 +89,8 @@ def loss_against_ln_k(export: str) -> str:
     losses = checkpoint['progress']['loss']['value']
     ln_k = math.log(checkpoint['config']['out_dim'])
     return (f'pre-training loss per epoch: {" ".join(f"{v:.2f}" for v in losses)}\n'
-            f'ln K = {ln_k:.2f} (a uniform student); the last epoch ends at {losses[-1] / ln_k:.2f} ln K '
-            f'({100 * (1 - losses[-1] / ln_k):+.0f} % below)')
+            f'ln K = {ln_k:.2f} (a uniform student); the last epoch ends at {losses[-1] / ln_k:.2f} ln K, '
+            f'the lowest epoch at {min(losses) / ln_k:.2f} ln K')
 
 
 def main(argv=None) -> None:
