@@ -278,12 +278,11 @@ def encoder_features(encoder_spec: Encoder, plans: dict, dataset_json: dict, con
                                         label_manager.num_segmentation_heads)
     encoder = planned_encoder(network, drr_path=False)
     if encoder_spec.state is not None:
-        missing, unexpected = encoder.load_state_dict(encoder_spec.state, strict=False)
-        missing = [k for k in missing if not k.startswith('drr_')] if hasattr(encoder, 'set_drr_path_trainable') \
-            else missing
-        if missing or unexpected:
+        try:
+            encoder.load_state_dict(encoder_spec.state)
+        except RuntimeError as e:
             raise DesdError(f'{encoder_spec.name}: the export\'s encoder does not fit the plans\' network '
-                            f'(missing {missing[:3]}, unexpected {unexpected[:3]}).')
+                            f'({str(e).splitlines()[0]}).') from None
     encoder.to(device).eval()
     features: Dict[int, Dict[str, torch.Tensor]] = {}
     for case, image in images.items():

@@ -43,10 +43,11 @@ class RunningBatchNorm1d(nn.Module):
                 self.running_mean.mul_(self.momentum).add_(rows.mean(0), alpha=1 - self.momentum)
                 self.running_var.mul_(self.momentum).add_(rows.var(0, unbiased=False), alpha=1 - self.momentum)
                 self.steps += 1
-        if int(self.steps) == 0:  # never trained: the statistics are not defined yet
-            return x * self.weight + self.bias
-        correction = 1 - self.momentum ** int(self.steps)
-        mean, var = self.running_mean / correction, self.running_var / correction
+        # tensor arithmetic only (no host sync per call); never trained: statistics 0 and 1
+        trained = self.steps > 0
+        correction = 1 - self.momentum ** self.steps.clamp_min(1).float()
+        mean = torch.where(trained, self.running_mean / correction, torch.zeros_like(self.running_mean))
+        var = torch.where(trained, self.running_var / correction, torch.full_like(self.running_var, 1 - self.eps))
         return (x - mean.to(x.dtype)) * torch.rsqrt(var + self.eps).to(x.dtype) * self.weight + self.bias
 
 
