@@ -1,3 +1,4 @@
+import argparse
 import sys
 from contextlib import contextmanager
 
@@ -14,4 +15,13 @@ def command_errors(prog: str):
     except DesdError as e:
         message = ' '.join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f'{prog}: error: {message}', file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (unknown option, wrong type, bad choice) are one line, ``PROG: error: ...``,
+    with exit code 2, as DesdError's; ``-h`` still prints the usage."""
+
+    def error(self, message: str):
+        print(f'{self.prog}: error: {message} (see {self.prog} -h)', file=sys.stderr)
         sys.exit(2)

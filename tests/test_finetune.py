@@ -1,11 +1,14 @@
 """Fine-tuning building blocks: stem adaptation, warm-up + poly schedule, argument lookup, load planning."""
+import contextlib
 import math
+import sys
 
-import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunetv2_desd.trainers.finetune import pretrained_weights_argument
+from nnunetv2_desd.trainers import TRAINER_FOR_METHOD
+from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS, nnUNetTrainerDeSD,
+                                             nnUNetTrainerReFs, scaled_warmup_epochs, weights_nnunet_will_load)
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
 from nnunetv2_desd.trainers.pretrained_weights import (PretrainedExport, adapt_input_channels, mismatch_message,
                                                        plan_loading)
@@ -25,6 +28,34 @@ def test_adapt_input_channels_sums_and_spreads_over_new_channels():
     expected = torch.nn.functional.conv3d(x, w)
     got = torch.nn.functional.conv3d(x.repeat(1, 3, 1, 1, 1), adapt_input_channels(w, 3))
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_warmup_scales_with_the_number_of_epochs():
+    # 5%, rounded half up, at least 1: 50 of 1000 (nnU-Net main), 7.5 -> 8 of 150, 1.45 -> 1 of 29, 1.5 -> 2 of 30
+    assert [scaled_warmup_epochs(n) for n in (1000, 150, 30, 29, 10, 2, 1)] == [50, 8, 2, 1, 1, 1, 1]
+    trainer = object.__new__(nnUNetTrainerDeSD)  # the property only reads two attributes
+    trainer.num_epochs, trainer.warmup_epochs = 200, None
+    assert trainer.warmup_epoch_count == 10
+    trainer.warmup_epochs = 3  # set: kept as it is
+    assert trainer.warmup_epoch_count == 3
+
+
+def test_every_method_names_its_own_trainer():
+    # desd_plan_like_pretrained recommends TRAINER_FOR_METHOD[export method]; a ReFs export once got nnUNetTrainerDeSD
+    assert TRAINER_FOR_METHOD == {cls.method: cls.__name__ for cls in (nnUNetTrainerDeSD, nnUNetTrainerCADS,
+                                                                       nnUNetTrainerReFs)}
+
+
+def test_recipes_and_their_generated_variants():
+    assert FINETUNE_RECIPES['pretrained'] == {'initial_lr': 1e-3, 'enable_deep_supervision': False}
+    assert FINETUNE_RECIPES['vanilla'] == {'initial_lr': 1e-2, 'enable_deep_supervision': True}
+    from nnunetv2_desd.trainers.ext import nnunetv2_desd_trainers as ext
+    other = next(r for r in FINETUNE_RECIPES if r != nnUNetTrainerDeSD.recipe)
+    variant = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe')
+    twin = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe_scratch')
+    assert variant.recipe == other and not variant.from_scratch and issubclass(twin, variant) and twin.from_scratch
+    assert getattr(ext, 'nnUNetTrainerReFsTiny_scratch').from_scratch
+    assert getattr(ext, 'nnUNetTrainerReFsTiny_scratch').recipe == nnUNetTrainerDeSD.recipe
 
 
 def test_warmup_poly_by_hand():
@@ -52,14 +83,36 @@ def test_scheduler_sets_each_group_and_follows_the_epoch_nnunet_passes():
     assert math.isclose(optimizer.param_groups[1]['lr'], 0.001 * (1 - 2 / 7) ** 0.9)
 
 
-@pytest.mark.parametrize('argv, expected', [
-    (['nnUNetv2_train', '1', '3d_fullres', '0', '-p', 'P', '-pretrained_weights', 'a.pth'], 'a.pth'),
-    (['nnUNetv2_train', '1', '3d_fullres', '0', '-pretrained', 'b.pth', '-tr', 'T'], 'b.pth'),
-    (['nnUNetv2_train', '1', '3d_fullres', '0', '-pretrained_weights=c.pth'], 'c.pth'),
-    (['nnUNetv2_train', '1', '3d_fullres', '0', '-p', 'nnUNetPlans', '--c'], None),
-])
-def test_pretrained_weights_argument(argv, expected):
-    assert pretrained_weights_argument(argv) == expected
+class _RecordingTrainer:
+    """Just what nnU-Net's maybe_load_checkpoint touches; initialize() records what our trainers would load."""
+    def __init__(self, folder):
+        self.output_folder, self.was_initialized, self.seen = str(folder), False, []
+
+    def initialize(self):
+        self.seen.append(weights_nnunet_will_load())
+        raise _Stop  # nnU-Net's own loader would run next
+
+    def load_checkpoint(self, _):
+        self.initialize()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_weights_file_comes_from_nnunets_loader_on_every_path(tmp_path, monkeypatch):
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    monkeypatch.setattr(sys, 'argv', ['python'])  # the Python API: nothing on the command line
+    (tmp_path / 'checkpoint_final.pth').write_bytes(b'')
+    trainer = _RecordingTrainer(tmp_path)
+    for continue_training, validation_only, weights in ((False, False, 'w.pth'), (False, True, 'w.pth'),
+                                                        (True, False, None), (False, False, None)):
+        with contextlib.suppress(_Stop):
+            maybe_load_checkpoint(trainer, continue_training, validation_only, weights)
+    # a fresh training with weights: the file; --val (even with -pretrained_weights) and --c: nothing; no weights:
+    # nnU-Net does not initialise there at all
+    assert trainer.seen == ['w.pth', None, None]
+    assert weights_nnunet_will_load() is None  # outside nnU-Net's loader
 
 
 def _unet(in_channels=1, features=(8, 16, 32)):

@@ -18,14 +18,13 @@ pytestmark = pytest.mark.e2e
 
 
 def _trainer(env, monkeypatch, dataset, trainer='nnUNetTrainerDeSDTiny', plans='nnUNetPlans', export=None):
-    """A trainer built in this process exactly as nnUNetv2_train builds it, with -pretrained_weights on the command
-    line and nnU-Net's own maybe_load_checkpoint (our loader inside initialize, then nnU-Net's loader)."""
+    """A trainer built in this process as nnU-Net's Python API run_training builds it: nothing on the command line,
+    the weights given to nnU-Net's own maybe_load_checkpoint (our loader inside initialize, then nnU-Net's)."""
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(key, env[key])
     monkeypatch.setenv('nnUNet_extTrainer', EXT_TRAINER_FOLDER)
-    argv = ['nnUNetv2_train', dataset, '3d_fullres', 'all', '-tr', trainer, '-p', plans]
-    monkeypatch.setattr(sys, 'argv', argv + (['-pretrained_weights', str(export)] if export else []))
+    monkeypatch.setattr(sys, 'argv', ['python'])
     trainer = get_trainer_from_args(dataset, '3d_fullres', 'all', trainer, plans, device=torch.device('cpu'))
     maybe_load_checkpoint(trainer, False, False, str(export) if export else None)
     return trainer
@@ -112,6 +111,11 @@ def test_stock_commands_train_predict_evaluate_and_rank(finetune_datasets, tmp_p
           '-device', 'cpu')
     fold = root / 'results' / 'Dataset901_Synthetic' / 'nnUNetTrainerDeSDTiny__nnUNetPlans__3d_fullres' / 'fold_0'
     assert json.loads((fold / PROVENANCE_FILE).read_text())['file_sha256'] == file_sha256(str(export))
+    # --val with the same -pretrained_weights: nnU-Net ignores them, and so do we (the record stays as training left it)
+    recorded = (fold / PROVENANCE_FILE).stat().st_mtime_ns
+    stock('nnUNetv2_train', '901', '3d_fullres', '0', '-tr', 'nnUNetTrainerDeSDTiny', '--val', '-pretrained_weights',
+          export, '-device', 'cpu')
+    assert (fold / PROVENANCE_FILE).stat().st_mtime_ns == recorded
     assert (fold / 'checkpoint_final.pth').is_file() and (fold / 'progress.png').is_file()
     summary = json.loads((fold / 'validation' / 'summary.json').read_text())
     assert 0.0 <= summary['foreground_mean']['Dice'] <= 1.0

@@ -179,17 +179,23 @@ def test_fish_averaged_over_orders_follows_the_inner_product_gradient():
         (mean[n] - target[n]).abs().max() for n in params)
 
 
-def test_fish_skips_the_remaining_inner_steps_on_a_non_finite_gradient():
+def test_fish_evaluates_every_loss_after_a_non_finite_gradient_but_takes_no_inner_step():
+    # every process must issue the same collectives (the SSL loss all-reduces its centre), so the second loss is
+    # still evaluated: at the original parameters, since the overflowing inner step is not taken
     toy = Toy()
     params, (la, lb) = _toy_losses(toy, 1.0)
-    calls = []
+    seen = []
 
     def overflow(theta):
-        calls.append('a')
         return la(theta) * float('inf')
 
-    grads, cosine, finite = fish_gradients(params, [overflow, lambda t: calls.append('b') or lb(t)], 0.1, 1.0)
-    assert not finite and calls == ['a'] and cosine is None
+    def second(theta):
+        seen.append({n: t.detach().clone() for n, t in theta.items()})
+        return lb(theta)
+
+    grads, cosine, finite = fish_gradients(params, [overflow, second], 0.1, 1.0, match=['encoder.weight'])
+    assert not finite and cosine is None and len(seen) == 1
+    assert all(torch.equal(seen[0][n], p.detach()) for n, p in params.items())
     assert not torch.isfinite(grads['encoder.weight']).all()
 
 

@@ -1,13 +1,18 @@
-"""``desd_benchmark``: a pre-trained fine-tuning or a semi-supervised trainer against the vanilla nnU-Net trainer.
+"""``desd_benchmark``: a pre-trained fine-tuning or a semi-supervised trainer against two baselines.
 
-    desd_benchmark -d 501 -w EXPORT.pth -tr nnUNetTrainerDeSD --folds 0 1 2 3 4 --fractions 0.1 0.25 1.0
+    desd_benchmark -d 501 -w EXPORT.pth -tr nnUNetTrainerDeSD --fractions 0.1 0.25 1.0 --subset-seeds 3
     desd_benchmark -d 501 -tr nnUNetTrainerDMD --fractions 0.1 0.2      # semi-supervised DMD: no -w
 
-One cell is one (trainer, fold, labelled fraction). Each cell is a stock ``nnUNetv2_train`` run; a fraction below
-1 is an extra entry of nnU-Net's splits_final.json (see ``fractions``), so the validation cases of a fold never
-change. A cell whose ``validation/summary.json`` exists is reused, one with ``checkpoint_final.pth`` only
-validates (``--val``), one with ``checkpoint_latest.pth`` continues (``--c``); the others start fresh, the tested
-trainer with ``-pretrained_weights EXPORT``. The report (Markdown, CSV, PNG) pairs the two trainers' per-case Dice.
+Baselines: ``--baseline`` (vanilla ``nnUNetTrainer``: what users compare with) and, for a pre-trained trainer T
+with ``-w``, ``--scratch-baseline`` (default ``T_scratch``: T's own recipe and schedule without the weights, which
+isolates the initialisation; ``none`` leaves it out). The report shows tested − scratch and tested − vanilla.
+
+One cell is one (trainer, fold, labelled fraction, subset seed). Each cell is a stock ``nnUNetv2_train`` run; a
+fraction below 1 is an extra entry of nnU-Net's splits_final.json (see ``fractions``), one per subset seed
+(``--seed``, ``--seed`` + 1, ... for ``--subset-seeds N``), so the validation cases of a fold never change. A cell
+whose ``validation/summary.json`` exists is reused, one with ``checkpoint_final.pth`` only validates (``--val``),
+one with ``checkpoint_latest.pth`` continues (``--c``); the others start fresh, the tested trainer with
+``-pretrained_weights EXPORT``. The report (Markdown, CSV, PNG; ``report``) pairs per-case Dice.
 
 A DMD trainer (``nnUNetTrainerDMD`` and its variants) trains on the labelled fraction plus an unlabelled pool: the
 fold's training cases left out of the fraction, and the ``desd_preprocess_unlabelled`` pool where one exists. Before
@@ -28,8 +33,9 @@ import sys
 from collections import deque
 from typing import Dict, List, Optional
 
-from nnunetv2_desd.errors import DesdError, command_errors
-from nnunetv2_desd.evaluation.fractions import check_fraction, find_fraction_fold, fraction_fold
+from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.evaluation.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
+                                               subset_size)
 from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
 
 LOG_TAIL_LINES = 30
@@ -37,7 +43,7 @@ STEP_WORDS = {'train': 'training', 'val': 'validating', 'continue': 'continuing'
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='desd_benchmark', description=__doc__,
+    p = ArgumentParser(prog='desd_benchmark', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='dataset id or name (DatasetXXX_Name)')
     p.add_argument('-w', dest='weights', default=None,
@@ -47,13 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--baseline', default='nnUNetTrainer',
                    help='baseline trainer, the vanilla trainer of the same schedule (nnUNetTrainerTiny for '
                         'nnUNetTrainerDMDTiny, nnUNetTrainerDemo for nnUNetTrainerDMDDemo; default: %(default)s)')
-    p.add_argument('-p', dest='plans', default='nnUNetPlans', help='plans of the tested trainer (default: %(default)s)')
+    p.add_argument('--scratch-baseline', default='auto',
+                   help='second baseline: the tested trainer\'s recipe without pre-trained weights (default: '
+                        'TESTED_scratch where -w is given; none: leave it out)')
+    p.add_argument('-p', dest='plans', default='nnUNetPlans',
+                   help='plans of the tested trainer and its scratch twin (default: %(default)s)')
     p.add_argument('--baseline-plans', default='nnUNetPlans', help='plans of the baseline (default: %(default)s)')
     p.add_argument('-c', dest='configuration', default='3d_fullres', help='configuration (default: %(default)s)')
     p.add_argument('--folds', type=int, nargs='+', default=[0, 1, 2, 3, 4], help='standard folds (default: 0-4)')
     p.add_argument('--fractions', type=float, nargs='+', default=[1.0],
                    help='labelled fractions of each fold\'s training cases, in (0, 1] (default: 1.0)')
-    p.add_argument('--seed', type=int, default=12345, help='seed of the labelled subsets (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=12345, help='seed of the first labelled subsets (default: %(default)s)')
+    p.add_argument('--subset-seeds', type=int, default=1,
+                   help='nested labelled subsets per fraction below 1: seeds --seed ... --seed + N - 1 (default: 1)')
     p.add_argument('-device', default='cuda', choices=['cuda', 'cpu'], help='passed to nnUNetv2_train')
     p.add_argument('--only', choices=ROLES, default=None, help='run the cells of one side only')
     mode = p.add_mutually_exclusive_group()
@@ -112,9 +124,25 @@ class Setup:
         self.folds = _unique(args.folds)
         if any(f < 0 for f in self.folds):
             raise DesdError(f'Folds are non-negative integers, got {" ".join(map(str, args.folds))}.')
-        if args.trainer == args.baseline and args.plans == args.baseline_plans:
-            raise DesdError(f'The tested and the baseline trainer are both {args.trainer} with plans {args.plans}: '
-                            f'they would share their model folders. Choose another -tr, --baseline or -p.')
+        if args.subset_seeds < 1:
+            raise DesdError(f'--subset-seeds must be at least 1, got {args.subset_seeds}.')
+        self.seeds = [args.seed + i for i in range(args.subset_seeds)]
+        scratch = args.scratch_baseline
+        if scratch == 'auto':
+            scratch = f'{args.trainer}_scratch' if args.weights is not None and not is_dmd_trainer(args.trainer) \
+                else 'none'
+        self.trainers = {'tested': args.trainer, 'baseline': args.baseline}
+        self.plans = {'tested': args.plans, 'baseline': args.baseline_plans}
+        if scratch != 'none':
+            self.trainers['scratch'], self.plans['scratch'] = scratch, args.plans
+        self.roles = [r for r in ROLES if r in self.trainers]
+        folders = {}
+        for role in self.roles:
+            other = folders.setdefault((self.trainers[role], self.plans[role]), role)
+            if other != role:
+                raise DesdError(f'The {other} and the {role} trainer are both {self.trainers[role]} with plans '
+                                f'{self.plans[role]}: they would share their model folders. Choose another -tr, '
+                                f'--baseline, --scratch-baseline or -p.')
         self.dataset = dataset_name(args.dataset)
         self.preprocessed = os.path.join(os.fspath(nnUNet_preprocessed), self.dataset)
         self.results = os.path.join(os.fspath(nnUNet_results), self.dataset)
@@ -122,13 +150,11 @@ class Setup:
             raise DesdError(f'{self.preprocessed} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} '
                             f'-c {args.configuration} first.')
         self.configuration = args.configuration
-        self.trainers = {'tested': args.trainer, 'baseline': args.baseline}
-        self.plans = {'tested': args.plans, 'baseline': args.baseline_plans}
         self.data_folders = {}
-        for role in ROLES:
+        for role in self.roles:
             plans_file = os.path.join(self.preprocessed, self.plans[role] + '.json')
             if not os.path.isfile(plans_file):
-                option = '-p' if role == 'tested' else '--baseline-plans'
+                option = '--baseline-plans' if role == 'baseline' else '-p'
                 raise DesdError(f'Plans file {plans_file} ({role} trainer, {option}) not found: plan the dataset '
                                 f'(nnUNetv2_plan_and_preprocess, or '
                                 f'desd_plan_like_pretrained for plans that match an export).')
@@ -146,35 +172,46 @@ class Setup:
             self.weights_sha256 = file_sha256(self.weights)
         self.output = os.path.abspath(args.output) if args.output else os.path.join(self.results, 'desd_benchmark')
         self.device = args.device
-        self.seed = args.seed
 
     def model_folder(self, role: str, fold_id: int) -> str:
         return os.path.join(self.results, f'{self.trainers[role]}__{self.plans[role]}__{self.configuration}',
                             f'fold_{fold_id}')
 
+    def subset_sizes(self) -> dict:
+        """fraction -> 'fold f: k of n, ...' for the fractions below 1, where the splits file exists."""
+        splits_file = os.path.join(self.preprocessed, SPLITS_FILE)
+        if not os.path.isfile(splits_file):
+            return {}
+        with open(splits_file) as f:
+            splits = json.load(f)
+        return {fraction: ', '.join(f'fold {fold}: {subset_size(fraction, len(splits[fold]["train"]))} of '
+                                    f'{len(splits[fold]["train"])}' for fold in self.folds if fold < len(splits))
+                for fraction in self.fractions if fraction < 1}
+
     def meta(self) -> ReportMeta:
-        return ReportMeta(dataset=self.dataset, configuration=self.configuration,
-                          tested_trainer=self.trainers['tested'], tested_plans=self.plans['tested'],
-                          baseline_trainer=self.trainers['baseline'], baseline_plans=self.plans['baseline'],
-                          folds=self.folds, fractions=self.fractions, seed=self.seed,
+        return ReportMeta(dataset=self.dataset, configuration=self.configuration, trainers=dict(self.trainers),
+                          plans=dict(self.plans), folds=self.folds, fractions=self.fractions, seeds=self.seeds,
+                          subset_sizes=self.subset_sizes(),
                           pretrained=f'{self.weights} (sha256 {self.weights_sha256})' if self.weights else None)
 
 
 def plan_cells(setup: Setup, create_folds: bool) -> List[Cell]:
-    """Every cell of both sides, the tested trainer first in each (fraction, fold), so that a wrong trainer
+    """Every cell of every role, the tested trainer first in each (fraction, seed, fold), so that a wrong trainer
     name or export fails at the first run. Without create_folds, fraction folds not appended yet have no fold id."""
     # any preprocessed copy of the dataset lists its cases (needed only where splits_final.json is missing)
     data_folder = next((d for d in setup.data_folders.values() if os.path.isdir(d)), setup.data_folders['tested'])
     cells = []
     for fraction in setup.fractions:
-        for fold in setup.folds:
-            if create_folds:
-                fold_id = fraction_fold(setup.preprocessed, data_folder, fold, fraction, setup.seed)
-            else:
-                fold_id = find_fraction_fold(setup.preprocessed, fold, fraction, setup.seed)
-            for role in ('tested', 'baseline'):
-                cells.append(Cell(role, setup.trainers[role], setup.plans[role], fold, fraction, fold_id,
-                                  None if fold_id is None else setup.model_folder(role, fold_id)))
+        for seed in (setup.seeds if fraction < 1 else [None]):
+            for fold in setup.folds:
+                subset_seed = setup.seeds[0] if seed is None else seed
+                if create_folds:
+                    fold_id = fraction_fold(setup.preprocessed, data_folder, fold, fraction, subset_seed)
+                else:
+                    fold_id = find_fraction_fold(setup.preprocessed, fold, fraction, subset_seed)
+                for role in setup.roles:
+                    cells.append(Cell(role, setup.trainers[role], setup.plans[role], fold, fraction, fold_id,
+                                      None if fold_id is None else setup.model_folder(role, fold_id), seed))
     return cells
 
 
@@ -334,7 +371,8 @@ def benchmark(args: argparse.Namespace) -> Optional[dict]:
         with tqdm(selected, desc='desd_benchmark', unit='cell', file=sys.stderr, dynamic_ncols=True) as bar:
             for cell in bar:
                 step = next_step(cell)
-                bar.set_postfix_str(f'{cell.role} fold {cell.fold} fraction {cell.fraction:g}')
+                bar.set_postfix_str(f'{cell.role} fold {cell.fold} fraction {cell.fraction:g}' +
+                                    ('' if cell.seed is None else f' seed {cell.seed}'))
                 if step is None:
                     continue
                 bar.write(f'{STEP_WORDS[step]} {cell.role} {cell.describe()} (log: {log_file(setup, cell)})',

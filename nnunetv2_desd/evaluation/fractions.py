@@ -5,7 +5,8 @@ the list's length. A fraction f of fold k is therefore one appended entry {'trai
 stock nnU-Net trains it, validates it on the unchanged validation cases and writes ``fold_<entry>/``.
 
 Subsets are nested: the sorted training cases of fold k are permuted once with the seed (seed, k), and fraction f
-keeps the first max(1, round(f * n)) of that permutation. Fraction 1.0 is fold k itself, so finished vanilla
+keeps the first ``subset_size(f, n)`` = max(1, ceil(f * n)) of that permutation (0.5 of 11 cases is 6, 0.1 of 8 is 1);
+each subset seed gives another nested family. Fraction 1.0 is fold k itself, so finished vanilla
 runs are reused. Every appended entry is recorded in ``desd_fraction_folds.json`` next to the splits file;
 the standard entries are never changed. Writes are atomic and serialised by an flock, since cluster jobs may add
 folds at the same time.
@@ -70,12 +71,19 @@ def standard_splits(data_identifier_folder: str) -> List[Dict[str, List[str]]]:
     return [{'train': [str(k) for k in s['train']], 'val': [str(k) for k in s['val']]} for s in splits]
 
 
+def subset_size(fraction: float, n: int) -> int:
+    """max(1, ceil(fraction * n)); a product within 1e-9 of an integer counts as that integer (0.3 * 10 is 3)."""
+    product = fraction * n
+    nearest = round(product)
+    return max(1, nearest if abs(product - nearest) < 1e-9 else math.ceil(product))
+
+
 def nested_subset(train: List[str], fraction: float, fold: int, seed: int) -> List[str]:
-    """The first max(1, round(fraction * n)) cases of a (seed, fold)-seeded permutation of the sorted cases,
+    """The first subset_size(fraction, n) cases of a (seed, fold)-seeded permutation of the sorted cases,
     listed in the order of ``train``. The same permutation serves every fraction, so subsets are nested."""
     ordered = sorted(train)
     permutation = np.random.default_rng([int(seed), int(fold)]).permutation(len(ordered))
-    keep = {ordered[i] for i in permutation[:max(1, round(fraction * len(ordered)))]}
+    keep = {ordered[i] for i in permutation[:subset_size(fraction, len(ordered))]}
     return [c for c in train if c in keep]
 
 
@@ -93,8 +101,9 @@ def _standard_folds(splits: list, registry: dict) -> List[int]:
 
 def _find_registered(splits: Optional[list], registry: dict, preprocessed_dataset_folder: str, fold: int,
                      fraction: float, seed: int) -> Optional[int]:
+    size = subset_size(fraction, len(splits[fold]['train'])) if splits is not None and fold < len(splits) else None
     for fold_id, entry in registry.items():
-        same = entry['base_fold'] == fold and entry['seed'] == seed and \
+        same = entry['base_fold'] == fold and entry['seed'] == seed and entry.get('n_train') == size and \
             math.isclose(entry['fraction'], fraction, rel_tol=0, abs_tol=1e-9)
         if same:
             fold_id = int(fold_id)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from nnunetv2_desd.errors import DesdError, command_errors
+from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
 
 DEFAULT_RANDOM_SEEDS = 3
 
@@ -450,7 +450,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='desd_probe', description=__doc__,
+    p = ArgumentParser(prog='desd_probe', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='labelled dataset (id or name), preprocessed')
     p.add_argument('-w', dest='exports', nargs='+', required=True, help='export(s) of desd_pretrain')

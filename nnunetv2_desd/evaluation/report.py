@@ -1,12 +1,19 @@
-"""Paired per-case Dice of two trainers, from nnU-Net's ``fold_X/validation/summary.json``.
+"""Paired per-case Dice of the benchmark's trainers, from nnU-Net's ``fold_X/validation/summary.json``.
 
 nnU-Net 2.8.1 writes per validation case ``metric_per_case[i] = {'metrics': {label_key: {'Dice': ...}},
 'reference_file': ...}``; label keys are ``str(label)`` (``str(tuple(region))`` for region-based datasets).
 A case is identified by (base fold, reference file name); a fraction's fold validates on the base fold's cases,
-so the two trainers' cases pair up. For every fraction and label, plus the per-case mean over labels
-('foreground mean'), the report gives each trainer's mean +- sd over the paired cases of all chosen folds, the
-paired difference tested - baseline and a two-sided Wilcoxon signed-rank p. A Dice of NaN (label absent from
-reference and prediction) drops that pair.
+so the trainers' cases pair up.
+
+Statistics, per comparison (tested − scratch, tested − vanilla), fraction and label:
+
+- per case, Δ = Dice(tested) − Dice(other); a NaN Dice (label absent from reference and prediction) drops the pair.
+  The 'foreground mean' of a case averages the labels that are not NaN on *both* sides.
+- one unit per (base fold, subset seed): the mean Δ over its validation cases (and each side's mean Dice).
+- over the units: the mean Δ, a 95% percentile-bootstrap confidence interval of that mean (``BOOTSTRAP_RESAMPLES``
+  resamples of the units, fixed seed), and the two-sided Wilcoxon signed-rank p with zero differences dropped, so n
+  is the number of non-zero unit differences. With n non-zero differences and no ties the smallest p the test can
+  give is 2^(1 − n): below n = 6 no result can reach p < 0.05, and the report says so.
 """
 import csv
 import dataclasses
@@ -23,14 +30,18 @@ from nnunetv2_desd.errors import DesdError
 from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write, atomic_write_text
 
 FOREGROUND = 'foreground mean'
-ROLES = ('baseline', 'tested')
-CSV_FIELDS = ('fraction', 'label', 'baseline_mean', 'baseline_sd', 'tested_mean', 'tested_sd', 'diff_mean',
-              'diff_sd', 'wilcoxon_p', 'n_pairs')
+ROLES = ('tested', 'scratch', 'baseline')
+ROLE_WORDS = {'tested': 'tested', 'scratch': 'same schedule from scratch', 'baseline': 'vanilla baseline'}
+COMPARISONS = (('tested', 'scratch'), ('tested', 'baseline'))  # Δ = first − second
+BOOTSTRAP_RESAMPLES = 10000
+CONFIDENCE = 0.95
+CSV_FIELDS = ('comparison', 'fraction', 'label', 'fold', 'seed', 'tested_mean', 'other_mean', 'diff_mean', 'diff_sd',
+              'ci_low', 'ci_high', 'wilcoxon_p', 'n_units', 'n_nonzero', 'n_cases')
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One run: a trainer (role 'baseline' or 'tested') on one labelled fraction of one base fold."""
+    """One run: a trainer in one role on one labelled fraction (and subset seed) of one base fold."""
     role: str
     trainer: str
     plans: str
@@ -38,6 +49,7 @@ class Cell:
     fraction: float
     fold_id: Optional[int]       # the nnU-Net fold; None while the fraction fold does not exist yet
     model_folder: Optional[str]  # nnUNet_results/<Dataset>/<trainer>__<plans>__<config>/fold_<fold_id>
+    seed: Optional[int] = None   # subset seed; None for fraction 1 (one subset only)
 
     @property
     def summary_file(self) -> Optional[str]:
@@ -51,25 +63,25 @@ class Cell:
         fold = f'fold {self.fold}'
         if self.fold_id not in (None, self.fold):
             fold += f' (nnU-Net fold {self.fold_id})'
-        return f'{self.trainer} ({self.plans}), {fold}, fraction {self.fraction:g}'
+        seed = '' if self.seed is None else f', subset seed {self.seed}'
+        return f'{self.trainer} ({self.plans}), {fold}, fraction {self.fraction:g}{seed}'
 
 
 @dataclasses.dataclass
 class ReportMeta:
     dataset: str
     configuration: str
-    tested_trainer: str
-    tested_plans: str
-    baseline_trainer: str
-    baseline_plans: str
+    trainers: Dict[str, str]  # role -> trainer, for the roles that run
+    plans: Dict[str, str]
     folds: List[int]
     fractions: List[float]
-    seed: int
+    seeds: List[int]
+    subset_sizes: Dict[float, str] = dataclasses.field(default_factory=dict)  # fraction -> 'k of n' per fold
     pretrained: Optional[str] = None  # '-w' file and its sha256, when given
 
     @property
     def stem(self) -> str:
-        return f'{self.tested_trainer}_vs_{self.baseline_trainer}__{self.configuration}'
+        return f'{self.trainers["tested"]}_vs_{self.trainers["baseline"]}__{self.configuration}'
 
 
 def label_names(dataset_json: dict) -> Dict[str, str]:
@@ -91,143 +103,229 @@ def label_names(dataset_json: dict) -> Dict[str, str]:
 
 
 def read_case_dice(summary_file: str, names: Dict[str, str]) -> Dict[str, Dict[str, float]]:
-    """{reference file name: {label name: Dice, FOREGROUND: mean over the labels that are not NaN}}."""
+    """{reference file name: {label name: Dice}}."""
     try:
         with open(summary_file) as f:
-            summary = json.load(f)
-        per_case = summary['metric_per_case']
-    except (OSError, ValueError, KeyError) as e:
+            per_case = json.load(f)['metric_per_case']
+        return {os.path.basename(entry['reference_file']):
+                {names.get(key, key): float(m['Dice']) for key, m in entry['metrics'].items()} for entry in per_case}
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DesdError(f'Cannot read per-case metrics from {summary_file}: {e}') from None
-    cases = {}
-    for entry in per_case:
-        dice = {names.get(key, key): float(m['Dice']) for key, m in entry['metrics'].items()}
-        values = [v for v in dice.values() if not math.isnan(v)]
-        dice[FOREGROUND] = float(np.mean(values)) if values else math.nan
-        cases[os.path.basename(entry['reference_file'])] = dice
-    return cases
 
 
-def _mean_sd(values: np.ndarray) -> Tuple[Optional[float], Optional[float]]:
-    if len(values) == 0:
-        return None, None
-    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) >= 2 else None)
+def paired_case_values(first: Dict[str, float], second: Dict[str, float], label: str) -> Optional[Tuple[float, float]]:
+    """(first, second) Dice of one case for ``label``; FOREGROUND averages the labels not NaN on both sides.
+    None where nothing pairs."""
+    if label == FOREGROUND:
+        common = [k for k in first if k in second and not (math.isnan(first[k]) or math.isnan(second[k]))]
+        if not common:
+            return None
+        return float(np.mean([first[k] for k in common])), float(np.mean([second[k] for k in common]))
+    a, b = first.get(label, math.nan), second.get(label, math.nan)
+    return None if math.isnan(a) or math.isnan(b) else (a, b)
 
 
-def paired_statistics(baseline: Sequence[float], tested: Sequence[float]) -> dict:
-    """Means +- sample sds (ddof=1) of both sides and of tested - baseline over the pairs without NaN, and the
-    two-sided Wilcoxon signed-rank p (None where n < 2 or every difference is 0)."""
+def bootstrap_ci(values: Sequence[float], confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> Optional[Tuple[float, float]]:
+    """Percentile bootstrap interval of the mean: quantiles (1 ± confidence) / 2 of the means of ``resamples``
+    resamples with replacement. None for fewer than 2 values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def signed_rank_test(differences: Sequence[float]) -> Tuple[Optional[float], int]:
+    """(two-sided Wilcoxon signed-rank p, n): zero differences are dropped first, n counts the others (exact p
+    without ties, the normal approximation with ties). p is None where n is 0."""
     from scipy.stats import wilcoxon
 
-    b, t = np.asarray(baseline, dtype=float), np.asarray(tested, dtype=float)
-    keep = ~(np.isnan(b) | np.isnan(t))
-    b, t = b[keep], t[keep]
-    diff = t - b
-    p = None
-    if len(diff) >= 2 and np.any(diff != 0):
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # scipy warns about ties / small n; the p it returns is still right
-            p = float(wilcoxon(diff, alternative="two-sided").pvalue)
-    (bm, bs), (tm, ts), (dm, ds) = _mean_sd(b), _mean_sd(t), _mean_sd(diff)
-    return dict(baseline_mean=bm, baseline_sd=bs, tested_mean=tm, tested_sd=ts, diff_mean=dm, diff_sd=ds,
-                wilcoxon_p=p, n_pairs=int(len(diff)))
+    d = np.asarray(differences, dtype=float)
+    d = d[d != 0]
+    if len(d) == 0:
+        return None, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # scipy warns about small n; the p it returns is still right
+        return float(wilcoxon(d, alternative='two-sided').pvalue), int(len(d))
 
 
-def compare(cells: Sequence[Cell], names: Dict[str, str]) -> Tuple[List[dict], List[Cell]]:
-    """Rows (one per fraction and label, then FOREGROUND) over the finished cells, and the missing cells."""
+def smallest_possible_p(n: int) -> float:
+    """The smallest two-sided exact Wilcoxon p for n non-zero differences: all of one sign, 2 / 2^n."""
+    return 2.0 ** (1 - n)
+
+
+def _sd(x: np.ndarray) -> Optional[float]:
+    return float(np.std(x, ddof=1)) if len(x) >= 2 else None
+
+
+def unit_statistics(units: List[dict]) -> dict:
+    """Over the (fold, seed) units: mean Dice of both sides, mean Δ, its sd, bootstrap CI and Wilcoxon."""
+    diffs = np.array([u['diff_mean'] for u in units], dtype=float)
+    ci = bootstrap_ci(diffs)
+    p, n_nonzero = signed_rank_test(diffs)
+    mean = (lambda key: float(np.mean([u[key] for u in units])) if units else None)
+    return dict(tested_mean=mean('tested_mean'), other_mean=mean('other_mean'), diff_mean=mean('diff_mean'),
+                diff_sd=_sd(diffs), ci_low=None if ci is None else ci[0], ci_high=None if ci is None else ci[1],
+                wilcoxon_p=p, n_units=len(units), n_nonzero=n_nonzero, n_cases=sum(u['n_cases'] for u in units))
+
+
+def _unit_key(cell: Cell) -> Tuple[int, int]:
+    return cell.fold, -1 if cell.seed is None else cell.seed
+
+
+def compare(cells: Sequence[Cell], names: Dict[str, str]) -> Tuple[List[dict], List[dict], List[Cell]]:
+    """(aggregate rows, per-(fold, seed) rows, missing cells). Rows exist per comparison whose roles both run,
+    fraction, and label (then FOREGROUND)."""
     missing = [c for c in cells if not c.done]
-    dice = {(c.role, c.fold, c.fraction): read_case_dice(c.summary_file, names) for c in cells if c.done}
+    dice = {(c.role, c.fraction, _unit_key(c)): read_case_dice(c.summary_file, names) for c in cells if c.done}
     labels = list(names.values())
     for per_case in dice.values():
         for case in per_case.values():
-            labels += [k for k in case if k not in labels and k != FOREGROUND]
-    rows = []
-    for fraction in sorted({c.fraction for c in cells}):
-        pairs = {label: ([], []) for label in labels + [FOREGROUND]}
-        for fold in sorted({c.fold for c in cells}):
-            base, test = dice.get(('baseline', fold, fraction)), dice.get(('tested', fold, fraction))
-            if base is None or test is None:
-                continue
-            for case in sorted(set(base) & set(test)):
-                for label, (b, t) in pairs.items():
-                    b.append(base[case].get(label, math.nan))
-                    t.append(test[case].get(label, math.nan))
-        for label, (b, t) in pairs.items():
-            rows.append({'fraction': fraction, 'label': label, **paired_statistics(b, t)})
-    return rows, missing
+            labels += [k for k in case if k not in labels]
+    roles = {c.role for c in cells}
+    rows, unit_rows = [], []
+    for first, second in COMPARISONS:
+        if first not in roles or second not in roles:
+            continue
+        comparison = f'{first} - {second}'
+        for fraction in sorted({c.fraction for c in cells}):
+            keys = sorted({_unit_key(c) for c in cells if c.fraction == fraction})
+            for label in labels + [FOREGROUND]:
+                units = []
+                for key in keys:
+                    a, b = dice.get((first, fraction, key)), dice.get((second, fraction, key))
+                    if a is None or b is None:
+                        continue
+                    pairs = [v for case in sorted(set(a) & set(b))
+                             if (v := paired_case_values(a[case], b[case], label)) is not None]
+                    if not pairs:
+                        continue
+                    x = np.array(pairs)
+                    units.append(dict(comparison=comparison, fraction=fraction, label=label, fold=key[0],
+                                      seed=None if key[1] < 0 else key[1], tested_mean=float(x[:, 0].mean()),
+                                      other_mean=float(x[:, 1].mean()), diff_mean=float((x[:, 0] - x[:, 1]).mean()),
+                                      n_cases=len(pairs)))
+                unit_rows += units
+                rows.append(dict(comparison=comparison, fraction=fraction, label=label, fold=None, seed=None,
+                                 **unit_statistics(units)))
+    return rows, unit_rows, missing
 
 
 def _fmt(value: Optional[float], spec: str = '.4f') -> str:
     return 'n/a' if value is None else format(value, spec)
 
 
-def _mean_pm_sd(mean: Optional[float], sd: Optional[float], sign: str = '') -> str:
-    if mean is None:
-        return 'n/a'
-    return f'{_fmt(mean, sign + ".4f")} ± {_fmt(sd)}'
+def _ci(row: dict) -> str:
+    return 'n/a' if row['ci_low'] is None else f'[{row["ci_low"]:+.4f}, {row["ci_high"]:+.4f}]'
 
 
-def markdown(rows: List[dict], missing: List[Cell], meta: ReportMeta) -> str:
-    lines = [f'# {meta.tested_trainer} vs {meta.baseline_trainer}: {meta.dataset}, {meta.configuration}', '',
-             f'- dataset: {meta.dataset}; configuration: {meta.configuration}',
-             f'- tested: {meta.tested_trainer} with plans {meta.tested_plans}',
-             f'- baseline: {meta.baseline_trainer} with plans {meta.baseline_plans}',
-             f'- folds: {" ".join(map(str, meta.folds))}; labelled fractions: '
-             f'{" ".join(format(f, "g") for f in meta.fractions)}; subset seed: {meta.seed}']
+def markdown(rows: List[dict], unit_rows: List[dict], missing: List[Cell], meta: ReportMeta) -> str:
+    t = meta.trainers
+    lines = [f'# {t["tested"]} vs {" and ".join(t[r] for r in ROLES[1:] if r in t)}: {meta.dataset}, '
+             f'{meta.configuration}', '', f'- dataset: {meta.dataset}; configuration: {meta.configuration}']
+    lines += [f'- {ROLE_WORDS[r]}: {t[r]} with plans {meta.plans[r]}' for r in ROLES if r in t]
+    lines.append(f'- folds: {" ".join(map(str, meta.folds))}; labelled fractions: '
+                 f'{" ".join(format(f, "g") for f in meta.fractions)}; subset seeds: '
+                 f'{" ".join(map(str, meta.seeds))} (fraction 1 has one subset)')
+    for fraction, sizes in meta.subset_sizes.items():
+        lines.append(f'- fraction {fraction:g}: max(1, ceil({fraction:g} n)) training cases per fold: {sizes}')
     if meta.pretrained:
         lines.append(f'- pre-trained weights: {meta.pretrained}')
-    lines += ['',
-              'These are our measurements: per-case Dice read from nnU-Net\'s validation summary.json of each run '
-              'listed here, not numbers from a publication. Means ± sample sd over the validation cases of the '
-              'chosen folds that both trainers have; Δ = tested − baseline per case; p: two-sided Wilcoxon '
-              'signed-rank test on the paired cases. "foreground mean" is the per-case mean over labels.', '',
-              '| fraction | label | baseline Dice | tested Dice | Δ Dice | p (Wilcoxon) | n pairs |',
-              '|---:|---|---|---|---|---:|---:|']
-    for r in rows:
-        lines.append(f'| {r["fraction"]:g} | {r["label"]} | {_mean_pm_sd(r["baseline_mean"], r["baseline_sd"])} | '
-                     f'{_mean_pm_sd(r["tested_mean"], r["tested_sd"])} | '
-                     f'{_mean_pm_sd(r["diff_mean"], r["diff_sd"], "+")} | {_fmt(r["wilcoxon_p"], ".4g")} | '
-                     f'{r["n_pairs"]} |')
+    lines += ['', 'These are our measurements: per-case Dice read from nnU-Net\'s validation summary.json of each run '
+              'listed here, not numbers from a publication. Δ = tested − other per validation case, averaged per '
+              f'(fold, subset seed) unit; the table gives the mean over units, a {CONFIDENCE:.0%} bootstrap '
+              'confidence interval of that mean, the two-sided Wilcoxon signed-rank p over the unit differences '
+              '(zeros dropped; n = units / non-zero differences / validation cases). "foreground mean" averages per '
+              'case the labels that both sides have.']
+    for first, second in COMPARISONS:
+        mine = [r for r in rows if r['comparison'] == f'{first} - {second}']
+        if not mine:
+            continue
+        lines += ['', f'## {t[first]} − {t[second]} ({ROLE_WORDS[second]})', '',
+                  f'| fraction | label | {t[first]} | {t[second]} | Δ Dice | {CONFIDENCE:.0%} CI | p (Wilcoxon) | n |',
+                  '|---:|---|---|---|---|---|---:|---|']
+        for r in mine:
+            lines.append(f'| {r["fraction"]:g} | {r["label"]} | {_fmt(r["tested_mean"])} | {_fmt(r["other_mean"])} '
+                         f'| {_fmt(r["diff_mean"], "+.4f")} | {_ci(r)} | {_fmt(r["wilcoxon_p"], ".4g")} | '
+                         f'{r["n_units"]} / {r["n_nonzero"]} / {r["n_cases"]} |')
+        for r in mine:
+            if r['label'] == FOREGROUND and smallest_possible_p(r['n_nonzero']) >= 0.05:
+                lines.append(f'\nFraction {r["fraction"]:g}: {r["n_nonzero"]} non-zero unit differences; the smallest '
+                             f'p the Wilcoxon test can give is 2^(1 − n) = {smallest_possible_p(r["n_nonzero"]):.3g}, '
+                             f'so no result here can reach p < 0.05 (n ≥ 6 is needed).')
+    if unit_rows:
+        lines += ['', '## Per fold and subset seed (foreground mean)', '',
+                  '| comparison | fraction | fold | seed | tested | other | Δ | cases |', '|---|---:|---:|---:|---|---|---|---:|']
+        lines += [f'| {u["comparison"]} | {u["fraction"]:g} | {u["fold"]} | {"—" if u["seed"] is None else u["seed"]} '
+                  f'| {u["tested_mean"]:.4f} | {u["other_mean"]:.4f} | {u["diff_mean"]:+.4f} | {u["n_cases"]} |'
+                  for u in unit_rows if u['label'] == FOREGROUND]
     if missing:
         lines += ['', f'Missing cells ({len(missing)}; left out of the table):', '']
         lines += [f'- {c.role}: {c.describe()}' for c in missing]
     return '\n'.join(lines) + '\n'
 
 
-def csv_text(rows: List[dict]) -> str:
+def csv_text(rows: List[dict], unit_rows: List[dict]) -> str:
+    """Aggregate rows (fold and seed 'all'), then the per-(fold, seed) rows (statistics 'n/a')."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator='\n')
     writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ('n/a' if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k])
-                         for k in CSV_FIELDS})
+    for i, r in enumerate(rows + unit_rows):
+        record = {k: r.get(k) for k in CSV_FIELDS}
+        if i < len(rows):
+            record.update(fold='all', seed='all')
+        writer.writerow({k: ('n/a' if v is None else repr(v) if isinstance(v, float) else v)
+                         for k, v in record.items()})
     return out.getvalue()
 
 
-def figure(rows: List[dict], meta: ReportMeta, path: str) -> None:
-    """Mean Dice +- sd against the labelled fraction: one panel per label and the foreground mean."""
+def figure(rows: List[dict], unit_rows: List[dict], meta: ReportMeta, path: str) -> None:
+    """Per label: mean Dice over units against the labelled fraction for each trainer; last panel: Δ foreground
+    mean with its confidence interval, per comparison."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r['label'] for r in rows))
-    fig, axes = plt.subplots(1, max(1, len(labels)), figsize=(4 * max(1, len(labels)), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(labels) + 1, figsize=(4 * (len(labels) + 1), 3.6), squeeze=False)
     for ax, label in zip(axes[0], labels):
-        mine = [r for r in rows if r['label'] == label and r['n_pairs'] > 0]
-        for role, trainer, marker in (('baseline', meta.baseline_trainer, 's'), ('tested', meta.tested_trainer, 'o')):
-            x = [r['fraction'] for r in mine]
-            y = [r[f'{role}_mean'] for r in mine]
-            err = [r[f'{role}_sd'] or 0.0 for r in mine]
-            ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=trainer)
+        for role, marker in zip(ROLES, 'os^'):
+            comparison = f'tested - {role}' if role != 'tested' else None
+            mine = [r for r in rows if r['label'] == label and r['n_units'] > 0 and
+                    (r['comparison'] == comparison or (role == 'tested' and r['comparison'].endswith('baseline')))]
+            if not mine or role not in meta.trainers:
+                continue
+            key = 'tested_mean' if role == 'tested' else 'other_mean'
+            ax.plot([r['fraction'] for r in mine], [r[key] for r in mine], marker=marker, label=meta.trainers[role])
+        ax.set_title(label)
+        ax.set_ylabel('Dice (mean over folds and seeds)')
+    ax = axes[0][-1]
+    for shift, (first, second) in zip((-0.03, 0.03), COMPARISONS):
+        mine = [r for r in rows if r['comparison'] == f'{first} - {second}' and r['label'] == FOREGROUND and
+                r['n_units'] > 0]
+        if not mine:
+            continue
+        x = [r['fraction'] * (1 + shift) for r in mine]
+        y = [r['diff_mean'] for r in mine]
+        err = [[r['diff_mean'] - (r['ci_low'] if r['ci_low'] is not None else r['diff_mean']) for r in mine],
+               [(r['ci_high'] if r['ci_high'] is not None else r['diff_mean']) - r['diff_mean'] for r in mine]]
+        ax.errorbar(x, y, yerr=err, marker='o', capsize=3, linestyle='none', label=f'− {ROLE_WORDS[second]}')
+    ax.axhline(0, color='grey', lw=0.8)
+    ax.set_title(f'Δ foreground mean, {CONFIDENCE:.0%} CI')
+    ax.set_ylabel('Δ Dice')
+    for ax in axes[0]:
         ax.set_xscale('log')
         ax.set_xticks(meta.fractions)
         ax.set_xticklabels([format(f, 'g') for f in meta.fractions])
         ax.minorticks_off()
-        ax.set_title(label)
         ax.set_xlabel('labelled fraction')
-        ax.set_ylabel('Dice')
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize='small')
-    fig.suptitle(f'{meta.dataset}, {meta.configuration}: mean Dice ± sd over validation cases')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize='small')
+    fig.suptitle(f'{meta.dataset}, {meta.configuration}: validation Dice, averaged per fold and subset seed')
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
@@ -235,12 +333,12 @@ def figure(rows: List[dict], meta: ReportMeta, path: str) -> None:
 
 def write_report(output_folder: str, cells: Sequence[Cell], names: Dict[str, str], meta: ReportMeta) -> dict:
     """Writes <stem>.md, .csv and .png into output_folder (atomically: concurrent cluster cells may all report).
-    Returns {'md', 'csv', 'png': path, 'rows', 'missing', 'text': the Markdown}."""
-    rows, missing = compare(cells, names)
+    Returns {'md', 'csv', 'png': path, 'rows', 'unit_rows', 'missing', 'text': the Markdown}."""
+    rows, unit_rows, missing = compare(cells, names)
     os.makedirs(output_folder, exist_ok=True)
     paths = {ext: os.path.join(output_folder, f'{meta.stem}.{ext}') for ext in ('md', 'csv', 'png')}
-    text = markdown(rows, missing, meta)
+    text = markdown(rows, unit_rows, missing, meta)
     atomic_write_text(text, paths['md'])
-    atomic_write_text(csv_text(rows), paths['csv'])
-    figure(rows, meta, paths['png'])
-    return {**paths, 'rows': rows, 'missing': missing, 'text': text}
+    atomic_write_text(csv_text(rows, unit_rows), paths['csv'])
+    figure(rows, unit_rows, meta, paths['png'])
+    return {**paths, 'rows': rows, 'unit_rows': unit_rows, 'missing': missing, 'text': text}

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from nnunetv2_desd.errors import DesdError, command_errors
+from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
 from nnunetv2_desd.models import memory
 from nnunetv2_desd.models.pvt_unet import CLASS_NAME, default_arch_kwargs
 
@@ -160,7 +160,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog='desd_pvt_benchmark', description=__doc__,
+    p = ArgumentParser(prog='desd_pvt_benchmark', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', help='dataset with nnUNetPlans and PVT plans')
     p.add_argument('-p', dest='plans_name', default='nnUNetPlans_pvt', help='PVT plans (default nnUNetPlans_pvt)')

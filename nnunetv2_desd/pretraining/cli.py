@@ -3,7 +3,7 @@ import argparse
 import os
 from typing import List, Optional, Tuple
 
-from nnunetv2_desd.errors import DesdError, command_errors
+from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
 from nnunetv2_desd.pretraining.config import METHOD_DEFAULTS, RECIPES, SCALED_EPOCH_COUNTS, PretrainConfig
 from nnunetv2_desd.pretraining.models.heads import HEAD_NORMS
 from nnunetv2_desd.pretraining.views.drr import ATTENUATIONS, VIEWS
@@ -27,7 +27,7 @@ def _default(key: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='desd_pretrain', description=__doc__)
+    p = ArgumentParser(prog='desd_pretrain', description=__doc__)
     p.add_argument('-d', dest='dataset', required=True, help='dataset id or name in nnUNet_raw (labels optional)')
     p.add_argument('-m', dest='method', default='desd', choices=METHODS,
                    help='desd: deep self-distillation; cads: DeSD + CT/DRR alignment with packed masking (CT only); '
@@ -216,8 +216,8 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    cfg, preprocess_only = parse_config(argv)
     with command_errors('desd_pretrain'):
+        cfg, preprocess_only = parse_config(argv)
         path = run(cfg, preprocess_only)
     print(f'preprocessed data ready for {cfg.dataset}' if path is None else f'export: {path}')
 

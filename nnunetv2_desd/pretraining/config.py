@@ -16,6 +16,7 @@ ReFs (``-m refs``, METHODS.md §4) keeps DeSD's recipe and adds its reference ta
 pre-trains with the reference dataset's plans (``plans_from = reference``), so the reference's preprocessed
 data fit the network as they are.
 """
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
@@ -36,6 +37,70 @@ RECIPES = {
     'small-batch': dict(head_norm='running', sinkhorn_queue=64, out_dim=256, teacher_temp=0.02, warmup_teacher_temp=0.02,
                         teacher_momentum=0.9),
 }
+
+
+# field -> (kind, lower, upper, what): every option's type and range, checked in one place (PretrainConfig.check)
+# kinds: 'int'/'float' with inclusive bounds (None: open), '(float' excludes the lower bound, 'ints' a list of ints
+LIMITS = {
+    'epochs': ('int', 1, None, 'a positive number of epochs'),
+    'iters_per_epoch': ('int', 1, None, 'a positive number of iterations'),
+    'batch_size': ('int', 1, None, 'a positive batch size'),
+    'patch_size': ('ints', 4, None, 'three patch lengths of at least 4 voxels'),
+    'out_dim': ('int', 2, None, 'at least 2 prototypes'),
+    'stages': ('ints', 0, None, 'encoder stage indices'),
+    'head_hidden_dim': ('int', 1, None, 'a positive width'),
+    'head_bottleneck_dim': ('int', 1, None, 'a positive width'),
+    'student_temp': ('(float', 0, None, 'a temperature above 0'),
+    'teacher_temp': ('(float', 0, None, 'a temperature above 0'),
+    'warmup_teacher_temp': ('(float', 0, None, 'a temperature above 0'),
+    'warmup_teacher_temp_epochs': ('int', 0, None, 'a number of epochs, 0 or more'),
+    'center_momentum': ('float', 0, 1, 'a momentum in [0, 1]'),
+    'sinkhorn_queue': ('int', 0, None, 'a queue length, 0 or more'),
+    'teacher_momentum': ('float', 0, 1, 'a momentum in [0, 1]'),
+    'teacher_momentum_end': ('float', 0, 1, 'a momentum in [0, 1]'),
+    'freeze_last_layer_epochs': ('int', 0, None, 'a number of epochs, 0 or more'),
+    'lr': ('(float', 0, None, 'a learning rate above 0'),
+    'min_lr': ('float', 0, None, 'a learning rate, 0 or more'),
+    'warmup_epochs': ('int', 0, None, 'a number of epochs, 0 or more'),
+    'weight_decay': ('float', 0, None, 'a weight decay, 0 or more'),
+    'weight_decay_end': ('float', 0, None, 'a weight decay, 0 or more'),
+    'clip_grad': ('float', 0, None, 'a gradient norm, 0 (off) or more'),
+    'mask_ratio': ('float', 0, 0.999, 'a share in [0, 1)'),
+    'mask_patch': ('ints', 1, None, 'three positive patch lengths'),
+    'reference_weight': ('float', 0, None, 'a weight, 0 or more'),
+    'matching_weight': ('float', 0, None, 'a weight, 0 or more'),
+    'matching_stages': ('int', 1, None, 'a positive number of stages'),
+    'fish_inner_lr': ('float', 0, None, 'a learning rate, 0 or more'),
+    'reference_batch_size': ('int', 1, None, 'a positive batch size'),
+    'num_workers': ('int', 0, None, 'a number of processes, 0 or more'),
+    'num_preprocessing_processes': ('int', 1, None, 'a positive number of processes'),
+    'seed': ('int', 0, 2 ** 32 - 1, 'a seed in [0, 2^32)'),
+}
+CHOICES = {'method': ('desd', 'cads', 'refs'), 'device': ('cuda', 'cpu'), 'optimizer': ('sgd', 'adamw'),
+           'matching': ('fish', 'cosine')}
+
+
+def option_name(field_name: str) -> str:
+    return {'num_preprocessing_processes': '-np', 'device': '-device', 'method': '-m'}.get(
+        field_name, '--' + field_name.replace('_', '-'))
+
+
+def limit_problem(name: str, value) -> Optional[str]:
+    """None if ``value`` fits LIMITS[name] (None values always fit: not given), else the one-line complaint."""
+    kind, low, high, what = LIMITS[name]
+    if value is None:
+        return None
+    values = list(value) if kind == 'ints' and isinstance(value, (list, tuple)) else [value]
+    if kind == 'ints' and name in ('patch_size', 'mask_patch') and len(values) != 3:
+        return f'{option_name(name)} needs 3 values, got {len(values)}'
+    for v in values:
+        integral = isinstance(v, int) and not isinstance(v, bool)
+        number = integral or (isinstance(v, float) and math.isfinite(v))
+        if kind in ('int', 'ints') and not integral or not number:
+            return f'{option_name(name)} {value!r}: expected {what}'
+        if low is not None and (v <= low if kind == '(float' else v < low) or high is not None and v > high:
+            return f'{option_name(name)} {v!r}: expected {what}'
+    return None
 
 
 @dataclass
@@ -98,6 +163,19 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> 'PretrainConfig':
+        """DesdError (one line) for the first option outside LIMITS or CHOICES; returns self."""
+        from nnunetv2_desd.errors import DesdError
+        problems = [limit_problem(name, getattr(self, name)) for name in LIMITS]
+        problems += [f'{option_name(name)} {getattr(self, name)!r}: choose one of {", ".join(choices)}'
+                     for name, choices in CHOICES.items() if getattr(self, name) not in choices]
+        if self.recipe not in RECIPES:
+            problems.append(f'--recipe {self.recipe!r}: choose one of {", ".join(RECIPES)}')
+        problems = [p for p in problems if p]
+        if problems:
+            raise DesdError(problems[0] + '.')
+        return self
+
     @classmethod
     def create(cls, dataset: str, method: str = 'desd', **given) -> 'PretrainConfig':
         """Dataclass defaults, then ``METHOD_DEFAULTS[method]`` with scaled epoch counts, then ``given``
@@ -108,10 +186,15 @@ class PretrainConfig:
             raise TypeError(f'unknown PretrainConfig fields {unknown}')
         recipe = given.get('recipe', cls.recipe)
         if recipe not in RECIPES:
-            raise ValueError(f'unknown recipe {recipe!r}: choose one of {sorted(RECIPES)}')
+            from nnunetv2_desd.errors import DesdError
+            raise DesdError(f'--recipe {recipe!r}: choose one of {", ".join(RECIPES)}.')
         official = {**cls(dataset).to_dict(), **METHOD_DEFAULTS.get(method, {})}
         values = {**official, **RECIPES[recipe]}
         epochs = given.get('epochs', official['epochs'])
+        problem = limit_problem('epochs', epochs)
+        if problem:
+            from nnunetv2_desd.errors import DesdError
+            raise DesdError(problem + '.')
         if epochs < official['epochs']:
             for key in SCALED_EPOCH_COUNTS:  # a count the recipe has stays at least 1 epoch
                 scaled = round(official[key] * epochs / official['epochs'])
@@ -119,5 +202,5 @@ class PretrainConfig:
         values.update(given, dataset=dataset, method=method)
         if method == 'refs' and values['plans_from'] is None:
             values['plans_from'] = values['reference']
-        return cls(**values)
+        return cls(**values).check()
 

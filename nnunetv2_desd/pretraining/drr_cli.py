@@ -10,14 +10,14 @@ import argparse
 import os
 from typing import List, Optional
 
-from nnunetv2_desd.errors import command_errors
+from nnunetv2_desd.errors import ArgumentParser, command_errors
 from nnunetv2_desd.pretraining.views.drr import ATTENUATIONS, DEFAULT_ATTENUATION, DEFAULT_VIEW, VIEWS
 
 
 def build_parser() -> argparse.ArgumentParser:
     from nnunetv2_desd.pretraining.config import PretrainConfig
     d = PretrainConfig('')
-    p = argparse.ArgumentParser(prog='desd_drr', description=__doc__,
+    p = ArgumentParser(prog='desd_drr', description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='dataset id or name in nnUNet_raw (CT, labels optional)')
     p.add_argument('-c', dest='configuration', default=d.configuration, help='nnU-Net 3D configuration')

@@ -21,13 +21,13 @@ import shutil
 from multiprocessing import get_context
 from typing import List, Optional, Sequence
 
-from nnunetv2_desd.errors import DesdError, command_errors
+from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
 from nnunetv2_desd.preprocessing_match import preprocessing_plans
 from nnunetv2_desd.semisupervised.pool import CASE_SEPARATOR, POOL_FORMAT, POOL_VERSION, pool_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='desd_preprocess_unlabelled', description=__doc__,
+    p = ArgumentParser(prog='desd_preprocess_unlabelled', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='the labelled dataset (id or DatasetXXX_Name), planned')
     p.add_argument('-u', dest='unlabelled', nargs='+', required=True,

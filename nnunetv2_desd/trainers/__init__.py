@@ -8,6 +8,7 @@ import os
 
 EXT_TRAINER_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ext')
 PROVENANCE_FILE = 'pretrained_weights.json'  # written into fold_X by every pre-trained fine-tuning run
+TRAINER_FOR_METHOD = {'desd': 'nnUNetTrainerDeSD', 'cads': 'nnUNetTrainerCADS', 'refs': 'nnUNetTrainerReFs'}  # finetune
 
 
 def with_ext_trainers(env: dict) -> dict:

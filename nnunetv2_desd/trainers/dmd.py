@@ -49,7 +49,6 @@ Not supported: ``-pretrained_weights`` (DMD needs two differently initialised ne
 import contextlib
 import math
 import os
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -143,8 +142,8 @@ class nnUNetTrainerDMD(nnUNetTrainer):
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
     def initialize(self):
-        from nnunetv2_desd.trainers.finetune import pretrained_weights_argument
-        if pretrained_weights_argument(sys.argv) is not None:
+        from nnunetv2_desd.trainers.finetune import weights_nnunet_will_load
+        if weights_nnunet_will_load() is not None:
             raise DesdError(f'{type(self).__name__} trains two randomly initialised networks that teach each other; '
                             f'-pretrained_weights is not supported. Remove it.')
         if self.is_cascaded:

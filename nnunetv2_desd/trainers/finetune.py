@@ -5,14 +5,18 @@ Used with the stock command::
 
     nnUNetv2_train D 3d_fullres FOLD -tr nnUNetTrainerDeSD [-p nnUNetPlans_pretrained] -pretrained_weights EXPORT
 
-Recipe (defaults; change them in a subclass, as nnU-Net's own trainer variants do):
+Recipes (``FINETUNE_RECIPES``; a trainer's class attribute ``recipe`` picks one, the other is a named variant):
 
-- ``initial_lr`` 1e-2 with nnU-Net's SGD (momentum 0.99, Nesterov, weight decay 3e-5) and deep supervision, so
-  that a comparison with ``nnUNetTrainer`` differs only in the initialisation and the warm-up. nnssl fine-tunes
-  its CNNs at 1e-3; set ``self.initial_lr = 1e-3`` for that.
-- ``warmup_epochs`` 50 of 1000: linear warm-up, then nnU-Net's poly(0.9) decay. The decoder starts random, and
-  its first gradients are large; the warm-up keeps them from overwriting the pre-trained encoder (nnssl uses 50
-  warm-up epochs for 1000-epoch fine-tuning).
+- ``pretrained`` (the default, chosen by the label-efficiency study, see the README): nnU-Net main's own recipe
+  for pre-trained checkpoints (its ``PretrainedTrainer``): SGD (momentum 0.99, Nesterov, weight decay 3e-5) at
+  ``initial_lr`` 1e-3, deep supervision off, the whole network warmed up.
+- ``vanilla``: nnUNetTrainer's own values, ``initial_lr`` 1e-2 with deep supervision (variants
+  ``nnUNetTrainerDeSD_vanillaRecipe``, ...).
+- ``warmup_epochs`` None: 5% of ``num_epochs`` (50 of 1000, as nnU-Net main), at least 1; set a number to fix it.
+  Linear warm-up, then nnU-Net's poly(0.9) decay. The decoder starts random, and its first gradients are large;
+  the warm-up keeps them from overwriting the pre-trained encoder.
+- ``from_scratch`` False: the ``<trainer>_scratch`` twins (``variants``) set it, and train the same recipe and
+  schedule from nnU-Net's random initialisation: the baseline that isolates the initialisation.
 - ``encoder_lr_multiplier`` 1.0: the encoder's lr relative to the decoder's. The DeSD and CADS papers fine-tune
   the whole network at one lr; values below 1 (e.g. 0.1) keep more of the pre-training on very small datasets.
 - ``freeze_encoder_epochs`` 0: the encoder's lr is 0 for that many epochs while the decoder learns, then the
@@ -25,7 +29,8 @@ Recipe (defaults; change them in a subclass, as nnU-Net's own trainer variants d
   and nnU-Net's SGD are kept for CNNs.
 
 Loading: nnU-Net's ``-pretrained_weights`` loader asserts on the first shape difference and reports nothing. So
-``initialize()`` reads the same ``-pretrained_weights`` argument of the command line and loads the encoder itself:
+``initialize()`` takes the file nnU-Net is about to load (``weights_nnunet_will_load``: command line, Python API
+and DDP children alike; nothing for ``--c`` and ``--val``) and loads the encoder itself:
 every tensor is compared, a mismatch ends with all differing tensors and the command that fixes it, a different
 number of input channels is adapted in the stem, and the log says "loaded N of M encoder tensors from FILE
 (sha256 ...)". nnU-Net's loader then runs as usual on the same file and finds matching shapes (for an adapted
@@ -35,7 +40,7 @@ records the file, its sha256 and what was loaded.
 """
 import os
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch._dynamo import OptimizedModule
@@ -49,15 +54,39 @@ from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_desd.trainers.pretrained_weights import mismatch_message, plan_loading, read_export
 
 
-def pretrained_weights_argument(argv: List[str]) -> Optional[str]:
-    """The value of nnUNetv2_train's ``-pretrained_weights`` in ``argv``; argparse's unambiguous prefixes
-    (``-pr``, ``-pretrained``, ...) and the ``=VALUE`` form count too."""
-    option, value = '-pretrained_weights', None
-    for i, arg in enumerate(argv[1:], start=1):
-        name, sep, attached = arg.partition('=')
-        if len(name) >= 3 and option.startswith(name):  # '-pr...' is unambiguous among nnUNetv2_train's options
-            value = attached if sep else (argv[i + 1] if i + 1 < len(argv) else None)
-    return value
+FINETUNE_RECIPES = {
+    'pretrained': {'initial_lr': 1e-3, 'enable_deep_supervision': False},  # nnU-Net main's PretrainedTrainer
+    'vanilla': {'initial_lr': 1e-2, 'enable_deep_supervision': True},  # nnUNetTrainer's own values
+}
+DEFAULT_FINETUNE_RECIPE = 'pretrained'
+WARMUP_SHARE = 0.05  # nnU-Net main: 50 warm-up epochs of 1000
+
+
+def scaled_warmup_epochs(num_epochs: int) -> int:
+    """5% of num_epochs, rounded half up, at least 1 (50 of 1000, 8 of 150, 1 of 10)."""
+    return max(1, int(WARMUP_SHARE * num_epochs + 0.5))
+
+
+def weights_nnunet_will_load() -> Optional[str]:
+    """The ``-pretrained_weights`` file nnU-Net 2.8.1 is about to load, or None.
+
+    ``nnunetv2.run.run_training.maybe_load_checkpoint(trainer, continue_training, validation_only,
+    pretrained_weights_file)`` is the one place that loads such weights, on every path: ``nnUNetv2_train``, the
+    ``run_training(..., pretrained_weights=X)`` API and each DDP child. For a fresh training with weights it calls
+    ``trainer.initialize()`` right before its own loader; ``--c`` and ``--val`` reach ``initialize()`` through it
+    too, and then load no weights. So the file is read from that function's frame up the call stack (nothing of
+    nnU-Net's is changed); None where ``initialize()`` runs elsewhere (nnU-Net then loads no weights).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == 'maybe_load_checkpoint' and \
+                frame.f_globals.get('__name__') == 'nnunetv2.run.run_training':
+            local = frame.f_locals
+            if local.get('continue_training') or local.get('validation_only'):
+                return None
+            return local.get('pretrained_weights_file')
+        frame = frame.f_back
+    return None
 
 
 def preferred_optimizer(network: torch.nn.Module) -> str:
@@ -71,11 +100,15 @@ def preferred_optimizer(network: torch.nn.Module) -> str:
 class nnUNetTrainerPretrained(nnUNetTrainer):
     """nnU-Net's trainer with a pre-trained encoder from ``-pretrained_weights`` and the fine-tuning schedule."""
     method = None  # the pre-training method this trainer is named after; another method's export only warns
+    recipe = DEFAULT_FINETUNE_RECIPE
+    from_scratch = False  # the _scratch twins: same recipe and schedule, nnU-Net's random initialisation
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.warmup_epochs = 50
+        for key, value in FINETUNE_RECIPES[self.recipe].items():
+            setattr(self, key, value)
+        self.warmup_epochs = None  # None: scaled_warmup_epochs(num_epochs)
         self.encoder_lr_multiplier = 1.0
         self.freeze_encoder_epochs = 0
         self.adamw_lr = 1e-4  # peak lr for architectures that prefer AdamW
@@ -89,9 +122,17 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
         network = self.network.module if isinstance(self.network, DDP) else self.network
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
+    @property
+    def warmup_epoch_count(self) -> int:
+        return scaled_warmup_epochs(self.num_epochs) if self.warmup_epochs is None else int(self.warmup_epochs)
+
     def initialize(self):
+        pretrained_file = weights_nnunet_will_load()
+        if self.from_scratch and pretrained_file is not None:
+            raise DesdError(f'{type(self).__name__} is a from-scratch baseline (nnU-Net\'s random initialisation): '
+                            f'drop -pretrained_weights.')
         super().initialize()
-        self.pretrained_file = pretrained_weights_argument(sys.argv)
+        self.pretrained_file = pretrained_file
         if self.pretrained_file is not None:
             self.load_pretrained_encoder(self.pretrained_file)
 
@@ -116,7 +157,8 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
             groups = [{'params': params, 'name': name, **extra} for name, params, extra in parts]
             optimizer = torch.optim.SGD(groups, self.peak_lr, weight_decay=self.weight_decay, momentum=0.99,
                                         nesterov=True)
-        return optimizer, WarmupPolyLRScheduler(optimizer, self.peak_lr, self.warmup_epochs, self.num_epochs)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.peak_lr, self.warmup_epoch_count,
+                                                      self.num_epochs)
 
     def load_pretrained_encoder(self, path: str) -> None:
         export = read_export(path)
@@ -141,9 +183,7 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
             f'(sha256 {export.file_sha256})' +
             (f'; stem {plan.stem_key} adapted from {tuple(export.weights[plan.stem_key].shape)} to '
              f'{tuple(self._stem_to_restore[1].shape)} input channels' if plan.stem_key else ''))
-        self.print_to_log_file(f'fine-tuning: {self.optimizer_name}, peak lr {self.peak_lr}, warm-up '
-                               f'{self.warmup_epochs} epochs, encoder lr x{self.encoder_lr_multiplier}, encoder '
-                               f'frozen for {self.freeze_encoder_epochs} epochs, {self.num_epochs} epochs')
+        self.print_to_log_file(self.recipe_line())
         if self.local_rank == 0:
             meta = export.metadata
             atomic_write_json({
@@ -153,11 +193,18 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
                 'trainer': type(self).__name__, 'plans_name': self.plans_manager.plans_name,
                 'loaded_encoder_tensors': plan.num_loaded, 'encoder_tensors': plan.num_encoder_tensors,
                 'adapted_stem': plan.stem_key,
-                'recipe': {'optimizer': self.optimizer_name, 'peak_lr': self.peak_lr,
-                           'initial_lr': self.initial_lr, 'warmup_epochs': self.warmup_epochs,
+                'recipe': {'name': self.recipe, 'optimizer': self.optimizer_name, 'peak_lr': self.peak_lr,
+                           'initial_lr': self.initial_lr, 'warmup_epochs': self.warmup_epoch_count,
+                           'deep_supervision': self.enable_deep_supervision,
                            'encoder_lr_multiplier': self.encoder_lr_multiplier,
                            'freeze_encoder_epochs': self.freeze_encoder_epochs, 'num_epochs': self.num_epochs},
             }, os.path.join(self.output_folder, PROVENANCE_FILE))
+
+    def recipe_line(self) -> str:
+        return (f'fine-tuning recipe {self.recipe!r}: {self.optimizer_name}, peak lr {self.peak_lr}, deep supervision '
+                f'{"on" if self.enable_deep_supervision else "off"}, warm-up {self.warmup_epoch_count} of '
+                f'{self.num_epochs} epochs, encoder lr x{self.encoder_lr_multiplier}, encoder frozen for '
+                f'{self.freeze_encoder_epochs} epochs' + (', from scratch' if self.from_scratch else ''))
 
     def restore_adapted_stem(self) -> None:
         """Puts the channel-adapted stem back once nnU-Net's loader has run (no-op without adaptation)."""
@@ -168,10 +215,13 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
 
     def on_train_start(self):
         self.restore_adapted_stem()
-        if self.pretrained_file is None and self.current_epoch == 0:
+        if not self.from_scratch and self.pretrained_file is None and self.current_epoch == 0:
             raise DesdError(f'{type(self).__name__} fine-tunes pre-trained weights: add -pretrained_weights EXPORT '
-                            f'to nnUNetv2_train (train from scratch with nnUNetTrainer).')
-        super().on_train_start()
+                            f'to nnUNetv2_train (train from scratch with nnUNetTrainer or {type(self).__name__}'
+                            f'_scratch).')
+        super().on_train_start()  # initialises the trainer where no weights were loaded
+        if self.from_scratch:
+            self.print_to_log_file(self.recipe_line())
 
 
 class nnUNetTrainerDeSD(nnUNetTrainerPretrained):

@@ -25,14 +25,12 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_desd.errors import DesdError, command_errors
+from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.trainers import TRAINER_FOR_METHOD
 from nnunetv2_desd.trainers.pretrained_weights import read_export
 
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pretrained'
 PROVENANCE_KEY = 'desd_pretrained'  # top-level plans entry naming the export these plans were made for
-TRAINER_FOR_METHOD = {'desd': 'nnUNetTrainerDeSD', 'cads': 'nnUNetTrainerCADS'}
-
-
 def total_stride(arch_kwargs: dict) -> List[int]:
     """Per-axis product of the encoder's strides (the factor every patch axis must be divisible by)."""
     strides = [[s] * 3 if isinstance(s, int) else s for s in arch_kwargs['strides']]
@@ -311,7 +309,7 @@ def _print_report(plans: dict, planned: dict, meta: dict, raw, configuration: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='desd_plan_like_pretrained', description=__doc__,
+    p = ArgumentParser(prog='desd_plan_like_pretrained', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='downstream dataset id or name (raw dataset, labelled)')
     p.add_argument('-w', dest='export_file', required=True, help='pre-trained export (pretrained_export.pth)')

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_desd.errors import DesdError, command_errors
+from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
 from nnunetv2_desd.models.pvt_unet import CLASS_NAME, CONV_STAGE_FEATURES, PVT_V2_B1, PVTUNet, default_arch_kwargs
 from nnunetv2_desd.models.pvt_unet import total_stride as stride_product
 
@@ -177,7 +177,7 @@ def _print_report(dataset_name: str, plans: dict, configuration: str, source_cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='desd_plan_pvt', description=__doc__,
+    p = ArgumentParser(prog='desd_plan_pvt', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='datasets', nargs='+', required=True, help='dataset ids or names (labels optional)')
     p.add_argument('-s', dest='source_plans', default='nnUNetPlans',

@@ -61,6 +61,10 @@ def read_export(path: str) -> PretrainedExport:
     if not isinstance(weights, dict) or not weights:
         raise DesdError(f'{path} is not an nnunetv2_desd export (no "network_weights"). Use the '
                         f'pretrained_export.pth that desd_pretrain writes.')
+    odd = next((k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise DesdError(f'{path}: "network_weights" maps {odd!r} to a {type(weights[odd]).__name__}, not a tensor; '
+                        f'the file is not a network\'s state dict.')
     metadata = checkpoint.get('desd_export')
     return PretrainedExport(path, weights, metadata if isinstance(metadata, dict) else {}, file_sha256(path))
 

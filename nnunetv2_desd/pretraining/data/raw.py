@@ -8,6 +8,7 @@ NaN voxel ends the run with one clear message and leaves nothing half-made. The 
 the body masks that stand in for labels in nnU-Net's fingerprint (CT: voxels above -500 HU; other
 modalities: non-zero voxels), so CT normalisation statistics are taken over the body.
 """
+import math
 import os
 import re
 import shutil
@@ -114,9 +115,88 @@ def _stored_nonfinite(file: str) -> int:
     return int(voxels.size - np.count_nonzero(np.isfinite(voxels))) if voxels.dtype.kind in 'fc' else 0
 
 
+def _header(file: str) -> Optional[dict]:
+    """Dimension, size, spacing, direction, origin, pixel type and components from the file's header (SimpleITK
+    reads it without the voxels); None for a format SimpleITK does not read (nnU-Net's own reader decides)."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return {'dimension': reader.GetDimension(), 'size': reader.GetSize(), 'spacing': reader.GetSpacing(),
+            'direction': reader.GetDirection(), 'origin': reader.GetOrigin(),
+            'pixel': sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+            'components': reader.GetNumberOfComponents()}
+
+
+def _nifti_problem(file: str) -> Optional[str]:
+    """What SimpleITK's NIfTI reader hides: it replaces a zero or NaN voxel size by 1. The stored NIfTI-1 header
+    (dim at byte 40, pixdim at byte 76) is read as it is; other headers are left to the readers."""
+    import gzip
+    import struct
+    try:
+        with (gzip.open if file.endswith('.gz') else open)(file, 'rb') as f:
+            header = f.read(348)
+    except (OSError, EOFError) as e:
+        return f'{file} cannot be read ({type(e).__name__}: {e})'
+    order = next((o for o in '<>' if len(header) == 348 and struct.unpack_from(o + 'i', header)[0] == 348), None)
+    if order is None:
+        return None  # NIfTI-2 or not NIfTI: the reader decides
+    dim = struct.unpack_from(order + '8h', header, 40)
+    pixdim = struct.unpack_from(order + '8f', header, 76)
+    if not 3 <= dim[0] <= 7 or any(d != 1 for d in dim[4:dim[0] + 1]):
+        return f'{file} stores a {dim[0]}D image of shape {dim[1:dim[0] + 1]}; pre-training needs 3D volumes'
+    spacing = [float(v) for v in pixdim[1:4]]
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        return f'{file} stores voxel sizes {tuple(spacing)}: every spacing must be finite and positive'
+    return None
+
+
+def geometry_problem(case: str, files: List[str]) -> Optional[str]:
+    """The first geometry problem of a case's channel files, read from their headers, or None: a 3D scalar real
+    image, at least 2 voxels along every axis, finite positive spacing, a finite orthonormal direction, and the
+    same grid in every channel."""
+    for file in files:
+        problem = _nifti_problem(file) if file.endswith(('.nii', '.nii.gz')) else None
+        if problem is not None:
+            return problem
+    headers = [_header(f) for f in files]
+    for file, h in zip(files, headers):
+        if h is None:
+            continue
+        if h['dimension'] != 3:
+            return f'{file} is a {h["dimension"]}D image; pre-training needs 3D volumes'
+        if h['components'] != 1 or 'complex' in h['pixel'].lower():
+            return f'{file} has {h["components"]}-component {h["pixel"]} voxels; expected one real value per voxel'
+        if min(h['size']) < 2:
+            return f'{file} has size {h["size"]}: a 3D volume needs at least 2 voxels along every axis'
+        if not all(math.isfinite(v) and v > 0 for v in h['spacing']):
+            return f'{file} has spacing {h["spacing"]}: every spacing must be finite and positive'
+        direction = np.asarray(h['direction'], dtype=float).reshape(3, 3)
+        if not np.all(np.isfinite(direction)) or not np.allclose(direction @ direction.T, np.eye(3), atol=1e-3):
+            return f'{file} has a direction matrix that is not orthonormal: {h["direction"]}'
+        if not all(math.isfinite(v) for v in h['origin']):
+            return f'{file} has origin {h["origin"]}'
+    known = [(f, h) for f, h in zip(files, headers) if h is not None]
+    for file, h in known[1:]:
+        first_file, first = known[0]
+        same = h['size'] == first['size'] and np.allclose(h['spacing'], first['spacing'], rtol=1e-3) and \
+            np.allclose(h['direction'], first['direction'], atol=1e-3) and \
+            np.allclose(h['origin'], first['origin'], atol=1e-2 * max(first['spacing']))
+        if not same:
+            return f'case {case}: {file} is not on the grid of {first_file} (size {h["size"]} vs {first["size"]}, ' \
+                   f'spacing {h["spacing"]} vs {first["spacing"]})'
+    return None
+
+
 def _check_case(case: str, files: List[str], reader_writer_class, is_ct: bool,
                 mask_file: Optional[str]) -> Tuple[str, Optional[str]]:
     """Returns (case, error message or None). Writes the body mask when mask_file is given."""
+    problem = geometry_problem(case, files)
+    if problem is not None:
+        return case, problem
     try:
         images, properties = reader_writer_class().read_images(files)
         stored_bad = [_stored_nonfinite(f) for f in files]
@@ -124,6 +204,11 @@ def _check_case(case: str, files: List[str], reader_writer_class, is_ct: bool,
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         return case, f'corrupt or unreadable image in case {case} ({", ".join(files)}): {type(e).__name__}: ' \
                      f'{lines[-1] if lines else ""}'
+    spacing = [float(v) for v in properties.get('spacing', ())]
+    if images.ndim != 4 or len(images) != len(files) or min(images.shape[1:]) < 2 or len(spacing) != 3 or \
+            not all(math.isfinite(v) and v > 0 for v in spacing):
+        return case, f'case {case} ({", ".join(files)}) reads as shape {tuple(images.shape)} with spacing ' \
+                     f'{tuple(spacing)}; expected {len(files)} 3D channel(s) with finite positive spacing'
     bad = ~np.isfinite(images)
     channels = sorted({int(c) for c in np.nonzero(bad.reshape(len(images), -1).any(1))[0]} |
                       {c for c, n in enumerate(stored_bad) if n})

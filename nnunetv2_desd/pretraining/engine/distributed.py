@@ -1,7 +1,9 @@
 """torch.distributed set-up for torchrun: nccl on GPU, gloo on CPU. Single process when not under torchrun."""
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Dict, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,3 +54,28 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def check_finite_everywhere(values: Dict[str, float], step: int, device: torch.device,
+                            skippable: Sequence[str] = ()) -> bool:
+    """Every process calls this once per step with the same names: one all_gather of ``values``. A non-finite
+    value on any process raises the same DesdError on every process (naming the processes), so no process is left
+    waiting in a collective; where only ``skippable`` values are non-finite (AMP: the scaler skips the step
+    everywhere), returns False. True where all values are finite everywhere."""
+    from nnunetv2_desd.errors import DesdError
+    mine = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        table = torch.stack(gathered).cpu()
+    else:
+        table = mine.cpu()[None]
+    bad = {name: [r for r in range(table.shape[0]) if not math.isfinite(table[r, i].item())]
+           for i, name in enumerate(values)}
+    fatal = {name: ranks for name, ranks in bad.items() if ranks and name not in skippable}
+    if fatal:
+        where = '; '.join(f'{name} is {", ".join(str(table[r, list(values).index(name)].item()) for r in ranks)} '
+                          f'on process{"es" if len(ranks) > 1 else ""} {", ".join(map(str, ranks))}'
+                          for name, ranks in fatal.items())
+        raise DesdError(f'{where} at step {step}; lower --lr or check the data.')
+    return not any(bad.values())

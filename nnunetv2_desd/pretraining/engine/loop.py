@@ -17,7 +17,7 @@ from nnunetv2_desd.pretraining.data.drrs import drr_projection_axis
 from nnunetv2_desd.pretraining.data.planning import PreparedData
 from nnunetv2_desd.pretraining.engine.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict,
                                                          load_checkpoint, restore_rng_state, tensor_digest)
-from nnunetv2_desd.pretraining.engine.distributed import DistContext, all_reduce_mean
+from nnunetv2_desd.pretraining.engine.distributed import DistContext, all_reduce_mean, check_finite_everywhere
 from nnunetv2_desd.pretraining.engine.ema import ema_update
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog
@@ -208,8 +208,7 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.reference is None:
             loss = self.ssl_loss(batch)
-            if not torch.isfinite(loss):
-                raise DesdError(f'loss is {loss.item()} at step {self.step}; lower --lr or check the data.')
+            check_finite_everywhere({'loss': loss.item()}, self.step, self.device)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             method_metrics = {}
         else:
@@ -265,6 +264,9 @@ class Pretrainer:
                                                                                  for k, v in values.items()))
                 self.progress.plot()
                 self.save_checkpoint('checkpoint_latest.pth')
+        if self.step == 0:  # the same on every process: all of them stop here
+            raise DesdError('no training step was taken (0 epochs or iterations): nothing learnt, so no export is '
+                            'written.')
         if self.dist.is_main:
             self.save_checkpoint('checkpoint_final.pth')
             path = self.save_export()

@@ -41,6 +41,7 @@ the matching term weighted alike), alpha = 0.01 (nnU-Net's initial learning rate
 logged ``gradient_cosine`` is cos(g_ssl, g_ref) on the matched encoder parameters (fish: between the two inner
 steps' gradients, on the whole encoder).
 """
+import math
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -49,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.pretraining.engine.distributed import check_finite_everywhere
 from nnunetv2_desd.pretraining.methods.desd import DeSD
 
 MATCHING_FORMS = ('fish', 'cosine')
@@ -93,12 +95,13 @@ def fish_gradients(params: Dict[str, Tensor], losses: Sequence[Callable[[Dict[st
     ``loss_scale``: the losses come multiplied by it (AMP); the inner steps use the unscaled gradients, G stays
     scaled, as the gradients of a scaled backward would be. Returns (G by name (parameters no loss reaches are
     left out), the cosine between the first two inner gradients over the names in ``match`` (None without
-    ``match``), whether every gradient was finite; on a non-finite gradient the remaining inner steps are
-    skipped: G then holds it, and AMP's scaler skips the step).
+    ``match`` or after a non-finite gradient), whether every gradient was finite). Every loss is evaluated
+    whatever happens, so that each process issues the same collectives (the SSL loss all-reduces its centre);
+    after a non-finite gradient no further inner step is taken, G holds it, and AMP's scaler skips the step.
     """
     current = dict(params)
     total: Dict[str, Tensor] = {}
-    cosine = None
+    cosine, all_finite = None, True
     for k, loss_at in enumerate(losses):
         names = list(current)
         grads = torch.autograd.grad(loss_at(current), [current[n] for n in names], allow_unused=True)
@@ -110,16 +113,14 @@ def fish_gradients(params: Dict[str, Tensor], losses: Sequence[Callable[[Dict[st
                 norms = torch.sqrt(sum(_wide(total[n]).pow(2).sum() for n in common)) * \
                     torch.sqrt(sum(_wide(grads[n]).pow(2).sum() for n in common))
                 cosine = float(dot / norms.clamp_min(1e-12))
-        finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
-        if finite and k < len(losses) - 1:
+        all_finite = all_finite and all(bool(torch.isfinite(g).all()) for g in grads.values())
+        if all_finite and k < len(losses) - 1:
             with torch.no_grad():
                 current = {n: (p - (inner_lr / loss_scale) * grads[n] if n in grads else p.detach()).requires_grad_()
                            for n, p in current.items()}
         for n, g in grads.items():  # fresh tensors from autograd: accumulated in place
             total[n] = total[n].add_(g) if n in total else g
-        if not finite:
-            return total, None, False
-    return total, cosine, True
+    return total, cosine if all_finite else None, all_finite
 
 
 def encoder_stage_of(name: str) -> int:
@@ -228,35 +229,31 @@ class ReFs(DeSD):
         def ssl(theta):
             student = {n: theta[n] for n in trainer.student_parameter_names}
             values['ssl'] = trainer.ssl_loss(batch, lambda *inputs: functional_call(trainer.student, student, inputs))
-            require_finite(values['ssl'], 'SSL loss', trainer.step)
             return values['ssl'] * scale
 
         def ref(theta):
             network = {n: theta[n] for n in trainer.network_parameter_names}
             with torch.autocast(trainer.device.type, enabled=trainer.amp):
                 values['reference'] = trainer.reference_loss(functional_call(trainer.network, network, (x,)), y)
-            require_finite(values['reference'], 'reference loss', trainer.step)
             return values['reference'] * (scale * self.reference_weight)
 
         order = [ssl, ref] if torch.randint(2, ()).item() == 0 else [ref, ssl]
         grads, cosine, finite = fish_gradients(params, order, self.fish_inner_lr, scale, trainer.encoder_names)
-        if not finite and trainer.scaler is None:
-            raise DesdError(f'non-finite gradient at step {trainer.step}; lower --fish-inner-lr or --lr.')
+        metrics = {'ssl_loss': values['ssl'].item(), 'reference_loss': values['reference'].item()}
+        # AMP: an overflowing gradient anywhere skips the step everywhere (the averaged gradients carry it)
+        check_finite_everywhere({'SSL loss': metrics['ssl_loss'], 'reference loss': metrics['reference_loss'],
+                                 'fish gradient': 0.0 if finite else math.nan}, trainer.step, trainer.device,
+                                skippable=('fish gradient',) if trainer.scaler is not None else ())
         for name, p in params.items():
             p.grad = grads.get(name)
-        loss = (values['ssl'] + self.reference_weight * values['reference']).detach() if len(values) == 2 else \
-            torch.tensor(float('nan'))
-        metrics = {'ssl_loss': values['ssl'].item() if 'ssl' in values else float('nan'),
-                   'reference_loss': values['reference'].item() if 'reference' in values else float('nan'),
-                   'gradient_cosine': float('nan') if cosine is None else cosine}
-        return loss, metrics
+        loss = (values['ssl'] + self.reference_weight * values['reference']).detach()
+        return loss, {**metrics, 'gradient_cosine': float('nan') if cosine is None else cosine}
 
     def _cosine(self, trainer, batch, x, y, scale):
         ssl = trainer.ssl_loss(batch, trainer.student)
         with torch.autocast(trainer.device.type, enabled=trainer.amp):
             ref = trainer.reference_loss(trainer.network(x), y)
-        require_finite(ssl, 'SSL loss', trainer.step)
-        require_finite(ref, 'reference loss', trainer.step)
+        check_finite_everywhere({'SSL loss': ssl.item(), 'reference loss': ref.item()}, trainer.step, trainer.device)
         matched = [trainer.trainable_parameters[n] for n in trainer.matched_names]
         cosine = gradient_cosine(ssl * scale, ref * scale, matched, create_graph=self.matching_weight > 0)
         loss = ssl + self.reference_weight * ref + self.matching_weight * (1 - cosine)
@@ -264,7 +261,3 @@ class ReFs(DeSD):
         metrics = {'ssl_loss': ssl.item(), 'reference_loss': ref.item(), 'gradient_cosine': cosine.item()}
         return loss.detach(), metrics
 
-
-def require_finite(loss: Tensor, what: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise DesdError(f'{what} is {loss.item()} at step {step}; lower --lr or check the data.')

@@ -5,3 +5,6 @@ from nnunetv2_desd.trainers.variants import (nnUNetTrainerCADSDemo, nnUNetTraine
                                              nnUNetTrainerDemo, nnUNetTrainerDeSDDemo, nnUNetTrainerDeSDTiny,
                                              nnUNetTrainerDMDDemo, nnUNetTrainerDMDTiny, nnUNetTrainerReFsDemo,
                                              nnUNetTrainerReFsTiny, nnUNetTrainerTiny)
+from nnunetv2_desd.trainers.variants import GENERATED_VARIANTS
+
+globals().update(GENERATED_VARIANTS)  # the other recipe and the _scratch twins
