@@ -128,7 +128,6 @@ def _study_export(folders: dict) -> str:
 def run_study(workdir: str) -> str:
     """The label-efficiency study (module docstring); returns the path of its summary."""
     folders = _use_workdir(workdir)
-    os.environ.setdefault('nnUNet_n_proc_DA', '0')  # augmentation in the training process: no worker start-up per run
     from nnunetv2_desd.evaluation.benchmark import benchmark, build_parser
     from nnunetv2_desd.evaluation.probe import build_parser as probe_parser, probe_markdown, run_probe
     from nnunetv2_desd.pretraining.data.sources import write_chest_ct_datasets
@@ -144,6 +143,8 @@ def run_study(workdir: str) -> str:
     probe, _ = run_probe(probe_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-p', STUDY_PLANS,
                                                     '-device', 'cpu', *PROBE_SETTINGS]))
     print(f'[4/5] encoder probe:\n\n{probe_markdown(probe)}')
+    # augmentation in each training process: no worker start-up per run (nnU-Net's planner needs >= 1, hence here)
+    os.environ.setdefault('nnUNet_n_proc_DA', '0')
     main_report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr',
                                                        'nnUNetTrainerDeSDDemo', *STUDY_BENCHMARK]))
     # the other recipe against the default: the default's cells exist now and are reused

@@ -48,22 +48,31 @@ def test_generated_ct_pretrains_and_resume_restores_the_centre(tmp_path, monkeyp
     ctx = init_distributed('cpu')
     prepared = prepare_data(cfg, ctx)
     cfg.plans = prepared.plans_identifier
-    trainers = []
-    for i in range(2):
-        trainer = Pretrainer(cfg, prepared, ctx, str(tmp_path / f'resume{i}'))
-        trainer.load_checkpoint(str(out / 'checkpoint_latest.pth'))
-        trainers.append(trainer)
-    assert torch.equal(trainers[0].loss.center, checkpoint['loss']['center'])
-    assert trainers[0].step == checkpoint['step'] == 4
-    batch = next(build_view_loader(prepared, trainers[0].patch_size, 2, 0, drr_files=prepared.drr_files))
-    assert batch['drr'].shape == (2, 1, 32, 32, 1)
+    loaded = Pretrainer(cfg, prepared, ctx, str(tmp_path / 'loaded'))
+    loaded.load_checkpoint(str(out / 'checkpoint_latest.pth'))
+    assert torch.equal(loaded.loss.center, checkpoint['loss']['center']) and loaded.step == checkpoint['step'] == 4
+
+    # against an uninterrupted run: it takes 3 steps; a fresh trainer that loads its checkpoint after step 2 takes the
+    # third step exactly as it does (masking and augmentation draw from the restored RNG)
+    loader = build_view_loader(prepared, loaded.patch_size, 2, 0, drr_files=prepared.drr_files)
+    batches = [next(loader) for _ in range(3)]
+    assert batches[0]['drr'].shape == (2, 1, 32, 32, 1)
     torch.manual_seed(0)
-    loss_a = trainers[0].train_step(batch)
-    torch.manual_seed(0)
-    loss_b = trainers[1].train_step(batch)
-    assert torch.equal(loss_a, loss_b)
-    assert not torch.equal(trainers[0].loss.center, checkpoint['loss']['center'])
-    assert torch.equal(trainers[0].loss.center, trainers[1].loss.center)
+    uninterrupted = Pretrainer(cfg, prepared, ctx, str(tmp_path / 'uninterrupted'))
+    for batch in batches[:2]:
+        uninterrupted.train_step(batch)
+    uninterrupted.save_checkpoint('checkpoint_latest.pth')
+    loss_uninterrupted = uninterrupted.train_step(batches[2])
+    torch.manual_seed(123)  # the resumed run starts from another seed: only the checkpoint can make it match
+    resumed = Pretrainer(cfg, prepared, ctx, str(tmp_path / 'resumed'))
+    resumed.load_checkpoint(str(tmp_path / 'uninterrupted' / 'checkpoint_latest.pth'))
+    loss_resumed = resumed.train_step(batches[2])
+    assert torch.equal(loss_resumed, loss_uninterrupted)
+    assert torch.equal(resumed.loss.center, uninterrupted.loss.center)
+    for (name, a), b in zip(uninterrupted.network.state_dict().items(), resumed.network.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(uninterrupted.teacher.state_dict().items(), resumed.teacher.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_non_ct_dataset_is_refused_before_anything_is_written(tmp_path):

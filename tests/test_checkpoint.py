@@ -158,3 +158,12 @@ def test_atomic_save_failure_after_write_removes_temp(tmp_path, monkeypatch):
         atomic_save({'epoch': 2, 'w': torch.ones(10)}, str(target))
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ['late.pth']
+
+
+def test_each_process_gets_its_own_saved_rng_state():
+    from nnunetv2_desd.pretraining.engine.checkpoint import rng_state_of_process
+    states = [{'process': 0}, {'process': 1}]
+    assert rng_state_of_process(states, 1) == {'process': 1} and rng_state_of_process(states, 0) == {'process': 0}
+    assert rng_state_of_process(states, 2) is None  # more processes than when it was saved: keep the own seed
+    assert rng_state_of_process({'process': 0}, 0) == {'process': 0}  # older checkpoints: process 0's only
+    assert rng_state_of_process({'process': 0}, 1) is None

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -43,6 +44,15 @@ def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -
     if rank == 0:
         results[world_size] = {'losses': losses, 'center': trainer.loss.center.clone(),
                                'teacher': {k: v.clone() for k, v in trainer.teacher.state_dict().items()}}
+    # resuming gives every process its own RNG state back (not process 0's, and not a fresh seed)
+    torch.manual_seed(100 + rank)
+    np.random.seed(200 + rank)
+    trainer.save_checkpoint('rng_check.pth')  # every process calls it; process 0 writes
+    after = (torch.rand(4), np.random.rand(4))
+    ctx.barrier()
+    trainer.load_checkpoint(os.path.join(trainer.output_folder, 'rng_check.pth'))
+    again = (torch.rand(4), np.random.rand(4))
+    results[(world_size, rank, 'rng')] = (torch.equal(after[0], again[0]) and bool(np.array_equal(after[1], again[1])))
     if ctx.enabled:
         torch.distributed.destroy_process_group()
 
@@ -66,12 +76,14 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
         _spawn(1, env, data, results)
         _spawn(2, env, data, results)
         one, two = dict(results[1]), dict(results[2])
+        rng = dict(results)
     assert len(set(round(v, 4) for v in one['losses'])) == STEPS  # the weights really move between steps
     torch.testing.assert_close(torch.tensor(two['losses']), torch.tensor(one['losses']), rtol=1e-4, atol=1e-5)
     assert one['center'].abs().sum() > 0
     torch.testing.assert_close(two['center'], one['center'], rtol=1e-4, atol=1e-6)
     for k, v in one['teacher'].items():
         torch.testing.assert_close(two['teacher'][k], v, rtol=1e-4, atol=1e-5)
+    assert all(rng[(world, rank, 'rng')] for world in (1, 2) for rank in range(world))
 
 
 @pytest.mark.e2e

@@ -253,11 +253,11 @@ def test_prediction_network_is_network_one_or_the_ensemble(make_trainer):
         assert torch.allclose(ensemble(x), (single.net1(x) + single.net2(x)) / 2, atol=1e-6)
 
 
-def test_pretrained_weights_refused(make_trainer, monkeypatch):
-    monkeypatch.setattr(sys, 'argv', ['nnUNetv2_train', '990', '3d_fullres', '0', '-pretrained_weights', 'x.pth'])
+def test_pretrained_weights_refused(make_trainer):
+    from nnunetv2.run.run_training import maybe_load_checkpoint
     trainer = make_trainer(initialize=False)
     with pytest.raises(DesdError, match='-pretrained_weights is not supported'):
-        trainer.initialize()
+        maybe_load_checkpoint(trainer, False, False, 'x.pth')  # where nnU-Net initialises for -pretrained_weights
 
 
 def test_no_pool_names_the_command(make_trainer):

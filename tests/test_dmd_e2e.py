@@ -7,6 +7,7 @@ nnUNetv2_predict from the DMD model. About 4 minutes on 2 CPU cores (each stock 
 """
 import json
 import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -96,8 +97,23 @@ def test_dmd_preprocess_train_resume_benchmark_predict(tmp_path):
     (tmp_path / 'predict_in').mkdir()
     image = raw / POOL_SOURCE / 'imagesTr' / 'unlabelled_000_0000.nii.gz'
     (tmp_path / 'predict_in' / image.name).write_bytes(image.read_bytes())
-    run_command(['nnUNetv2_predict', '-i', tmp_path / 'predict_in', '-o', tmp_path / 'predict_out', '-d', '931',
-                 '-c', '3d_fullres', '-f', '5', '-tr', TESTED, '-device', 'cpu', '-npp', '1', '-nps', '1',
-                 '--disable_progress_bar'], env)
-    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'predict_out' / 'unlabelled_000.nii.gz')))
-    assert prediction.shape == (20, 20, 20) and set(np.unique(prediction)) <= {0, 1, 2}
+    def predict(trainer, out):
+        run_command(['nnUNetv2_predict', '-i', tmp_path / 'predict_in', '-o', tmp_path / out, '-d', '931',
+                     '-c', '3d_fullres', '-f', '5', '-tr', trainer, '-device', 'cpu', '-npp', '1', '-nps', '1',
+                     '--disable_progress_bar', '--save_probabilities'], env)
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / out / 'unlabelled_000.nii.gz')))
+        assert prediction.shape == (20, 20, 20) and set(np.unique(prediction)) <= {0, 1, 2}
+        return np.load(tmp_path / out / 'unlabelled_000.npz')['probabilities']
+
+    single = predict(TESTED, 'predict_out')
+    # the same trained pair under nnUNetTrainerDMDEnsemble: stock prediction averages both networks' logits
+    ensemble_folder = fold.parent.parent / fold.parent.name.replace(TESTED, 'nnUNetTrainerDMDEnsemble') / fold.name
+    shutil.copytree(fold, ensemble_folder)
+    checkpoint = torch.load(ensemble_folder / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    checkpoint['trainer_name'] = 'nnUNetTrainerDMDEnsemble'
+    torch.save(checkpoint, ensemble_folder / 'checkpoint_final.pth')
+    shutil.copy(fold.parent / 'plans.json', ensemble_folder.parent / 'plans.json')
+    shutil.copy(fold.parent / 'dataset.json', ensemble_folder.parent / 'dataset.json')
+    ensemble = predict('nnUNetTrainerDMDEnsemble', 'predict_ensemble')
+    assert ensemble.shape == single.shape and np.allclose(ensemble.sum(0), 1, atol=1e-3)
+    assert np.abs(ensemble - single).max() > 1e-3  # not network 1 alone

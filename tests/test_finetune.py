@@ -10,7 +10,7 @@ from nnunetv2_desd.trainers import TRAINER_FOR_METHOD
 from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS, nnUNetTrainerDeSD,
                                              nnUNetTrainerReFs, scaled_warmup_epochs, weights_nnunet_will_load)
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
-from nnunetv2_desd.trainers.pretrained_weights import (PretrainedExport, adapt_input_channels, mismatch_message,
+from nnunetv2_desd.pretraining.engine.pretrained_weights import (PretrainedExport, adapt_input_channels, mismatch_message,
                                                        plan_loading)
 
 

@@ -12,7 +12,7 @@ from conftest import BIN, run_command
 from nnunetv2_desd.errors import DesdError
 from nnunetv2_desd.pretraining.engine.checkpoint import file_sha256
 from nnunetv2_desd.trainers import EXT_TRAINER_FOLDER, PROVENANCE_FILE
-from nnunetv2_desd.trainers.pretrained_weights import adapt_input_channels
+from nnunetv2_desd.pretraining.engine.pretrained_weights import adapt_input_channels
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +36,9 @@ def _export_weights(export):
 
 def test_encoder_is_loaded_after_initialize_and_recorded(finetune_datasets, monkeypatch):
     root, env, export = finetune_datasets
+    import nnunetv2.run.run_training as run_training
+    # nnU-Net's own loader switched off: whatever the encoder holds now, our loader put there
+    monkeypatch.setattr(run_training, 'load_pretrained_weights', lambda *args, **kwargs: None)
     trainer = _trainer(env, monkeypatch, '901', export=export)
     weights = _export_weights(export)
     state = trainer.network.state_dict()
@@ -52,7 +55,7 @@ def test_encoder_is_loaded_after_initialize_and_recorded(finetune_datasets, monk
     assert record['loaded_encoder_tensors'] == record['encoder_tensors'] > 0 and record['method'] == 'desd'
     log = open(trainer.log_file).read()
     assert f'loaded {record["encoder_tensors"]} of {record["encoder_tensors"]} encoder tensors from {export} ' \
-           f'(sha256 {record["file_sha256"]})' in log
+           f'(a desd export, sha256 {record["file_sha256"]})' in log
 
 
 def test_two_channel_dataset_gets_the_adapted_stem(finetune_datasets, monkeypatch):

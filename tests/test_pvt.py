@@ -16,7 +16,7 @@ from nnunetv2_desd.models.pvt_unet import (CLASS_NAME, PVTUNet, TransformerBlock
 from nnunetv2_desd.pretraining.models.network import MultiStageDistillationNetwork, planned_encoder
 from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, preferred_optimizer
 from nnunetv2_desd.trainers.plan_pvt import reduce_patch
-from nnunetv2_desd.trainers.pretrained_weights import plan_loading
+from nnunetv2_desd.pretraining.engine.pretrained_weights import plan_loading
 
 TINY = dict(embed_dims=(16, 32, 48, 64), conv_features=(8, 16), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4))
 STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]

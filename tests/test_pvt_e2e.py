@@ -10,6 +10,7 @@ import torch
 
 from conftest import TINY, nnunet_env, run_command
 from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+from nnunetv2_desd.pretraining.engine.checkpoint import load_checkpoint
 from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
 
 pytestmark = pytest.mark.e2e
@@ -19,10 +20,6 @@ TINY_PVT = ['--embed-dims', '16', '32', '48', '64', '--depths', '1', '1', '1', '
 # the packed masked view (32 x 16 x 16) and the DRR (32 x 32 x 1) reach the deepest stage as 2 x 1 x 1
 CADS_TINY = ['-m', 'cads', *TINY, '--patch-size', '32', '32', '32', '--freeze-last-layer-epochs', '1',
              '--warmup-teacher-temp-epochs', '1', '--warmup-epochs', '1']
-
-
-def _load(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
 
 
 def test_cads_on_pvt_unet_fine_tunes_and_predicts_with_stock_nnunet(tmp_path):
@@ -44,7 +41,7 @@ def test_cads_on_pvt_unet_fine_tunes_and_predicts_with_stock_nnunet(tmp_path):
     run_command(['desd_pretrain', '-d', '920', '-p', 'nnUNetPlans_pvt', '--epochs', '1', '--iters-per-epoch', '2',
                  *CADS_TINY], env)
     export = tmp_path / 'results' / name / 'cads__nnUNetPlans_pvt__3d_fullres' / 'pretrained_export.pth'
-    exported = _load(export)
+    exported = load_checkpoint(str(export))  # our files load with weights_only=True
     assert exported['desd_export']['architecture']['network_class_name'].endswith('PVTUNet')
     drr_keys = [k for k in exported['network_weights'] if k.startswith('encoder.drr_path.')]
     assert drr_keys
@@ -55,7 +52,8 @@ def test_cads_on_pvt_unet_fine_tunes_and_predicts_with_stock_nnunet(tmp_path):
     provenance = json.loads((fold / PROVENANCE_FILE).read_text())
     assert provenance['method'] == 'cads' and provenance['recipe']['optimizer'] == 'adamw'
     assert provenance['loaded_encoder_tensors'] == provenance['encoder_tensors'] > 0
-    final = _load(fold / 'checkpoint_final.pth')['network_weights']
+    # nnU-Net's own checkpoint holds numpy scalars: only it needs weights_only=False
+    final = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)['network_weights']
     # the 2D path is frozen in segmentation: it still holds exactly the CADS-trained radiograph embeddings
     assert all(torch.equal(final[k], exported['network_weights'][k]) for k in drr_keys)
     stem = 'encoder.stages.0.convs.0.conv.weight'

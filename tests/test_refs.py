@@ -199,6 +199,22 @@ def test_fish_evaluates_every_loss_after_a_non_finite_gradient_but_takes_no_inne
     assert not torch.isfinite(grads['encoder.weight']).all()
 
 
+def test_fish_under_a_loss_scale_takes_the_unscaled_inner_steps():
+    # AMP hands Fish the losses times S (loss_scale S != 1): the inner steps must use g / S, so G comes out as
+    # S times the unscaled G (what the scaler then divides by S again)
+    toy = Toy()
+    params, (la, lb) = _toy_losses(toy, 0.5)
+    plain, _, _ = fish_gradients(params, [la, lb], 0.3, 1.0)
+    scale = 1024.0
+    scaled, _, finite = fish_gradients(params, [lambda t: scale * la(t), lambda t: scale * lb(t)], 0.3, scale)
+    assert finite
+    for name in plain:
+        torch.testing.assert_close(scaled[name], scale * plain[name], rtol=1e-10, atol=0)
+    # treating the scaled gradients as unscaled would take an inner step 1024 times too long: a different G
+    wrong, _, _ = fish_gradients(params, [lambda t: scale * la(t), lambda t: scale * lb(t)], 0.3, 1.0)
+    assert not torch.allclose(wrong['encoder.weight'], scale * plain['encoder.weight'])
+
+
 def test_matched_encoder_stages():
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     net = PlainConvUNet(1, 3, [4, 8, 8], nn.Conv3d, 3, [1, 2, 2], 1, 2, 1, True, nn.InstanceNorm3d,

@@ -3,6 +3,7 @@ nnUNetv2_train, a refused reference, and the engine's two matching forms on real
 import csv
 import dataclasses
 import json
+import math
 import shutil
 
 import pytest
@@ -63,9 +64,12 @@ def test_refs_export_has_the_desd_layout_and_fine_tunes_with_stock_nnunet(refs_r
     log = next(out.glob('training_log_*.txt')).read_text()
     assert all(f'{key} ' in log for key in ('ssl_loss', 'reference_loss', 'gradient_cosine'))
 
-    run_command(['nnUNetv2_train', '921', '3d_fullres', '0', '-tr', 'nnUNetTrainerReFsTiny', '-device', 'cpu',
-                 '-pretrained_weights', out / 'pretrained_export.pth'], env)
+    proc = run_command(['nnUNetv2_train', '921', '3d_fullres', '0', '-tr', 'nnUNetTrainerReFsTiny', '-device', 'cpu',
+                        '-pretrained_weights', out / 'pretrained_export.pth'], env)
     fold = root / 'results' / reference / 'nnUNetTrainerReFsTiny__nnUNetPlans__3d_fullres' / 'fold_0'
+    # 921 was the reference task: its labels were seen in pre-training, which the trainer says
+    warning = f'was pre-trained with {reference} as its ReFs reference task'
+    assert warning in proc.stderr and warning in next(fold.glob('training_log_*.txt')).read_text()
     provenance = json.loads((fold / PROVENANCE_FILE).read_text())
     assert provenance['method'] == 'refs' and provenance['loaded_encoder_tensors'] == provenance['encoder_tensors']
     assert (fold / 'checkpoint_final.pth').exists() and (fold / 'validation' / 'summary.json').exists()
@@ -152,6 +156,56 @@ def test_engine_fish_and_cosine_steps(refs_run, monkeypatch, tmp_path):
     fish = encoder_after_step(build(matching='fish', fish_inner_lr=0.05))
     cosine = encoder_after_step(build(matching='cosine', matching_weight=1.0, matching_stages=1))
     assert (fish - joint_fish).abs().max() > 1e-6 and (cosine - joint_cosine).abs().max() > 1e-6
+
+
+def test_prototypes_freeze_for_their_epoch_and_the_groups_get_the_scheduled_lr_and_decay(refs_run, monkeypatch,
+                                                                                          tmp_path):
+    root, env, pool, reference = refs_run
+    build, prepared = _trainer(env, monkeypatch, tmp_path, '--freeze-last-layer-epochs', '1', '--warmup-epochs', '1',
+                               '--weight-decay', '0.04', '--weight-decay-end', '0.4')
+    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    trainer = build(reference=None, method='desd')  # 2 epochs x 2 iterations, batch 2
+    loader = build_view_loader(prepared, trainer.patch_size, 2, 0)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert no_decay['no_decay'] and all(p.ndim <= 1 for p in no_decay['params']) and \
+        all(p.ndim > 1 for p in decay['params'])
+    biases_and_norms = {id(p) for n, p in trainer.student.named_parameters() if n.endswith('.bias') or p.ndim == 1}
+    assert biases_and_norms and biases_and_norms <= {id(p) for p in no_decay['params']}
+
+    peak, floor = 30 * 2 / 256, 1e-6  # --lr 30 per 256 samples at a global batch of 2; min_lr's default
+    expected_lr = [0.0, peak / 2, peak, floor + (peak - floor) * (1 + math.cos(math.pi / 2)) / 2]
+    expected_decay = [0.4 + (0.04 - 0.4) * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)]
+    prototypes = lambda: torch.cat([h.prototypes.detach().flatten().clone() for h in trainer.student.heads])  # noqa
+    for step in range(4):
+        before = prototypes()
+        trainer.train_step(next(loader))
+        assert decay['lr'] == pytest.approx(expected_lr[step]) and no_decay['lr'] == pytest.approx(expected_lr[step])
+        assert decay['weight_decay'] == pytest.approx(expected_decay[step]) and no_decay['weight_decay'] == 0.0
+        moved = (prototypes() - before).abs().max().item()
+        assert (moved == 0.0) if step < 2 else (moved > 0.0), (step, moved)  # epoch 0 frozen, epoch 1 moving
+
+
+def test_the_amp_path_on_cpu_with_bfloat16_autocast(refs_run, monkeypatch, tmp_path):
+    """--amp on without CUDA: bfloat16 autocast and a GradScaler, for DeSD's plain backward and ReFs' fish step
+    (whose losses then arrive multiplied by the scale, loss_scale != 1)."""
+    root, env, pool, reference = refs_run
+    build, prepared = _trainer(env, monkeypatch, tmp_path, '--amp', 'on')
+    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    for changes in ({'reference': None, 'method': 'desd'}, {'matching': 'fish', 'fish_inner_lr': 0.05}):
+        trainer = build(**changes)
+        assert trainer.amp and isinstance(trainer.scaler, torch.amp.GradScaler) and trainer.scaler.get_scale() > 1
+        loader = build_view_loader(prepared, trainer.patch_size, 2, 0)
+        if trainer.reference is not None:
+            loader = trainer.with_reference_loader(loader, 0)
+        seen = []
+        handle = trainer.network.encoder.register_forward_hook(lambda m, i, o: seen.append(o[-1].dtype))
+        start = torch.cat([p.detach().flatten() for p in trainer.student.encoder.parameters()])
+        losses = [trainer.train_step(next(loader)).item() for _ in range(2)]
+        handle.remove()
+        moved = torch.cat([p.detach().flatten() for p in trainer.student.encoder.parameters()]) - start
+        assert torch.bfloat16 in seen  # the encoder ran under bfloat16 autocast
+        assert all(math.isfinite(v) for v in losses) and moved.abs().max() > 0, changes
+        assert all(p.dtype == torch.float32 for p in trainer.network.parameters())  # master weights stay float32
 
 
 def test_refs_options_are_checked_and_the_checkpoint_resumes(refs_run, monkeypatch, tmp_path):

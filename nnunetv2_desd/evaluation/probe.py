@@ -294,7 +294,7 @@ def encoder_features(encoder_spec: Encoder, plans: dict, dataset_json: dict, con
 
 
 def read_exports(files: Sequence[str], groups: Optional[Sequence[str]]) -> Tuple[list, List[Encoder]]:
-    from nnunetv2_desd.trainers.pretrained_weights import ENCODER, read_export
+    from nnunetv2_desd.pretraining.engine.pretrained_weights import ENCODER, read_export
     if groups is not None and len(groups) != len(files):
         raise DesdError(f'--labels: {len(groups)} label(s) for {len(files)} export(s); give one per export.')
     exports, encoders = [], []

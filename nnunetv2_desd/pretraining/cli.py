@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--plans-from', help='use the plans nnU-Net made for this (labelled) dataset, so the encoder '
                                         'transfers 1:1 (-m refs: default --reference)')
     p.add_argument('--c', dest='continue_training', action='store_true', help='continue from checkpoint_latest')
+    p.add_argument('--init', help='start student and teacher encoder from this checkpoint: a nnunetv2_desd export or '
+                                  'an nnssl checkpoint (network_weights + nnssl_adaptation_plan) whose encoder the '
+                                  'plans build; e.g. DeSD on top of an MAE-pretrained ResEnc-L')
     p.add_argument('-device', dest='device', choices=('cuda', 'cpu'), help=_default('device'))
+    p.add_argument('--amp', choices=('on', 'off'), help='mixed precision: autocast (float16 on CUDA, bfloat16 on CPU) '
+                                                       'with a GradScaler (default: on for -device cuda only)')
     p.add_argument('--epochs', type=int, help=_default('epochs'))
     p.add_argument('--iters-per-epoch', type=int, help=_default('iters_per_epoch'))
     p.add_argument('--batch-size', type=int, help='per process; each sample gives 2 views ' + _default('batch_size'))
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool]:
     args = vars(build_parser().parse_args(argv))
     preprocess_only = args.pop('preprocess_only')
+    args['amp'] = None if args['amp'] is None else args['amp'] == 'on'
     return PretrainConfig.create(**args), preprocess_only
 
 
@@ -182,6 +188,11 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
     from nnunetv2_desd.pretraining.engine.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE, Pretrainer, output_folder_for
 
+    from nnunetv2_desd.pretraining.engine.pretrained_weights import read_export
+
+    if cfg.init is not None and cfg.continue_training:
+        raise DesdError('--init starts a new run from a checkpoint\'s encoder; --c continues this run: choose one.')
+    init = read_export(cfg.init) if cfg.init is not None else None  # its structure is checked before any work
     ctx = init_distributed(cfg.device)
     if ctx.device.type == 'cuda':
         import torch
@@ -196,7 +207,7 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
         raise DesdError(f'--c: nothing to continue, {checkpoint} does not exist.')
     os.makedirs(folder, exist_ok=True)
 
-    trainer = Pretrainer(cfg, prepared, ctx, folder)
+    trainer = Pretrainer(cfg, prepared, ctx, folder, init=init)
     if cfg.continue_training:
         trainer.load_checkpoint(checkpoint)
     if trainer.epoch >= cfg.epochs:

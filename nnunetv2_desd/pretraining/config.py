@@ -113,7 +113,9 @@ class PretrainConfig:
     planner: str = 'ExperimentPlanner'
     plans_from: Optional[str] = None
     continue_training: bool = False
+    init: Optional[str] = None             # start the encoder from this export or nnssl checkpoint
     device: str = 'cuda'
+    amp: Optional[bool] = None             # mixed precision (autocast + GradScaler); None: on for CUDA only
     # schedule
     epochs: int = 300
     iters_per_epoch: int = 250

@@ -51,7 +51,7 @@ from nnunetv2_desd.errors import DesdError
 from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write_json
 from nnunetv2_desd.trainers import PROVENANCE_FILE
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler
-from nnunetv2_desd.trainers.pretrained_weights import mismatch_message, plan_loading, read_export
+from nnunetv2_desd.pretraining.engine.pretrained_weights import mismatch_message, plan_loading, read_export
 
 
 FINETUNE_RECIPES = {
@@ -175,12 +175,22 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
             stem = network.get_parameter(plan.stem_key)
             self._stem_to_restore = (stem, stem.data.clone())
             stem.data = export.weights[plan.stem_key].to(stem.device, stem.dtype)  # what nnU-Net's loader checks
+        reference = (export.metadata.get('method_settings') or {}).get('reference')
+        if export.method == 'refs' and reference == dataset:
+            warning = (f'WARNING: {export.file} was pre-trained with {dataset} as its ReFs reference task: its '
+                       f'encoder and decoder have already been trained on these labels, validation cases included, '
+                       f'so this fold\'s validation is not independent of pre-training. Use a reference dataset '
+                       f'other than the one you fine-tune on.')
+            self.print_to_log_file(warning)
+            print(warning, file=sys.stderr)
         if self.method is not None and export.method != self.method:
             self.print_to_log_file(f'WARNING: {type(self).__name__} is named after {self.method}, but the export '
                                    f'was pre-trained with {export.method}.')
+        origin = f'an nnssl checkpoint trained by {export.metadata.get("trainer_name")}' \
+            if export.metadata.get('format') == 'nnssl' else f'a {export.method} export'
         self.print_to_log_file(
             f'loaded {plan.num_loaded} of {plan.num_encoder_tensors} encoder tensors from {export.file} '
-            f'(sha256 {export.file_sha256})' +
+            f'({origin}, sha256 {export.file_sha256})' +
             (f'; stem {plan.stem_key} adapted from {tuple(export.weights[plan.stem_key].shape)} to '
              f'{tuple(self._stem_to_restore[1].shape)} input channels' if plan.stem_key else ''))
         self.print_to_log_file(self.recipe_line())
@@ -189,6 +199,7 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
             atomic_write_json({
                 'file': export.file, 'file_sha256': export.file_sha256,
                 'content_sha256': meta.get('content_sha256'), 'method': export.method,
+                'checkpoint_format': meta.get('format'), 'nnssl_trainer_name': meta.get('trainer_name'),
                 'source_dataset': meta.get('source_dataset'), 'export_plans_name': meta.get('plans_name'),
                 'trainer': type(self).__name__, 'plans_name': self.plans_manager.plans_name,
                 'loaded_encoder_tensors': plan.num_loaded, 'encoder_tensors': plan.num_encoder_tensors,
@@ -237,5 +248,11 @@ class nnUNetTrainerCADS(nnUNetTrainerPretrained):
 class nnUNetTrainerReFs(nnUNetTrainerPretrained):
     """Fine-tunes a ReFs export (``desd_pretrain -m refs --reference R``); same recipe as DeSD. The export's decoder
     was trained on the reference task (its segmentation outputs are not transferred), so nnU-Net's loader starts
-    the decoder from it rather than from a random initialisation; the warm-up still applies to both."""
+    the decoder from it rather than from a random initialisation; the warm-up still applies to both.
+
+    The pair is not one network: the encoder is the EMA teacher's (as for DeSD), the decoder the one trained against
+    the student encoder's features (the teacher never runs the reference task). The teacher follows the student
+    closely (momentum -> 1), so the decoder sees slightly shifted features at the start of fine-tuning; the warm-up
+    absorbs that. A reference dataset equal to the fine-tuning dataset is warned about: its labels, validation cases
+    included, were seen in pre-training."""
     method = 'refs'

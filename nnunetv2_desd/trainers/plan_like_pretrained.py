@@ -27,7 +27,7 @@ import numpy as np
 
 from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
 from nnunetv2_desd.trainers import TRAINER_FOR_METHOD
-from nnunetv2_desd.trainers.pretrained_weights import read_export
+from nnunetv2_desd.pretraining.engine.pretrained_weights import read_export
 
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pretrained'
 PROVENANCE_KEY = 'desd_pretrained'  # top-level plans entry naming the export these plans were made for
@@ -140,6 +140,9 @@ def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: 
     architecture['_kw_requires_import'] = list(architecture.get('_kw_requires_import', []))
     stride = total_stride(architecture['arch_kwargs'])
     planner_patch = _reorder([int(p) for p in cfg['patch_size']], planner_forward, export_forward)
+    nnssl = meta.get('format') == 'nnssl'
+    if nnssl:  # nnU-Net main's route: the checkpoint's recommended downstream patch
+        planner_patch = [int(p) for p in meta['recommended_downstream_patchsize']]
     cfg.update(
         data_identifier=f'{plans_name}_{configuration}',
         patch_size=round_patch_to_stride(planner_patch, stride),
@@ -150,7 +153,10 @@ def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: 
     )
     plans = copy.deepcopy(planned)
     same_channels = _channels(dataset_json) == _channels(meta)
-    if same_channels:
+    if nnssl:  # the normalisation the checkpoint was trained with, for every channel (as nnU-Net main does)
+        cfg['normalization_schemes'] = [meta['normalization_schemes'][0]] * len(dataset_json['channel_names'])
+        cfg['use_mask_for_norm'] = [False] * len(dataset_json['channel_names'])
+    elif same_channels:
         cfg['normalization_schemes'] = list(meta['normalization_schemes'])
         cfg['use_mask_for_norm'] = [bool(u) for u in meta['use_mask_for_norm']]
         plans['foreground_intensity_properties_per_channel'] = copy.deepcopy(
@@ -172,7 +178,8 @@ def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: 
 
 
 def _channels(dataset_json_or_meta: dict) -> dict:
-    return {str(k): str(v) for k, v in dataset_json_or_meta['channel_names'].items()}
+    """Channel index -> name; {} where unknown (nnssl checkpoints do not record them)."""
+    return {str(k): str(v) for k, v in (dataset_json_or_meta['channel_names'] or {}).items()}
 
 
 @contextlib.contextmanager
@@ -278,7 +285,9 @@ def _print_report(plans: dict, planned: dict, meta: dict, raw, configuration: st
     kw = arch['arch_kwargs']
     planner_patch = _reorder(planned['configurations'][configuration]['patch_size'], planned['transpose_forward'],
                              plans['transpose_forward'])
-    if _channels(raw.dataset_json) == _channels(meta):
+    if meta.get('format') == 'nnssl':
+        norm = f"the nnssl checkpoint's ({meta['normalization_schemes'][0]} for every channel)"
+    elif _channels(raw.dataset_json) == _channels(meta):
         norm = "the export's"
     else:
         norm = (f"the dataset's own: its channels {_channels(raw.dataset_json)} differ from the export's "

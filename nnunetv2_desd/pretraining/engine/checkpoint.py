@@ -9,7 +9,7 @@ import os
 import random
 import re
 import tempfile
-from typing import IO, Callable, Mapping
+from typing import IO, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -129,6 +129,14 @@ def restore_rng_state(state: dict) -> None:
     if cuda_states and torch.cuda.is_available():
         for device, s in enumerate(cuda_states[:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s.to(device='cpu', dtype=torch.uint8), device)
+
+
+def rng_state_of_process(saved, rank: int) -> Optional[dict]:
+    """The RNG state a checkpoint holds for process ``rank``: checkpoints keep one state per process (a list);
+    older ones hold process 0's only (a dict). None where the checkpoint has none for this process (another
+    number of processes): it then keeps its own seed."""
+    states = [saved] if isinstance(saved, dict) else list(saved or [])
+    return states[rank] if rank < len(states) else None
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict:

@@ -79,3 +79,13 @@ def check_finite_everywhere(values: Dict[str, float], step: int, device: torch.d
                           for name, ranks in fatal.items())
         raise DesdError(f'{where} at step {step}; lower --lr or check the data.')
     return not any(bad.values())
+
+
+def gather_objects(value) -> list:
+    """[value of process 0, value of process 1, ...] (all_gather_object); [value] without a process group. Every
+    process must call it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -3,7 +3,7 @@ import copy
 import math
 import os
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -16,9 +16,12 @@ from nnunetv2_desd.pretraining.config import PretrainConfig
 from nnunetv2_desd.pretraining.data.drrs import drr_projection_axis
 from nnunetv2_desd.pretraining.data.planning import PreparedData
 from nnunetv2_desd.pretraining.engine.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict,
-                                                         load_checkpoint, restore_rng_state, tensor_digest)
-from nnunetv2_desd.pretraining.engine.distributed import DistContext, all_reduce_mean, check_finite_everywhere
+                                                         load_checkpoint, restore_rng_state, rng_state_of_process,
+                                                         tensor_digest)
+from nnunetv2_desd.pretraining.engine.distributed import (DistContext, all_reduce_mean, check_finite_everywhere,
+                                                          gather_objects)
 from nnunetv2_desd.pretraining.engine.ema import ema_update
+from nnunetv2_desd.pretraining.engine.nnssl import PLAN_KEY, adaptation_plan, citations
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
@@ -44,8 +47,11 @@ def output_folder_for(prepared: PreparedData, method: str) -> str:
 
 
 class Pretrainer:
-    def __init__(self, cfg: PretrainConfig, prepared: PreparedData, dist_ctx: DistContext, output_folder: str):
+    def __init__(self, cfg: PretrainConfig, prepared: PreparedData, dist_ctx: DistContext, output_folder: str,
+                 init=None):
+        """``init``: a PretrainedExport (``--init``) whose encoder starts student and teacher."""
         self.cfg, self.prepared, self.dist, self.output_folder = cfg, prepared, dist_ctx, output_folder
+        self.initialised_from = None
         self.device = dist_ctx.device
         torch.manual_seed(cfg.seed)
         np.random.seed((cfg.seed + dist_ctx.rank) % 2 ** 32)
@@ -63,6 +69,8 @@ class Pretrainer:
         self.network = build_planned_network(prepared.plans_manager, cm, prepared.num_input_channels,
                                              (self.reference.label_manager if self.reference is not None else
                                               label_manager).num_segmentation_heads)
+        if init is not None:
+            self._initialise_encoder(init)
         encoder = planned_encoder(self.network, drr_path=cfg.method == 'cads')
         self.stages = resolve_stages(len(encoder.output_channels), cfg.stages)
         head_args = (cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_norm)
@@ -89,8 +97,9 @@ class Pretrainer:
         self.peak_lr = cfg.lr * self.global_batch / 256
         self.total_steps = cfg.epochs * cfg.iters_per_epoch
         self.optimizer = self._build_optimizer()
-        self.amp = self.device.type == 'cuda'
-        self.scaler = torch.amp.GradScaler('cuda') if self.amp else None
+        # autocast: float16 on CUDA, bfloat16 on CPU; the GradScaler works on either
+        self.amp = self.device.type == 'cuda' if cfg.amp is None else bool(cfg.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp else None
         self.step = 0
         self.metrics = {}  # extra per-step values of the method (ReFs: both losses, gradient cosine)
         self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method,
@@ -245,6 +254,10 @@ class Pretrainer:
                               f'{self.prepared.configuration_manager.network_arch_class_name}, distilled stages '
                               f'{self.stages}, patch {self.patch_size}, batch {cfg.batch_size} x '
                               f'{self.dist.world_size} process(es), peak lr {self.peak_lr:.3g}, device {self.device}')
+            if self.initialised_from is not None and self.step == 0:
+                origin = self.initialised_from
+                self.progress.log(f'encoder initialised from {origin["file"]} ({origin["method"]}, sha256 '
+                                  f'{origin["file_sha256"][:12]}): {origin["loaded_encoder_tensors"]} tensors')
         while self.epoch < cfg.epochs:
             epoch, start, losses, metrics = self.epoch, time.time(), [], {}
             lr, temp = self.lr(), self.teacher_temp()
@@ -263,27 +276,54 @@ class Pretrainer:
                 self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' + ', '.join(f'{k} {v:.4g}'
                                                                                  for k, v in values.items()))
                 self.progress.plot()
-                self.save_checkpoint('checkpoint_latest.pth')
+            self.save_checkpoint('checkpoint_latest.pth')  # every process: the RNG states are gathered
         if self.step == 0:  # the same on every process: all of them stop here
             raise DesdError('no training step was taken (0 epochs or iterations): nothing learnt, so no export is '
                             'written.')
+        self.save_checkpoint('checkpoint_final.pth')
         if self.dist.is_main:
-            self.save_checkpoint('checkpoint_final.pth')
             path = self.save_export()
             self.progress.log(f'export written: {path}')
         self.dist.barrier()
 
+    def _initialise_encoder(self, export) -> None:
+        """Loads ``export``'s encoder into the planned network (the stem adapted to other input channels); a
+        different encoder ends with the differing tensors."""
+        from nnunetv2_desd.pretraining.engine.pretrained_weights import ENCODER, plan_loading
+        plan = plan_loading(self.network, export.weights)
+        mismatched = [m for m in plan.mismatched if m[0].startswith(ENCODER)]
+        missing = [k for k in plan.missing if k.startswith(ENCODER)]
+        if mismatched or missing:
+            lines = [f'--init {export.file}: its encoder is not the one plans '
+                     f'\'{self.prepared.plans_identifier}\' build for {self.prepared.dataset_name}:']
+            lines += [f'{k}: checkpoint {a}, network {b}' for k, a, b in mismatched[:8]]
+            if missing:
+                lines.append(f'missing from the checkpoint: {", ".join(missing[:8])}')
+            lines.append('Pre-train with the checkpoint\'s plans (nnssl ResEnc-L: -pl nnUNetPlannerResEncL, or '
+                         'plans made like it with desd_plan_like_pretrained).')
+            raise DesdError('; '.join(lines))
+        self.network.encoder.load_state_dict(plan.encoder_tensors)
+        meta = export.metadata
+        self.initialised_from = {'file': export.file, 'file_sha256': export.file_sha256, 'method': export.method,
+                                 'format': meta.get('format'), 'source_dataset': meta.get('source_dataset'),
+                                 'loaded_encoder_tensors': plan.num_loaded, 'adapted_stem': plan.stem_key}
+
     # checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, rng_states: Optional[list] = None) -> dict:
+        """``rng_states``: one RNG state per process (default: this process's only)."""
         return {'format': 'nnunetv2_desd.pretraining', 'version': 1, 'config': self.cfg.to_dict(),
                 'network': cpu_state_dict(self.network), 'student_heads': cpu_state_dict(self.student.heads),
                 'teacher': cpu_state_dict(self.teacher), 'loss': cpu_state_dict(self.loss),
                 'optimizer': self.optimizer.state_dict(),
                 'scaler': self.scaler.state_dict() if self.scaler is not None else None,
-                'step': self.step, 'rng': capture_rng_state(), 'progress': self.progress.state_dict()}
+                'step': self.step, 'rng': rng_states or [capture_rng_state()], 'initialised_from': self.initialised_from,
+                'progress': self.progress.state_dict()}
 
     def save_checkpoint(self, name: str) -> None:
-        atomic_save(self.state_dict(), os.path.join(self.output_folder, name))
+        """Called by every process (one all_gather of the RNG states); process 0 writes."""
+        rng_states = gather_objects(capture_rng_state())
+        if self.dist.is_main:
+            atomic_save(self.state_dict(rng_states), os.path.join(self.output_folder, name))
 
     def load_checkpoint(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -306,10 +346,13 @@ class Pretrainer:
         if self.scaler is not None and ckpt['scaler'] is not None:
             self.scaler.load_state_dict(ckpt['scaler'])
         self.step = ckpt['step']
+        self.initialised_from = ckpt.get('initialised_from')
         self.progress.load_state_dict(ckpt['progress'])
-        if self.dist.rank == 0:
-            restore_rng_state(ckpt['rng'])
-        self.progress.log(f'continuing from {path} at epoch {self.epoch}')
+        state = rng_state_of_process(ckpt['rng'], self.dist.rank)
+        if state is not None:
+            restore_rng_state(state)
+        self.progress.log(f'continuing from {path} at epoch {self.epoch}' +
+                          ('' if state is not None else f'; no saved RNG state for process {self.dist.rank}'))
 
     def export(self) -> dict:
         """nnU-Net's pretrained-weights format: the whole planned network with the teacher encoder, plus metadata.
@@ -342,10 +385,13 @@ class Pretrainer:
             'foreground_intensity_properties_per_channel': pm.foreground_intensity_properties_per_channel,
             'patch_size': self.patch_size, 'plans_patch_size': list(cm.patch_size),
             'distilled_stages': self.stages, 'epochs': self.epoch, 'steps': self.step,
-            'method_settings': self.method.metadata(),
+            'method_settings': self.method.metadata(), 'initialised_from': self.initialised_from,
             'content_sha256': tensor_digest(weights),
         }
-        return {'network_weights': weights, 'desd_export': metadata}
+        plan = adaptation_plan(pm, cm, self.network, self.prepared.num_input_channels, self.patch_size,
+                               self.prepared.dataset_name)
+        return {'network_weights': weights, 'desd_export': metadata, 'citations': citations(self.cfg.method),
+                **({PLAN_KEY: plan} if plan is not None else {})}
 
     def save_export(self, name: str = EXPORT_FILE) -> str:
         path = os.path.join(self.output_folder, name)

@@ -213,7 +213,10 @@ class ReFs(DeSD):
         reference = batch['reference']
         x = reference['data'].to(trainer.device, non_blocking=True)
         y = [t.to(trainer.device, non_blocking=True) for t in reference['target']]
-        scale = float(trainer.scaler.get_scale()) if trainer.scaler is not None else 1.0
+        # the losses are scaled here, not by scaler.scale(loss); scaling a one makes the scaler set up its scale
+        # tensor (lazily created there), which unscale_ and step need
+        scale = float(trainer.scaler.scale(torch.ones((), device=trainer.device))) if trainer.scaler is not None \
+            else 1.0
         if self.matching == 'fish':
             return self._fish(trainer, batch, x, y, scale)
         return self._cosine(trainer, batch, x, y, scale)
