@@ -125,11 +125,10 @@ def test_cads_benchmark_command_on_cpu(tmp_path):
     out = tmp_path / 'results' / name / 'desd_benchmark'
     with open(out / 'cads_vs_desd.csv') as f:
         values = {r['quantity']: float(r['value']) for r in csv.DictReader(f)}
-    assert values['cads_to_desd_step_ratio'] == pytest.approx(
-        values['cads_seconds_per_iteration'] / values['desd_seconds_per_iteration'])
-    assert values['cads_to_desd_memory_ratio'] == pytest.approx(
-        values['cads_activations_for_backward'] / values['desd_activations_for_backward'])
-    # 4x fewer 3D voxels: the activations must shrink a lot, whatever the machine's speed
-    assert values['cads_to_desd_memory_ratio'] < 0.6
+    # the ratios' arithmetic is checked on hand-made numbers above; here what the measurement must show:
+    # 4x fewer 3D voxels shrink the activations a lot, whatever the machine's speed, but not to nothing (the DRR
+    # path and the heads still keep theirs), and both methods take a measurable time per step
+    assert 0.05 < values['cads_to_desd_memory_ratio'] < 0.6
+    assert values['cads_seconds_per_iteration'] > 0 and values['desd_seconds_per_iteration'] > 0
     assert (out / 'cads_vs_desd.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert '32 x 16 x 16' in (out / 'cads_vs_desd.md').read_text()

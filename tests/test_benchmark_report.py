@@ -300,7 +300,8 @@ def test_report_numbers_by_hand(tmp_path):
 
     md = Path(result['md']).read_text()
     assert Path(result['md']).name == 'nnUNetTrainerDeSD_vs_nnUNetTrainer__3d_fullres.md'
-    assert 'subset seeds: 7 8' in md and 'fraction 0.5: max(1, ceil(0.5 n))' in md and 'These are our measurements' in md
+    assert 'subset seeds: 7 8' in md and 'fraction 0.5: max(1, ceil(0.5 n))' in md
+    assert 'These are our measurements' in md
     assert '| 1 | liver | 0.7875 | 0.6750 | +0.1125 | [+0.0750, +0.1500] | 0.5 | 2 / 2 / 3 |' in md
     assert '## nnUNetTrainerDeSD − nnUNetTrainerDeSD_scratch (same schedule from scratch)' in md
     assert 'Fraction 0.5: 2 non-zero unit differences; the smallest p the Wilcoxon test can give is 2^(1 − n) = 0.5' in md
@@ -310,7 +311,8 @@ def test_report_numbers_by_hand(tmp_path):
     table = list(csv.DictReader(io.StringIO(Path(result['csv']).read_text())))
     aggregate = [r for r in table if r['fold'] == 'all']
     assert [(r['comparison'], float(r['fraction']), r['label']) for r in aggregate] == list(rows)
-    first = next(r for r in aggregate if r['comparison'] == vanilla and r['fraction'] == '1.0' and r['label'] == 'liver')
+    first = next(r for r in aggregate
+                 if r['comparison'] == vanilla and r['fraction'] == '1.0' and r['label'] == 'liver')
     assert float(first['ci_low']) == pytest.approx(0.075) and first['n_nonzero'] == '2'
     per_unit = [r for r in table if r['fold'] != 'all']
     assert len(per_unit) == len(result['unit_rows']) and all(r['wilcoxon_p'] == 'n/a' for r in per_unit)

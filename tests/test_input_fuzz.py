@@ -197,3 +197,11 @@ def test_broken_checkpoints_are_refused_in_one_line(folders, capsys, tmp_path):
         err = _refused(capsys, plan_like_pretrained.main, ['-d', '930', '-w', str(path), '-np', '1'])
         assert str(path) in err, (what, err)
     assert _files_under(folders / 'nnUNet_preprocessed') == []
+
+
+@pytest.mark.parametrize('option', ['--epochs', '--iters-per-epoch'])
+def test_a_run_without_steps_is_refused(folders, capsys, option):
+    # 0 epochs or iterations would export the random initialisation as if it were pre-trained
+    err = _refused(capsys, cli.main, ['-d', '930', option, '0', '-device', 'cpu'])
+    assert option in err
+    assert _files_under(folders / 'nnUNet_results') == []

@@ -19,6 +19,18 @@ STEPS = 2
 BATCH = 4
 
 
+@pytest.fixture(scope='module')
+def refs_data(tmp_path_factory):
+    """A pool (920) and a labelled reference (921), planned and preprocessed for -m refs."""
+    env = nnunet_env(tmp_path_factory.mktemp('refs_distributed'))
+    write_synthetic_dataset(env['nnUNet_raw'], 920, n_cases=2, shape=(24, 24, 24))
+    write_synthetic_dataset(env['nnUNet_raw'], 921, name='SyntheticLabelled', n_cases=2, shape=(24, 24, 24),
+                            labelled=True, seed=1)
+    run_command(['nnUNetv2_plan_and_preprocess', '-d', '921', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env)
+    run_command(['desd_pretrain', '-d', '920', '-m', 'refs', '--reference', '921', '--preprocess-only', *TINY], env)
+    return env
+
+
 def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: torch.Tensor, targets, results):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -46,15 +58,10 @@ def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: t
 
 
 @pytest.mark.e2e
-def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
-    env = nnunet_env(tmp_path)
+def test_two_gloo_processes_equal_one_process(refs_data, monkeypatch):
+    env = dict(refs_data)
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(key, env[key])
-    write_synthetic_dataset(env['nnUNet_raw'], 920, n_cases=2, shape=(24, 24, 24))
-    write_synthetic_dataset(env['nnUNet_raw'], 921, name='SyntheticLabelled', n_cases=2, shape=(24, 24, 24),
-                            labelled=True, seed=1)
-    run_command(['nnUNetv2_plan_and_preprocess', '-d', '921', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env)
-    run_command(['desd_pretrain', '-d', '920', '-m', 'refs', '--reference', '921', '--preprocess-only', *TINY], env)
     g = torch.Generator().manual_seed(0)
     views = torch.randn(STEPS, BATCH, 2, 16, 16, 16, generator=g)
     images = torch.randn(STEPS, BATCH, 1, 16, 16, 16, generator=g)
@@ -107,15 +114,10 @@ def _failing_step(rank: int, world_size: int, env: dict, views, images, targets,
 
 
 @pytest.mark.e2e
-def test_a_non_finite_reference_step_on_one_process_stops_every_process_with_its_message(tmp_path, monkeypatch):
-    env = nnunet_env(tmp_path)
+def test_a_non_finite_reference_step_on_one_process_stops_every_process_with_its_message(refs_data, monkeypatch):
+    env = dict(refs_data)
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(key, env[key])
-    write_synthetic_dataset(env['nnUNet_raw'], 920, n_cases=2, shape=(24, 24, 24))
-    write_synthetic_dataset(env['nnUNet_raw'], 921, name='SyntheticLabelled', n_cases=2, shape=(24, 24, 24),
-                            labelled=True, seed=1)
-    run_command(['nnUNetv2_plan_and_preprocess', '-d', '921', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env)
-    run_command(['desd_pretrain', '-d', '920', '-m', 'refs', '--reference', '921', '--preprocess-only', *TINY], env)
     g = torch.Generator().manual_seed(0)
     views = torch.randn(1, 2, 2, 16, 16, 16, generator=g)
     images = torch.randn(1, 2, 1, 16, 16, 16, generator=g)

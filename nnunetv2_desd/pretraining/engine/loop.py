@@ -316,7 +316,8 @@ class Pretrainer:
                 'teacher': cpu_state_dict(self.teacher), 'loss': cpu_state_dict(self.loss),
                 'optimizer': self.optimizer.state_dict(),
                 'scaler': self.scaler.state_dict() if self.scaler is not None else None,
-                'step': self.step, 'rng': rng_states or [capture_rng_state()], 'initialised_from': self.initialised_from,
+                'step': self.step, 'rng': rng_states or [capture_rng_state()],
+                'initialised_from': self.initialised_from,
                 'progress': self.progress.state_dict()}
 
     def save_checkpoint(self, name: str) -> None:

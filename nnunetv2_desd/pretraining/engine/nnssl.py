@@ -118,9 +118,9 @@ def architecture_from_plan(plan: dict, file: str) -> dict:
         raise DesdError(f'{file}: {PLAN_KEY} has no architecture_plans.arch_class_name.')
     name = arch['arch_class_name']
     if name.lower().startswith('primus') or plan.get('key_to_lpe'):
-        raise DesdError(f'{file} holds a Primus (transformer) network ({name}); nnunetv2_desd fine-tunes nnU-Net\'s CNN '
-                        f'encoders only (ResidualEncoderUNet, PlainConvUNet, the ResEncL preset). Use nnU-Net main\'s '
-                        f'nnUNetv2_train_pretrained for Primus checkpoints.')
+        raise DesdError(f'{file} holds a Primus (transformer) network ({name}); nnunetv2_desd fine-tunes '
+                        f'nnU-Net\'s CNN encoders only (ResidualEncoderUNet, PlainConvUNet, the ResEncL preset). '
+                        f'Use nnU-Net main\'s nnUNetv2_train_pretrained for Primus checkpoints.')
     if name in PRESETS:
         name, kwargs = PRESETS[name][0], copy.deepcopy(PRESETS[name][1])
     else:
