@@ -26,7 +26,8 @@ The demo uses its own nnU-Net folders under ``--workdir`` and never touches exis
 half the features per stage: a smaller network than nnU-Net plans, so that the fine-tuning runs fit); DeSD pre-training
 with the demo's settings for twice its epochs; the probe; then ``desd_benchmark`` at fractions 0.25 and 1.0 on all
 5 folds with 3 subset seeds: nnUNetTrainerDeSDDemo against its from-scratch twin and against nnUNetTrainerDemo, and
-the other fine-tuning recipe (nnUNetTrainerDeSDDemo_vanillaRecipe) against the default (80 fine-tuning runs in all).
+the other fine-tuning recipe (``nnUNetTrainerDeSDDemo_<other>Recipe``) against the default (80 fine-tuning runs in
+all).
 Every step reuses what an earlier call finished, so an interrupted study continues where it stopped.
 """
 import argparse
@@ -53,7 +54,6 @@ STUDY_PRETRAIN = ['--epochs', '20']  # the demo's 10 epochs of 10 iterations, tw
 STUDY_BENCHMARK = ['--baseline', 'nnUNetTrainerDemo', '-p', STUDY_PLANS, '--baseline-plans', STUDY_PLANS,
                    '--folds', '0', '1', '2', '3', '4', '--fractions', '0.25', '1.0', '--subset-seeds', '3',
                    '-device', 'cpu']
-STUDY_ALTERNATIVE = 'nnUNetTrainerDeSDDemo_vanillaRecipe'
 GPU_BENCHMARK = ['--baseline', 'nnUNetTrainer', '--folds', '0', '1', '2', '3', '4',
                  '--fractions', '0.1', '0.25', '0.5', '1.0', '-device', 'cuda']
 
@@ -150,15 +150,17 @@ def run_study(workdir: str) -> str:
     main_report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr',
                                                        'nnUNetTrainerDeSDDemo', *STUDY_BENCHMARK]))
     # the other recipe against the default: the default's cells exist now and are reused
+    from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
+    other = next(r for r in FINETUNE_RECIPES if r != DEFAULT_FINETUNE_RECIPE)
     recipe_args = list(STUDY_BENCHMARK)
     recipe_args[recipe_args.index('--baseline') + 1] = 'nnUNetTrainerDeSDDemo'
     recipe_report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr',
-                                                         STUDY_ALTERNATIVE, '--scratch-baseline', 'none',
-                                                         *recipe_args]))
+                                                         f'nnUNetTrainerDeSDDemo_{other}Recipe',
+                                                         '--scratch-baseline', 'none', *recipe_args]))
     summary = os.path.join(os.path.abspath(workdir), 'study_summary.md')
     atomic_write_text(f'# desd_demo --study\n\n## Pre-training\n\n{loss_text}\n\n{probe_markdown(probe)}\n'
                       f'## Fine-tuning: default recipe against both baselines\n\n{main_report["text"]}\n'
-                      f'## Fine-tuning recipes: vanilla recipe against the default\n\n{recipe_report["text"]}',
+                      f'## Fine-tuning recipes: {other} recipe against the default\n\n{recipe_report["text"]}',
                       summary)
     print(f'[5/5] study written: {summary}\n  {main_report["md"]}\n  {main_report["png"]}\n  {recipe_report["md"]}')
     return summary
@@ -166,7 +168,7 @@ def run_study(workdir: str) -> str:
 
 def main(argv=None) -> None:
     parser = ArgumentParser(prog='desd_demo', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', help='where the nnU-Net folders go (default: desd_demo_output, '
                                           'desd_study_output with --study)')
     parser.add_argument('--full', action='store_true', help='the real experiment on a GPU')

@@ -16,6 +16,7 @@ from conftest import nnunet_env, run_command
 from nnunetv2_desd.evaluation.fractions import find_fraction_fold
 from nnunetv2_desd.pretraining.engine.checkpoint import file_sha256
 from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
+from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
 
 pytestmark = pytest.mark.e2e
 
@@ -66,13 +67,17 @@ def test_benchmark_runs_reports_and_reuses(finetune_datasets, tmp_path):
             if trainer == TESTED:
                 provenance = json.loads((folder / PROVENANCE_FILE).read_text())
                 assert provenance['file_sha256'] == file_sha256(str(export))
-                assert provenance['recipe']['name'] == 'pretrained' and provenance['recipe']['peak_lr'] == 1e-3
-                assert provenance['recipe']['deep_supervision'] is False
+                recipe = FINETUNE_RECIPES[DEFAULT_FINETUNE_RECIPE]  # the default recipe, as applied
+                assert provenance['recipe']['name'] == DEFAULT_FINETUNE_RECIPE
+                assert provenance['recipe']['peak_lr'] == recipe['initial_lr']
+                assert provenance['recipe']['deep_supervision'] is recipe['enable_deep_supervision']
                 assert 'loaded ' in log and 'encoder tensors' in log
             if trainer == SCRATCH:
                 assert not (folder / PROVENANCE_FILE).exists() and 'encoder tensors' not in log
-                assert "fine-tuning recipe 'pretrained': sgd, peak lr 0.001, deep supervision off, warm-up 1 of 2 " \
-                       "epochs" in log and 'from scratch' in log
+                recipe = FINETUNE_RECIPES[DEFAULT_FINETUNE_RECIPE]
+                assert f"fine-tuning recipe '{DEFAULT_FINETUNE_RECIPE}': sgd, peak lr {recipe['initial_lr']}, deep " \
+                       f"supervision {'on' if recipe['enable_deep_supervision'] else 'off'}, warm-up 1 of 2 epochs" in log
+                assert 'from scratch' in log
 
     stem = f'{TESTED}_vs_{BASELINE}__3d_fullres'
     table = [r for r in csv.DictReader((out / f'{stem}.csv').open()) if r['fold'] == 'all']

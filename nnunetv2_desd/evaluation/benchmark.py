@@ -44,7 +44,7 @@ STEP_WORDS = {'train': 'training', 'val': 'validating', 'continue': 'continuing'
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='desd_benchmark', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='dataset id or name (DatasetXXX_Name)')
     p.add_argument('-w', dest='weights', default=None,
                    help='pre-trained export (desd_pretrain\'s pretrained_export.pth), passed as -pretrained_weights '

@@ -451,7 +451,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='desd_probe', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='labelled dataset (id or name), preprocessed')
     p.add_argument('-w', dest='exports', nargs='+', required=True, help='export(s) of desd_pretrain')
     p.add_argument('--labels', nargs='+', help='one label per export; exports with the same label are averaged '

@@ -161,7 +161,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = ArgumentParser(prog='desd_pvt_benchmark', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', help='dataset with nnUNetPlans and PVT plans')
     p.add_argument('-p', dest='plans_name', default='nnUNetPlans_pvt', help='PVT plans (default nnUNetPlans_pvt)')
     p.add_argument('--patch-size', type=int, nargs=3, help='default: the stock plans\' patch')

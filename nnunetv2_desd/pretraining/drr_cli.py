@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nnunetv2_desd.pretraining.config import PretrainConfig
     d = PretrainConfig('')
     p = ArgumentParser(prog='desd_drr', description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='dataset id or name in nnUNet_raw (CT, labels optional)')
     p.add_argument('-c', dest='configuration', default=d.configuration, help='nnU-Net 3D configuration')
     p.add_argument('-p', dest='plans', default=None, help='plans identifier (default: the planner\'s, nnUNetPlans)')

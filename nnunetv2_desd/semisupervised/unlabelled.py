@@ -28,7 +28,7 @@ from nnunetv2_desd.semisupervised.pool import CASE_SEPARATOR, POOL_FORMAT, POOL_
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='desd_preprocess_unlabelled', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='the labelled dataset (id or DatasetXXX_Name), planned')
     p.add_argument('-u', dest='unlabelled', nargs='+', required=True,
                    help='unlabelled dataset(s) in nnUNet_raw (imagesTr with the labelled dataset\'s channels)')

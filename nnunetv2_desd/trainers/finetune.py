@@ -157,8 +157,8 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
             groups = [{'params': params, 'name': name, **extra} for name, params, extra in parts]
             optimizer = torch.optim.SGD(groups, self.peak_lr, weight_decay=self.weight_decay, momentum=0.99,
                                         nesterov=True)
-        return optimizer, WarmupPolyLRScheduler(optimizer, self.peak_lr, self.warmup_epoch_count,
-                                                      self.num_epochs)
+        scheduler = WarmupPolyLRScheduler(optimizer, self.peak_lr, self.warmup_epoch_count, self.num_epochs)
+        return optimizer, scheduler
 
     def load_pretrained_encoder(self, path: str) -> None:
         export = read_export(path)

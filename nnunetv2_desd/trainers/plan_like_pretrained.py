@@ -319,7 +319,7 @@ def _print_report(plans: dict, planned: dict, meta: dict, raw, configuration: st
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='desd_plan_like_pretrained', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='dataset', required=True, help='downstream dataset id or name (raw dataset, labelled)')
     p.add_argument('-w', dest='export_file', required=True, help='pre-trained export (pretrained_export.pth)')
     p.add_argument('-p', dest='plans_name', default=DEFAULT_PLANS_NAME,

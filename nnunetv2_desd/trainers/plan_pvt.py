@@ -178,7 +178,7 @@ def _print_report(dataset_name: str, plans: dict, configuration: str, source_cfg
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='desd_plan_pvt', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', dest='datasets', nargs='+', required=True, help='dataset ids or names (labels optional)')
     p.add_argument('-s', dest='source_plans', default='nnUNetPlans',
                    help='stock plans to derive from; planned and preprocessed first if missing (default nnUNetPlans)')

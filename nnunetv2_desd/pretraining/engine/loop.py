@@ -23,6 +23,7 @@ from nnunetv2_desd.pretraining.engine.distributed import (DistContext, all_reduc
 from nnunetv2_desd.pretraining.engine.ema import ema_update
 from nnunetv2_desd.pretraining.engine.nnssl import PLAN_KEY, adaptation_plan, citations
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
+from nnunetv2_desd.pretraining.engine.pretrained_weights import ENCODER, PretrainedExport, plan_loading
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
 from nnunetv2_desd.pretraining.methods.cads import CADS
@@ -48,7 +49,7 @@ def output_folder_for(prepared: PreparedData, method: str) -> str:
 
 class Pretrainer:
     def __init__(self, cfg: PretrainConfig, prepared: PreparedData, dist_ctx: DistContext, output_folder: str,
-                 init=None):
+                 init: Optional[PretrainedExport] = None):
         """``init``: a PretrainedExport (``--init``) whose encoder starts student and teacher."""
         self.cfg, self.prepared, self.dist, self.output_folder = cfg, prepared, dist_ctx, output_folder
         self.initialised_from = None
@@ -286,10 +287,9 @@ class Pretrainer:
             self.progress.log(f'export written: {path}')
         self.dist.barrier()
 
-    def _initialise_encoder(self, export) -> None:
+    def _initialise_encoder(self, export: PretrainedExport) -> None:
         """Loads ``export``'s encoder into the planned network (the stem adapted to other input channels); a
         different encoder ends with the differing tensors."""
-        from nnunetv2_desd.pretraining.engine.pretrained_weights import ENCODER, plan_loading
         plan = plan_loading(self.network, export.weights)
         mismatched = [m for m in plan.mismatched if m[0].startswith(ENCODER)]
         missing = [k for k in plan.missing if k.startswith(ENCODER)]
