@@ -7,11 +7,11 @@ Used with the stock command::
 
 Recipes (``FINETUNE_RECIPES``; a trainer's class attribute ``recipe`` picks one, the other is a named variant):
 
-- ``pretrained`` (the default, chosen by the label-efficiency study, see the README): nnU-Net main's own recipe
-  for pre-trained checkpoints (its ``PretrainedTrainer``): SGD (momentum 0.99, Nesterov, weight decay 3e-5) at
-  ``initial_lr`` 1e-3, deep supervision off, the whole network warmed up.
-- ``vanilla``: nnUNetTrainer's own values, ``initial_lr`` 1e-2 with deep supervision (variants
-  ``nnUNetTrainerDeSD_vanillaRecipe``, ...).
+- ``vanilla`` (the default, chosen by the label-efficiency study, see the README): nnUNetTrainer's own values,
+  nnU-Net's SGD (momentum 0.99, Nesterov, weight decay 3e-5) at ``initial_lr`` 1e-2 with deep supervision, plus the
+  warm-up below.
+- ``pretrained``: nnU-Net main's own recipe for pre-trained checkpoints (its ``PretrainedTrainer``): ``initial_lr``
+  1e-3, deep supervision off, the whole network warmed up (variants ``nnUNetTrainerDeSD_pretrainedRecipe``, ...).
 - ``warmup_epochs`` None: 5% of ``num_epochs`` (50 of 1000, as nnU-Net main), at least 1; set a number to fix it.
   Linear warm-up, then nnU-Net's poly(0.9) decay. The decoder starts random, and its first gradients are large;
   the warm-up keeps them from overwriting the pre-trained encoder.
@@ -58,7 +58,7 @@ FINETUNE_RECIPES = {
     'pretrained': {'initial_lr': 1e-3, 'enable_deep_supervision': False},  # nnU-Net main's PretrainedTrainer
     'vanilla': {'initial_lr': 1e-2, 'enable_deep_supervision': True},  # nnUNetTrainer's own values
 }
-DEFAULT_FINETUNE_RECIPE = 'pretrained'
+DEFAULT_FINETUNE_RECIPE = 'vanilla'  # measured: README, label-efficiency study
 WARMUP_SHARE = 0.05  # nnU-Net main: 50 warm-up epochs of 1000
 
 

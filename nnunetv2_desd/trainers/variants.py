@@ -4,7 +4,7 @@ A benchmark compares a pre-trained or DMD trainer with the vanilla trainer of th
 nnUNetTrainerDeSDTiny / nnUNetTrainerDMDTiny with nnUNetTrainerTiny, nnUNetTrainerDeSDDemo / nnUNetTrainerDMDDemo
 with nnUNetTrainerDemo. For every pre-trained fine-tuning trainer T defined here or in ``finetune`` there are also:
 
-- ``T_<recipe>Recipe``: T with the other recipe of ``finetune.FINETUNE_RECIPES`` (``nnUNetTrainerDeSD_vanillaRecipe``);
+- ``T_<recipe>Recipe``: T with the other recipe of ``finetune.FINETUNE_RECIPES`` (``nnUNetTrainerDeSD_pretrainedRecipe``);
 - ``T_scratch`` (and ``T_<recipe>Recipe_scratch``): T's recipe and schedule from nnU-Net's random initialisation,
   without ``-pretrained_weights``: ``desd_benchmark``'s second baseline, which isolates the initialisation.
 
