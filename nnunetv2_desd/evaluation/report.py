@@ -33,6 +33,8 @@ FOREGROUND = 'foreground mean'
 ROLES = ('tested', 'scratch', 'baseline')
 ROLE_WORDS = {'tested': 'tested', 'scratch': 'same schedule from scratch', 'baseline': 'vanilla baseline'}
 COMPARISONS = (('tested', 'scratch'), ('tested', 'baseline'))  # Δ = first − second
+FIGURE_SOURCE = {'tested': ('tested - baseline', 'tested_mean'), 'scratch': ('tested - scratch', 'other_mean'),
+                 'baseline': ('tested - baseline', 'other_mean')}  # role -> the rows and column its curve comes from
 BOOTSTRAP_RESAMPLES = 10000
 CONFIDENCE = 0.95
 CSV_FIELDS = ('comparison', 'fraction', 'label', 'fold', 'seed', 'tested_mean', 'other_mean', 'diff_mean', 'diff_sd',
@@ -293,12 +295,10 @@ def figure(rows: List[dict], unit_rows: List[dict], meta: ReportMeta, path: str)
     fig, axes = plt.subplots(1, len(labels) + 1, figsize=(4 * (len(labels) + 1), 3.6), squeeze=False)
     for ax, label in zip(axes[0], labels):
         for role, marker in zip(ROLES, 'os^'):
-            comparison = f'tested - {role}' if role != 'tested' else None
-            mine = [r for r in rows if r['label'] == label and r['n_units'] > 0 and
-                    (r['comparison'] == comparison or (role == 'tested' and r['comparison'].endswith('baseline')))]
+            comparison, key = FIGURE_SOURCE[role]
+            mine = [r for r in rows if r['label'] == label and r['n_units'] > 0 and r['comparison'] == comparison]
             if not mine or role not in meta.trainers:
                 continue
-            key = 'tested_mean' if role == 'tested' else 'other_mean'
             ax.plot([r['fraction'] for r in mine], [r[key] for r in mine], marker=marker, label=meta.trainers[role])
         ax.set_title(label)
         ax.set_ylabel('Dice (mean over folds and seeds)')
