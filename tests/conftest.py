@@ -50,7 +50,7 @@ def tmp_nnunet(tmp_path):
 def finetune_datasets(tmp_path_factory):
     """Planned labelled datasets 901 (1 channel, 6 cases) and 902 (2 channels, 5 cases), both PlainConvUNet with
     the same stages, plus a tiny DeSD export pre-trained on 901 with 901's plans. Shared: reuse, never modify."""
-    from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+    from nnunetv2_desd.data.sources import write_synthetic_dataset
     root = tmp_path_factory.mktemp('finetune')
     env = nnunet_env(root)
     write_synthetic_dataset(env['nnUNet_raw'], 901, n_cases=6, shape=(20, 20, 20), labelled=True)

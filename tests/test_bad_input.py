@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+from nnunetv2_desd.data.sources import write_synthetic_dataset
 
 pytestmark = pytest.mark.e2e
 

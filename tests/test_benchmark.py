@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining import benchmark
-from nnunetv2_desd.pretraining.benchmark import BenchmarkResult, Phase, markdown, parse_args, rows
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+from nnunetv2_desd.benchmarks import pretraining as benchmark
+from nnunetv2_desd.benchmarks.pretraining import BenchmarkResult, Phase, markdown, parse_args, rows
+from nnunetv2_desd.data.sources import write_synthetic_dataset
 
 PHASE_NAMES = ('desd_in_memory', 'desd_real_loading', 'supervised')
 QUANTITIES = [f'{p}_{q}' for p in PHASE_NAMES for q in ('seconds_per_iteration', 'seconds_per_iteration_std',

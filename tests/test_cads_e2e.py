@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining.data.sources import write_chest_ct_datasets, write_synthetic_dataset
-from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
+from nnunetv2_desd.data.sources import write_chest_ct_datasets, write_synthetic_dataset
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
 
 pytestmark = pytest.mark.e2e
 
@@ -40,9 +40,10 @@ def test_generated_ct_pretrains_and_resume_restores_the_centre(tmp_path, monkeyp
     for key, value in env.items():
         if key.startswith('nnUNet'):
             monkeypatch.setenv(key, value)
-    from nnunetv2_desd.pretraining.cli import parse_config, prepare_data
-    from nnunetv2_desd.pretraining.data.loader import build_view_loader
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.cli.pretrain import parse_config
+    from nnunetv2_desd.pretraining.run import prepare_data
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader
+    from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
     cfg, _ = parse_config(['-d', '910', '--epochs', '3', '--iters-per-epoch', '2', *CADS_TINY])
     ctx = init_distributed('cpu')

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nnunetv2_desd.pretraining.cli import parse_config
+from nnunetv2_desd.cli.pretrain import parse_config
 from nnunetv2_desd.pretraining.config import PretrainConfig
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
 

@@ -4,7 +4,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
 from nnunetv2_desd.pretraining.methods.cads import CADS, deepest_size
-from nnunetv2_desd.pretraining.models.network import MultiStageDistillationNetwork, planned_encoder
+from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork, planned_encoder
 
 
 def _network():
@@ -52,7 +52,7 @@ def test_deepest_size_and_single_voxel_refusal():
     assert deepest_size([32, 16, 16], [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]) == [2, 1, 1]
     assert deepest_size([5, 3, 1], [[2, 2, 2], [2, 2, 2]]) == [2, 1, 1]
     import pytest
-    from nnunetv2_desd.errors import DesdError
+    from nnunetv2_desd.common.errors import DesdError
     strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     CADS(0.75, (4, 8, 8)).check([32, 32, 32], strides, [2])
     with pytest.raises(DesdError, match='single voxel'):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.engine.checkpoint import (
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.checkpoint import (
     atomic_save, capture_rng_state, cpu_state_dict, file_sha256, load_checkpoint, restore_rng_state, tensor_digest)
 
 
@@ -161,7 +161,7 @@ def test_atomic_save_failure_after_write_removes_temp(tmp_path, monkeypatch):
 
 
 def test_each_process_gets_its_own_saved_rng_state():
-    from nnunetv2_desd.pretraining.engine.checkpoint import rng_state_of_process
+    from nnunetv2_desd.common.checkpoint import rng_state_of_process
     states = [{'process': 0}, {'process': 1}]
     assert rng_state_of_process(states, 1) == {'process': 1} and rng_state_of_process(states, 0) == {'process': 0}
     assert rng_state_of_process(states, 2) is None  # more processes than when it was saved: keep the own seed

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+from nnunetv2_desd.data.sources import write_synthetic_dataset
 
 STEPS = 3
 BATCH = 4
@@ -30,8 +30,8 @@ def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from nnunetv2_desd.pretraining.config import PretrainConfig
-    from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.data.planning import prepare_pretraining_data
+    from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
 
     ctx = init_distributed('cpu')
@@ -100,7 +100,7 @@ def test_torchrun_cli_on_cpu(tmp_path):
 
 def test_torchrun_with_one_process_makes_the_process_group(tmp_path):
     """torchrun --nproc_per_node 1 sets WORLD_SIZE=1: the group must still exist (the nccl path on one GPU)."""
-    code = ('from nnunetv2_desd.pretraining.engine.distributed import init_distributed\n'
+    code = ('from nnunetv2_desd.pretraining.distributed import init_distributed\n'
             'import torch.distributed as dist\n'
             'ctx = init_distributed("cpu")\n'
             'print(dist.is_initialized(), dist.get_backend(), ctx.world_size, ctx.enabled)\n')

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.semisupervised.dmd_loss import (DeepSupervisedMutualDistillation, MutualDistillationLoss,
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.trainers.dmd_loss import (DeepSupervisedMutualDistillation, MutualDistillationLoss,
                                                    soft_dice)
-from nnunetv2_desd.preprocessing_match import preprocessing_plans
-from nnunetv2_desd.semisupervised.pool import POOL_FORMAT, check_pool, pool_paths
+from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
+from nnunetv2_desd.data.pool import POOL_FORMAT, check_pool, pool_paths
 from nnunetv2_desd.trainers.dmd import DMDPair, nnUNetTrainerDMD, split_batch
 
 LN2, LN3 = math.log(2), math.log(3)

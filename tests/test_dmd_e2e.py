@@ -19,9 +19,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import nnunet_env, run_command
-from nnunetv2_desd.evaluation.fractions import fraction_fold_info
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
-from nnunetv2_desd.trainers import with_ext_trainers
+from nnunetv2_desd.data.fractions import fraction_fold_info
+from nnunetv2_desd.data.sources import write_synthetic_dataset
+from nnunetv2_desd.trainers.lookup import with_ext_trainers
 from nnunetv2_desd.trainers.dmd import DMD_FILE
 
 pytestmark = pytest.mark.e2e

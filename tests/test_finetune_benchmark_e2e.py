@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import nnunet_env, run_command
-from nnunetv2_desd.evaluation.fractions import find_fraction_fold
-from nnunetv2_desd.pretraining.engine.checkpoint import file_sha256
-from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
+from nnunetv2_desd.data.fractions import find_fraction_fold
+from nnunetv2_desd.common.checkpoint import file_sha256
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
 from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
 
 pytestmark = pytest.mark.e2e

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import BIN, run_command
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.engine.checkpoint import file_sha256
-from nnunetv2_desd.trainers import EXT_TRAINER_FOLDER, PROVENANCE_FILE
-from nnunetv2_desd.pretraining.engine.pretrained_weights import adapt_input_channels
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.checkpoint import file_sha256
+from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, PROVENANCE_FILE
+from nnunetv2_desd.common.pretrained_weights import adapt_input_channels
 
 pytestmark = pytest.mark.e2e
 

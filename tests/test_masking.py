@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.pretraining.views.masking import block_for_ratio, check_maskable, mask_ratio, packed_masking
 
 

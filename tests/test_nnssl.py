@@ -11,8 +11,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining.engine.checkpoint import load_checkpoint
-from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
+from nnunetv2_desd.common.checkpoint import load_checkpoint
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
 
 pytestmark = pytest.mark.e2e
 
@@ -149,11 +149,12 @@ def test_init_loads_the_encoder_into_student_and_teacher_or_names_the_differing_
     env, export = env
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(key, env[key])
-    from nnunetv2_desd.errors import DesdError
-    from nnunetv2_desd.pretraining.cli import parse_config, prepare_data
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.common.errors import DesdError
+    from nnunetv2_desd.cli.pretrain import parse_config
+    from nnunetv2_desd.pretraining.run import prepare_data
+    from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
-    from nnunetv2_desd.pretraining.engine.pretrained_weights import read_export
+    from nnunetv2_desd.common.pretrained_weights import read_export
     cfg, _ = parse_config(['-d', '901', '--epochs', '1', '--iters-per-epoch', '1', *TINY])
     ctx = init_distributed('cpu')
     prepared = prepare_data(cfg, ctx)
@@ -199,7 +200,7 @@ def test_bad_nnssl_checkpoints_are_refused_in_one_line_with_nothing_written(env,
 
 
 def test_the_resenc_l_preset_is_read_as_nnssls_architecture(tmp_path):
-    from nnunetv2_desd.pretraining.engine.nnssl import metadata_from_plan
+    from nnunetv2_desd.common.nnssl import metadata_from_plan
     plan = nnssl_checkpoint(tmp_path / 'small.pth')['nnssl_adaptation_plan']
     plan['architecture_plans'] = {'arch_class_name': 'ResEncL', 'arch_kwargs': {}, 'arch_kwargs_requiring_import': []}
     kwargs = {k: (pydoc.locate(v) if k in IMPORTED and v else v) for k, v in RESENC.items()}

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
-from nnunetv2_desd.trainers.plan_like_pretrained import (PROVENANCE_KEY, inverse_permutation, main,
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.sources import write_synthetic_dataset
+from nnunetv2_desd.planning.plan_like_pretrained import (PROVENANCE_KEY, inverse_permutation, main,
                                                          plan_like_pretrained, plans_like_export,
                                                          round_patch_to_stride, total_stride)
 
@@ -198,7 +198,7 @@ def test_foreign_plans_file_is_never_overwritten(nnunet_folders, capsys):
 def test_planner_failure_becomes_one_error_and_is_rolled_back(nnunet_folders, monkeypatch, capsys):
     """A planner assert (here a bare one, as many of nnU-Net's are) -> DesdError naming it; the folder is restored."""
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    import nnunetv2_desd.trainers.plan_like_pretrained as module
+    import nnunetv2_desd.planning.plan_like_pretrained as module
     root = nnunet_folders
     export = _write_fake_export(root / 'export.pth')
     name = write_synthetic_dataset(str(root / 'raw'), 901, 'Down', n_cases=2, shape=(16, 16, 16), labelled=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import BIN, TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining.data.sources import write_chest_ct_datasets, write_synthetic_dataset
+from nnunetv2_desd.data.sources import write_chest_ct_datasets, write_synthetic_dataset
 
 pytestmark = pytest.mark.e2e
 

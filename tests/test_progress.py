@@ -2,7 +2,7 @@ import os
 import re
 
 
-from nnunetv2_desd.pretraining.engine.checkpoint import atomic_save, load_checkpoint
+from nnunetv2_desd.common.checkpoint import atomic_save, load_checkpoint
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'

@@ -9,14 +9,14 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.models import memory
-from nnunetv2_desd.models.pvt_unet import (CLASS_NAME, PVTUNet, TransformerBlock, default_arch_kwargs,
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.architectures import memory
+from nnunetv2_desd.architectures.pvt_unet import (CLASS_NAME, PVTUNet, TransformerBlock, default_arch_kwargs,
                                            replicate_pad_to_multiple)
-from nnunetv2_desd.pretraining.models.network import MultiStageDistillationNetwork, planned_encoder
+from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork, planned_encoder
 from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, preferred_optimizer
-from nnunetv2_desd.trainers.plan_pvt import reduce_patch
-from nnunetv2_desd.pretraining.engine.pretrained_weights import plan_loading
+from nnunetv2_desd.planning.plan_pvt import reduce_patch
+from nnunetv2_desd.common.pretrained_weights import plan_loading
 
 TINY = dict(embed_dims=(16, 32, 48, 64), conv_features=(8, 16), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4))
 STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -237,7 +237,7 @@ def test_patch_reduction_follows_nnunet_order():
 
 
 def test_benchmark_measures_a_network_and_plans_nnunets_unet_for_the_patch():
-    from nnunetv2_desd.models.benchmark import markdown, measure, plain_unet_for_patch
+    from nnunetv2_desd.benchmarks.pvt import markdown, measure, plain_unet_for_patch
     unet = plain_unet_for_patch((32, 64, 64), (2.5, 0.8, 0.8), 1, 2)['arch_kwargs']
     assert unet['strides'][0] == [1, 1, 1] and unet['features_per_stage'][:3] == [32, 64, 128]
     assert all(p % s == 0 for p, s in zip((32, 64, 64), np.prod(unet['strides'], axis=0)))

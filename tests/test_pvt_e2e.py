@@ -9,9 +9,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
-from nnunetv2_desd.pretraining.engine.checkpoint import load_checkpoint
-from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
+from nnunetv2_desd.data.sources import write_synthetic_dataset
+from nnunetv2_desd.common.checkpoint import load_checkpoint
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,7 @@ def test_cads_on_pvt_unet_fine_tunes_and_predicts_with_stock_nnunet(tmp_path):
     stock = json.loads((tmp_path / 'preprocessed' / name / 'nnUNetPlans.json').read_text())
     cfg = plans['configurations']['3d_fullres']
     assert list(plans['configurations']) == ['3d_fullres']
-    assert cfg['architecture']['network_class_name'] == 'nnunetv2_desd.models.pvt_unet.PVTUNet'
+    assert cfg['architecture']['network_class_name'] == 'nnunetv2_desd.architectures.pvt_unet.PVTUNet'
     assert cfg['architecture']['arch_kwargs']['features_per_stage'] == [8, 16, 16, 32, 48, 64]
     assert cfg['patch_size'] == [16, 32, 32] and cfg['batch_size'] == 2
     assert cfg['data_identifier'] == stock['configurations']['3d_fullres']['data_identifier']  # data shared

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.preprocessing_match import preprocessing_differences
-from nnunetv2_desd.pretraining.data.reference import (augmentation_geometry, copied_plans_name,
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
+from nnunetv2_desd.data.reference import (augmentation_geometry, copied_plans_name,
                                                       reference_plans_candidates)
 from nnunetv2_desd.pretraining.methods.refs import (deep_supervision_scales, encoder_stage_of, fish_gradients,
                                                     gradient_cosine, matched_encoder_names, matching_loss,
@@ -299,7 +299,7 @@ def test_reference_plans_candidates_and_augmentation_geometry():
 
 
 def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
-    from nnunetv2_desd.pretraining.refs_benchmark import saved_tensors_peak_mib
+    from nnunetv2_desd.benchmarks.refs import saved_tensors_peak_mib
     x = torch.zeros(2 ** 18, requires_grad=True)  # 1 MiB of float32
     w = torch.nn.Parameter(torch.ones(2 ** 18))
 
@@ -314,8 +314,8 @@ def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
 
 
 def test_refs_benchmark_report(tmp_path):
-    from nnunetv2_desd.pretraining.benchmark import Phase
-    from nnunetv2_desd.pretraining.refs_benchmark import RefsComparison, write_refs_comparison
+    from nnunetv2_desd.benchmarks.pretraining import Phase
+    from nnunetv2_desd.benchmarks.refs import RefsComparison, write_refs_comparison
     phases = {'desd': Phase('desd', 'DeSD', [1.0, 1.2], 100.0),
               'fish': Phase('fish', 'ReFs fish (default)', [2.2], 150.0),
               'cosine': Phase('cosine', 'ReFs cosine, all encoder stages', [4.4], 400.0)}

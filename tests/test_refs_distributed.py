@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
+from nnunetv2_desd.data.sources import write_synthetic_dataset
 from test_distributed import _free_port
 
 STEPS = 2
@@ -35,8 +35,8 @@ def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: t
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from nnunetv2_desd.pretraining.config import PretrainConfig
-    from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.data.planning import prepare_pretraining_data
+    from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
 
     ctx = init_distributed('cpu')
@@ -87,10 +87,10 @@ def _failing_step(rank: int, world_size: int, env: dict, views, images, targets,
     """Rank 1's reference batch is NaN: its reference loss and every fish gradient are non-finite there only."""
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    from nnunetv2_desd.errors import DesdError
+    from nnunetv2_desd.common.errors import DesdError
     from nnunetv2_desd.pretraining.config import PretrainConfig
-    from nnunetv2_desd.pretraining.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.data.planning import prepare_pretraining_data
+    from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
 
     ctx = init_distributed('cpu')

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.data.sources import write_synthetic_dataset
-from nnunetv2_desd.trainers import PROVENANCE_FILE, with_ext_trainers
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.sources import write_synthetic_dataset
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
 
 pytestmark = pytest.mark.e2e
 
@@ -115,8 +115,9 @@ def _trainer(env, monkeypatch, tmp_path, *args):
     for key, value in env.items():
         if key.startswith('nnUNet'):
             monkeypatch.setenv(key, value)
-    from nnunetv2_desd.pretraining.cli import parse_config, prepare_data
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.cli.pretrain import parse_config
+    from nnunetv2_desd.pretraining.run import prepare_data
+    from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
     cfg, _ = parse_config(['-d', '920', '--epochs', '2', '--iters-per-epoch', '2', '--freeze-last-layer-epochs', '0',
                            '--lr', '30', '--warmup-epochs', '0', *REFS, *args])
@@ -134,7 +135,7 @@ def test_engine_fish_and_cosine_steps(refs_run, monkeypatch, tmp_path):
     lambda_match > 0 each change that step; parameters stay the module's own."""
     root, env, pool, reference = refs_run
     build, prepared = _trainer(env, monkeypatch, tmp_path)
-    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader
     first = build(matching='fish', fish_inner_lr=0.0)
     batch = next(first.with_reference_loader(build_view_loader(prepared, first.patch_size, 2, 0), 0))
     assert batch['reference']['data'].shape == (2, 1, 16, 16, 16)
@@ -163,7 +164,7 @@ def test_prototypes_freeze_for_their_epoch_and_the_groups_get_the_scheduled_lr_a
     root, env, pool, reference = refs_run
     build, prepared = _trainer(env, monkeypatch, tmp_path, '--freeze-last-layer-epochs', '1', '--warmup-epochs', '1',
                                '--weight-decay', '0.04', '--weight-decay-end', '0.4')
-    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader
     trainer = build(reference=None, method='desd')  # 2 epochs x 2 iterations, batch 2
     loader = build_view_loader(prepared, trainer.patch_size, 2, 0)
     decay, no_decay = trainer.optimizer.param_groups
@@ -192,7 +193,7 @@ def test_the_amp_path_on_cpu_with_bfloat16_autocast(refs_run, monkeypatch, tmp_p
     # a moderate lr: the shared --lr 30 (0.23 at batch 2) wrecks the network in one step, after which bf16's inner
     # fish gradients overflow and the scaler rightly skips every later step
     build, prepared = _trainer(env, monkeypatch, tmp_path, '--amp', 'on', '--lr', '0.5')
-    from nnunetv2_desd.pretraining.data.loader import build_view_loader
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader
     for changes in ({'reference': None, 'method': 'desd'}, {'matching': 'fish', 'fish_inner_lr': 0.05}):
         trainer = build(**changes)
         assert trainer.amp and isinstance(trainer.scaler, torch.amp.GradScaler)
@@ -226,8 +227,9 @@ def test_refs_options_are_checked_and_the_checkpoint_resumes(refs_run, monkeypat
         build(matching='cosine', matching_stages=9)
     with pytest.raises(DesdError, match='--matching'):
         build(matching='exact')
-    from nnunetv2_desd.pretraining.cli import parse_config, prepare_data
-    from nnunetv2_desd.pretraining.engine.distributed import init_distributed
+    from nnunetv2_desd.cli.pretrain import parse_config
+    from nnunetv2_desd.pretraining.run import prepare_data
+    from nnunetv2_desd.pretraining.distributed import init_distributed
     for argv, message in ((['-m', 'refs'], 'needs --reference'), (['--reference', '921'], 'option of -m refs')):
         cfg, _ = parse_config(['-d', '920', *argv])
         with pytest.raises(DesdError, match=message):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.data import sources
-from nnunetv2_desd.pretraining.data.sources import (CHEST_CLASSES, find_chest_ct, write_chest_ct_datasets,
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data import sources
+from nnunetv2_desd.data.sources import (CHEST_CLASSES, find_chest_ct, write_chest_ct_datasets,
                                                     write_synthetic_dataset)
 
 

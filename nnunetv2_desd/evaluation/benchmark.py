@@ -33,8 +33,8 @@ import sys
 from collections import deque
 from typing import Dict, List, Optional
 
-from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
-from nnunetv2_desd.evaluation.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
+from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.data.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
                                                subset_size)
 from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
 
@@ -115,7 +115,7 @@ class Setup:
 
     def __init__(self, args: argparse.Namespace):
         from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-        from nnunetv2_desd.pretraining.engine.checkpoint import file_sha256
+        from nnunetv2_desd.common.checkpoint import file_sha256
 
         for name, value in (('nnUNet_preprocessed', nnUNet_preprocessed), ('nnUNet_results', nnUNet_results)):
             if not value:  # nnU-Net's _EnvPath: false when the variable is unset
@@ -217,7 +217,7 @@ def plan_cells(setup: Setup, create_folds: bool) -> List[Cell]:
 
 def check_provenance(cell: Cell, setup: Setup) -> Optional[str]:
     """DesdError where a tested run came from another export than -w; a warning where it records none."""
-    from nnunetv2_desd.trainers import PROVENANCE_FILE
+    from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
 
     if cell.role != 'tested' or setup.weights is None or cell.model_folder is None:
         return None
@@ -255,8 +255,8 @@ def is_dmd_trainer(name: str) -> bool:
 def check_unlabelled_pools(cells: List[Cell], setup: Setup) -> None:
     """DesdError before the first run where a DMD cell to run has no unlabelled cases, a pool made with other
     plans, or -w (see the module docstring)."""
-    from nnunetv2_desd.evaluation.fractions import fraction_fold_info
-    from nnunetv2_desd.semisupervised.pool import check_pool, preprocess_command, read_pool_record
+    from nnunetv2_desd.data.fractions import fraction_fold_info
+    from nnunetv2_desd.data.pool import check_pool, preprocess_command, read_pool_record
 
     pending = [c for c in cells if c.role == 'tested' and c.fold_id is not None and next_step(c) is not None]
     if not pending or not is_dmd_trainer(setup.trainers['tested']):
@@ -352,7 +352,7 @@ def print_commands(cells: List[Cell], setup: Setup, env: Dict[str, str]) -> None
 def benchmark(args: argparse.Namespace) -> Optional[dict]:
     """Runs (or prints) the selected cells, then writes the report; returns write_report's result."""
     from tqdm import tqdm
-    from nnunetv2_desd.trainers import with_ext_trainers
+    from nnunetv2_desd.trainers.lookup import with_ext_trainers
 
     setup = Setup(args)
     cells = plan_cells(setup, create_folds=not args.collect_only)

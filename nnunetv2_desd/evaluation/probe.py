@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from nnunetv2_desd.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
 
 DEFAULT_RANDOM_SEEDS = 3
 
@@ -164,7 +164,7 @@ def export_plans_differences(meta: dict, plans: dict, configuration: str) -> Lis
     """What in ``plans`` (configuration) differs from the export's: architecture, then preprocessing (spacing,
     axis order, normalisation, CT statistics), each as 'ENTRY ACTUAL instead of EXPORTED'."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_desd.preprocessing_match import preprocessing_differences
+    from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
     if configuration not in plans['configurations']:
         return [f'no configuration {configuration!r}']
     cm = PlansManager(plans).get_configuration(configuration)
@@ -269,7 +269,7 @@ def encoder_features(encoder_spec: Encoder, plans: dict, dataset_json: dict, con
                      images: Dict[str, torch.Tensor], device: torch.device) -> Dict[int, Dict[str, torch.Tensor]]:
     """stage -> case -> features (C_s, *s) of the frozen encoder (eval mode), on CPU."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_desd.pretraining.models.network import build_planned_network, planned_encoder
+    from nnunetv2_desd.pretraining.network import build_planned_network, planned_encoder
     pm = PlansManager(plans)
     label_manager = pm.get_label_manager(dataset_json)
     with torch.random.fork_rng(devices=[]):
@@ -294,7 +294,7 @@ def encoder_features(encoder_spec: Encoder, plans: dict, dataset_json: dict, con
 
 
 def read_exports(files: Sequence[str], groups: Optional[Sequence[str]]) -> Tuple[list, List[Encoder]]:
-    from nnunetv2_desd.pretraining.engine.pretrained_weights import ENCODER, read_export
+    from nnunetv2_desd.common.pretrained_weights import ENCODER, read_export
     if groups is not None and len(groups) != len(files):
         raise DesdError(f'--labels: {len(groups)} label(s) for {len(files)} export(s); give one per export.')
     exports, encoders = [], []
@@ -430,7 +430,7 @@ def probe_figure(result: ProbeResult, file) -> None:
 
 
 def write_probe_report(result: ProbeResult, out: str) -> Dict[str, str]:
-    from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write, atomic_write_text
+    from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f'probe.{k}') for k in ('md', 'csv', 'png')}
     atomic_write_text(probe_markdown(result), paths['md'])
@@ -477,7 +477,7 @@ def run_probe(args: argparse.Namespace, progress: bool = True) -> Tuple[ProbeRes
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     from tqdm import tqdm
-    from nnunetv2_desd.pretraining.data.raw import resolve_dataset_name
+    from nnunetv2_desd.data.raw import resolve_dataset_name
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise DesdError('no CUDA device is visible. Use -device cpu.')
     device = torch.device('cuda' if args.device != 'cpu' and torch.cuda.is_available() else 'cpu')

@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write, atomic_write_text
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
 
 FOREGROUND = 'foreground mean'
 ROLES = ('tested', 'scratch', 'baseline')

@@ -5,7 +5,7 @@ SGD momentum 0.9, lr = 0.3 * global batch / 256 with 10 warm-up epochs then cosi
 (not on biases and norms), K = 60000, student temperature 0.1, teacher temperature 0.04 -> 0.07 over 20
 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine, per iteration), prototypes frozen for
 the first epoch. nnU-Net-style length: 250 iterations per epoch. ``METHOD_DEFAULTS`` holds what CADS's
-official run changes (METHODS.md §2).
+official run changes (METHODS.md §2), collected from each method's ``official_settings``.
 
 ``PretrainConfig.create`` applies a method's defaults, then the recipe's (``RECIPES``), and scales the recipe's epoch counts (lr warm-up,
 teacher-temperature warm-up, frozen prototypes) to runs shorter than the official one, so a 10-epoch run keeps
@@ -20,12 +20,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
-METHOD_DEFAULTS = {
-    'desd': dict(epochs=300),
-    'cads': dict(epochs=150, optimizer='adamw', lr=7.5e-4, min_lr=2e-6, weight_decay=0.04, weight_decay_end=0.4,
-                 clip_grad=0.3, freeze_last_layer_epochs=3, warmup_teacher_temp_epochs=50),
-    'refs': dict(epochs=300),  # DeSD's recipe
-}
+from nnunetv2_desd.pretraining.methods.registry import METHODS
+
+METHOD_DEFAULTS = {name: dict(method.official_settings) for name, method in METHODS.items()}
 SCALED_EPOCH_COUNTS = ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs')
 # --recipe: 'official' is the method's published recipe (the dataclass defaults plus METHOD_DEFAULTS); 'small-batch'
 # (the default) changes what breaks at nnU-Net's batch of 2 volumes x 2 views per process, as measured with
@@ -76,7 +73,7 @@ LIMITS = {
     'num_preprocessing_processes': ('int', 1, None, 'a positive number of processes'),
     'seed': ('int', 0, 2 ** 32 - 1, 'a seed in [0, 2^32)'),
 }
-CHOICES = {'method': ('desd', 'cads', 'refs'), 'device': ('cuda', 'cpu'), 'optimizer': ('sgd', 'adamw'),
+CHOICES = {'method': tuple(METHODS), 'device': ('cuda', 'cpu'), 'optimizer': ('sgd', 'adamw'),
            'matching': ('fish', 'cosine')}
 
 
@@ -167,10 +164,13 @@ class PretrainConfig:
 
     def check(self) -> 'PretrainConfig':
         """DesdError (one line) for the first option outside LIMITS or CHOICES; returns self."""
-        from nnunetv2_desd.errors import DesdError
+        from nnunetv2_desd.common.errors import DesdError
         problems = [limit_problem(name, getattr(self, name)) for name in LIMITS]
         problems += [f'{option_name(name)} {getattr(self, name)!r}: choose one of {", ".join(choices)}'
                      for name, choices in CHOICES.items() if getattr(self, name) not in choices]
+        problems += [f'{option_name(name)} is an option of -m {other}, not of -m {self.method}'
+                     for other, method in METHODS.items() if other != self.method
+                     for name in method.exclusive_options if getattr(self, name) is not None]
         if self.recipe not in RECIPES:
             problems.append(f'--recipe {self.recipe!r}: choose one of {", ".join(RECIPES)}')
         problems = [p for p in problems if p]
@@ -188,21 +188,21 @@ class PretrainConfig:
             raise TypeError(f'unknown PretrainConfig fields {unknown}')
         recipe = given.get('recipe', cls.recipe)
         if recipe not in RECIPES:
-            from nnunetv2_desd.errors import DesdError
+            from nnunetv2_desd.common.errors import DesdError
             raise DesdError(f'--recipe {recipe!r}: choose one of {", ".join(RECIPES)}.')
         official = {**cls(dataset).to_dict(), **METHOD_DEFAULTS.get(method, {})}
         values = {**official, **RECIPES[recipe]}
         epochs = given.get('epochs', official['epochs'])
         problem = limit_problem('epochs', epochs)
         if problem:
-            from nnunetv2_desd.errors import DesdError
+            from nnunetv2_desd.common.errors import DesdError
             raise DesdError(problem + '.')
         if epochs < official['epochs']:
             for key in SCALED_EPOCH_COUNTS:  # a count the recipe has stays at least 1 epoch
                 scaled = round(official[key] * epochs / official['epochs'])
                 values[key] = max(scaled, 1) if official[key] > 0 else 0
         values.update(given, dataset=dataset, method=method)
-        if method == 'refs' and values['plans_from'] is None:
-            values['plans_from'] = values['reference']
+        if method in METHODS:
+            METHODS[method].complete_settings(values)
         return cls(**values).check()
 

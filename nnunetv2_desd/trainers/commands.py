@@ -8,8 +8,8 @@ the stock nnUNetv2_* commands find the trainers. ``desd_train``, ``desd_predict`
 import os
 import sys
 
-from nnunetv2_desd.errors import command_errors
-from nnunetv2_desd.trainers import EXT_TRAINER_FOLDER, with_ext_trainers
+from nnunetv2_desd.common.errors import command_errors
+from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, with_ext_trainers
 
 
 def print_trainer_path() -> None:

@@ -47,11 +47,11 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write_json
-from nnunetv2_desd.trainers import PROVENANCE_FILE
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.checkpoint import atomic_write_json
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler
-from nnunetv2_desd.pretraining.engine.pretrained_weights import mismatch_message, plan_loading, read_export
+from nnunetv2_desd.common.pretrained_weights import mismatch_message, plan_loading, read_export
 
 
 FINETUNE_RECIPES = {

@@ -1,4 +1,5 @@
-"""The pre-training loop: student/teacher, schedules, AMP, DDP, checkpoints, progress, export."""
+"""The pre-training loop: student/teacher, schedules, AMP, DDP, checkpoints, progress, export; the method's own
+parts come from its hooks (``methods/base.py``)."""
 import copy
 import math
 import os
@@ -11,27 +12,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.common.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict, load_checkpoint,
+                                            restore_rng_state, rng_state_of_process, tensor_digest)
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.nnssl import PLAN_KEY, adaptation_plan, citations
+from nnunetv2_desd.common.pretrained_weights import PretrainedExport, initialise_encoder
+from nnunetv2_desd.data.planning import PreparedData
 from nnunetv2_desd.pretraining.config import PretrainConfig
-from nnunetv2_desd.pretraining.data.drrs import drr_projection_axis
-from nnunetv2_desd.pretraining.data.planning import PreparedData
-from nnunetv2_desd.pretraining.engine.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict,
-                                                         load_checkpoint, restore_rng_state, rng_state_of_process,
-                                                         tensor_digest)
-from nnunetv2_desd.pretraining.engine.distributed import (DistContext, all_reduce_mean, check_finite_everywhere,
-                                                          gather_objects)
+from nnunetv2_desd.pretraining.distributed import DistContext, all_reduce_mean, gather_objects
 from nnunetv2_desd.pretraining.engine.ema import ema_update
-from nnunetv2_desd.pretraining.engine.nnssl import PLAN_KEY, adaptation_plan, citations
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
-from nnunetv2_desd.pretraining.engine.pretrained_weights import ENCODER, PretrainedExport, plan_loading
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
-from nnunetv2_desd.pretraining.methods.cads import CADS
-from nnunetv2_desd.pretraining.methods.desd import DeSD, DeepSelfDistillationLoss
-from nnunetv2_desd.pretraining.methods.refs import (ReFs, deep_supervision_scales, matched_encoder_names,
-                                                   reference_loss)
-from nnunetv2_desd.pretraining.models.network import (MultiStageDistillationNetwork, build_planned_network,
-                                                      planned_encoder, resolve_stages)
+from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.methods.registry import METHODS
+from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork, build_planned_network, planned_encoder, \
+    resolve_stages
 
 EXPORT_FILE = 'pretrained_export.pth'
 # a resumed run must build the same modules as the checkpoint
@@ -63,16 +59,15 @@ class Pretrainer:
         if any(p % s for p, s in zip(self.patch_size, total_stride)):
             raise DesdError(f'--patch-size {self.patch_size} must be divisible by the encoder\'s total stride '
                             f'{total_stride.tolist()}.')
-        label_manager = prepared.label_manager
-        self.num_segmentation_heads = label_manager.num_segmentation_heads
-        self.reference = self._open_reference() if cfg.method == 'refs' else None
-        # ReFs: the planned network with the reference's outputs; its decoder is the reference branch
+        if cfg.method not in METHODS:
+            raise DesdError(f'-m {cfg.method!r}: choose {", ".join(METHODS)}.')
+        self.method = METHODS[cfg.method].build(cfg, prepared, self.patch_size)
         self.network = build_planned_network(prepared.plans_manager, cm, prepared.num_input_channels,
-                                             (self.reference.label_manager if self.reference is not None else
-                                              label_manager).num_segmentation_heads)
+                                             self.method.num_outputs(prepared))
         if init is not None:
-            self._initialise_encoder(init)
-        encoder = planned_encoder(self.network, drr_path=cfg.method == 'cads')
+            self.initialised_from = initialise_encoder(self.network, init, prepared.plans_identifier,
+                                                       prepared.dataset_name)
+        encoder = planned_encoder(self.network, drr_path=self.method.drr_path)
         self.stages = resolve_stages(len(encoder.output_channels), cfg.stages)
         head_args = (cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_norm)
         self.student = MultiStageDistillationNetwork(encoder, self.stages, *head_args).to(self.device)
@@ -81,18 +76,16 @@ class Pretrainer:
         self.teacher.to(self.device).requires_grad_(False)
         self.loss = DeepSelfDistillationLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum,
                                              cfg.sinkhorn_queue).to(self.device)
-        self.method = self._build_method(cm)
 
         self.student_forward: nn.Module = self.student
         if dist_ctx.enabled:
-            # global batch statistics in the heads (SyncBN is CUDA-only in torch, and has no double backward)
-            if self.device.type == 'cuda' and not (self.reference is not None and cfg.matching == 'cosine'):
+            # global batch statistics in the heads (SyncBN is CUDA-only in torch)
+            if self.device.type == 'cuda' and self.method.sync_batchnorm():
                 self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            if self.reference is None:  # ReFs averages its gradients itself (its steps are no plain backward)
+            if self.method.ddp_wrapper:
                 self.student_forward = DDP(self.student, device_ids=[self.device.index]
                                            if self.device.type == 'cuda' else None)
-        if self.reference is not None:
-            self._build_reference_branch(cm)
+        self.method.attach(self)
 
         self.global_batch = cfg.batch_size * dist_ctx.world_size
         self.peak_lr = cfg.lr * self.global_batch / 256
@@ -107,62 +100,13 @@ class Pretrainer:
                                     reference_lines={'loss': (math.log(cfg.out_dim), 'ln K (uniform student)'),
                                                      'entropy': (math.log(cfg.out_dim), 'ln K')})
 
-    def _open_reference(self):
-        from nnunetv2_desd.pretraining.data.reference import open_reference
-        if not self.cfg.reference:
-            raise DesdError('-m refs needs --reference DATASET.')
-        prepared = self.prepared
-        return open_reference(self.cfg.reference, prepared.plans, prepared.plans_identifier, prepared.configuration,
-                              prepared.num_input_channels, plans_source=prepared.plans_source)
-
-    def _build_reference_branch(self, cm) -> None:
-        """ReFs: nnU-Net's loss for the reference labels, and the parameter names its steps work with."""
-        self.method.reference_plans = self.reference.plans_identifier
-        self.deep_supervision_scales = deep_supervision_scales(cm.pool_op_kernel_sizes)
-        self.reference_loss = reference_loss(self.reference.label_manager,
-                                             self.reference.configuration_manager.batch_dice,
-                                             len(self.deep_supervision_scales)).to(self.device)
-        encoder = self.student.encoder
-        decoder_only = {n: p for n, p in self.network.named_parameters() if n.startswith('decoder.')}
-        self.trainable_parameters = {n: p for n, p in {**dict(self.student.named_parameters()), **decoder_only}.items()
-                                     if p.requires_grad}
-        self.student_parameter_names = [n for n, _ in self.student.named_parameters() if n in self.trainable_parameters]
-        self.network_parameter_names = [n for n, _ in self.network.named_parameters() if n in self.trainable_parameters]
-        self.encoder_names = ['encoder.' + n for n, p in encoder.named_parameters() if p.requires_grad]
-        self.matched_names = self.encoder_names if self.cfg.matching != 'cosine' else \
-            ['encoder.' + n for n in matched_encoder_names(encoder, len(encoder.output_channels),
-                                                           self.cfg.matching_stages)]
-
-    def with_reference_loader(self, loader, num_workers: int):
-        """ReFs: ``loader``'s view batches, each with a reference batch under 'reference'."""
-        from nnunetv2_desd.pretraining.data.reference import WithReference, build_reference_loader
-        reference = build_reference_loader(self.reference, self.patch_size,
-                                           self.cfg.reference_batch_size or self.cfg.batch_size,
-                                           self.deep_supervision_scales, num_workers,
-                                           pin_memory=self.device.type == 'cuda')
-        return WithReference(loader, reference)
-
-    def _build_method(self, cm):
-        if self.cfg.method == 'desd':
-            return DeSD()
-        if self.cfg.method == 'cads':
-            method = CADS(self.cfg.mask_ratio, self.cfg.mask_patch)
-            drr_files = (self.prepared.drr_files or {}).values()
-            axes = {drr_projection_axis(np.load(f, mmap_mode='r').shape) for f in drr_files}
-            method.check(self.patch_size, cm.pool_op_kernel_sizes, sorted(axes))
-            return method
-        if self.cfg.method == 'refs':
-            cfg = self.cfg
-            return ReFs(self.reference.dataset_name, cfg.reference_weight, cfg.matching, cfg.matching_weight,
-                        cfg.matching_stages, cfg.fish_inner_lr, cfg.reference_batch_size)
-        raise DesdError(f'-m {self.cfg.method!r}: choose desd, cads or refs.')
+    def method_loader(self, views, num_workers: int):
+        """The training batches of the method: ``views`` (the view loader's batches), or more."""
+        return self.method.loader(self, views, num_workers)
 
     def optimized_parameters(self) -> list:
-        """The student (encoder and heads); ReFs adds the decoder of its reference branch."""
-        params = list(self.student.parameters())
-        if self.reference is not None:
-            params += [p for n, p in self.network.named_parameters() if n.startswith('decoder.')]
-        return params
+        """The student (encoder and heads), plus the method's own (ReFs: the decoder of its reference branch)."""
+        return list(self.student.parameters()) + self.method.extra_parameters(self)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         params = self.optimized_parameters()
@@ -216,15 +160,7 @@ class Pretrainer:
             if not group.get('no_decay'):
                 group['weight_decay'] = self.weight_decay()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.reference is None:
-            loss = self.ssl_loss(batch)
-            check_finite_everywhere({'loss': loss.item()}, self.step, self.device)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            method_metrics = {}
-        else:
-            loss, method_metrics = self.method.compute_gradients(self, batch)  # fills .grad
-            if self.dist.enabled:
-                average_gradients(self.optimized_parameters())
+        loss, method_metrics = self.method.compute_gradients(self, batch)  # fills .grad
         self.metrics = {**method_metrics, **{k: float(v) for k, v in self.loss.diagnostics.items()}}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -287,27 +223,6 @@ class Pretrainer:
             self.progress.log(f'export written: {path}')
         self.dist.barrier()
 
-    def _initialise_encoder(self, export: PretrainedExport) -> None:
-        """Loads ``export``'s encoder into the planned network (the stem adapted to other input channels); a
-        different encoder ends with the differing tensors."""
-        plan = plan_loading(self.network, export.weights)
-        mismatched = [m for m in plan.mismatched if m[0].startswith(ENCODER)]
-        missing = [k for k in plan.missing if k.startswith(ENCODER)]
-        if mismatched or missing:
-            lines = [f'--init {export.file}: its encoder is not the one plans '
-                     f'\'{self.prepared.plans_identifier}\' build for {self.prepared.dataset_name}:']
-            lines += [f'{k}: checkpoint {a}, network {b}' for k, a, b in mismatched[:8]]
-            if missing:
-                lines.append(f'missing from the checkpoint: {", ".join(missing[:8])}')
-            lines.append('Pre-train with the checkpoint\'s plans (nnssl ResEnc-L: -pl nnUNetPlannerResEncL, or '
-                         'plans made like it with desd_plan_like_pretrained).')
-            raise DesdError('; '.join(lines))
-        self.network.encoder.load_state_dict(plan.encoder_tensors)
-        meta = export.metadata
-        self.initialised_from = {'file': export.file, 'file_sha256': export.file_sha256, 'method': export.method,
-                                 'format': meta.get('format'), 'source_dataset': meta.get('source_dataset'),
-                                 'loaded_encoder_tensors': plan.num_loaded, 'adapted_stem': plan.stem_key}
-
     # checkpoints
     def state_dict(self, rng_states: Optional[list] = None) -> dict:
         """``rng_states``: one RNG state per process (default: this process's only)."""
@@ -356,22 +271,12 @@ class Pretrainer:
                           ('' if state is not None else f'; no saved RNG state for process {self.dist.rank}'))
 
     def export(self) -> dict:
-        """nnU-Net's pretrained-weights format: the whole planned network with the teacher encoder, plus metadata.
-
-        ReFs: the decoder is the one trained on the reference task; its segmentation outputs (which nnU-Net never
-        transfers) are replaced by freshly initialised ones for this dataset's labels, so the export has the
-        tensors and shapes of a DeSD export of the same plans.
-        """
+        """nnU-Net's pretrained-weights format: the whole planned network with the teacher encoder (then what the
+        method changes, ``export_weights``), plus metadata."""
         network = copy.deepcopy(self.network).cpu()
         network.encoder.load_state_dict(cpu_state_dict(self.teacher.encoder))
-        weights = cpu_state_dict(network)
+        weights = self.method.export_weights(self, cpu_state_dict(network))
         pm, cm = self.prepared.plans_manager, self.prepared.configuration_manager
-        if self.reference is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.seed)
-                template = build_planned_network(pm, cm, self.prepared.num_input_channels,
-                                                 self.num_segmentation_heads).state_dict()
-            weights = {k: template[k].clone() if '.seg_layers.' in k else weights[k] for k in template}
         metadata = {
             'format': 'nnunetv2_desd.export', 'version': 1, 'method': self.cfg.method,
             'source_dataset': self.prepared.dataset_name, 'plans_source': self.prepared.plans_source,
@@ -404,20 +309,3 @@ def _mean(values) -> float:
     """Mean over the finite values (a step whose AMP scaler skipped it may report none), NaN if there are none."""
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float('nan')
-
-
-def average_gradients(parameters) -> None:
-    """Averages ``.grad`` over the processes, as DDP does for a plain backward: one all-reduce of all gradients
-    (a parameter without gradient counts as zeros where another process has one; None where none has)."""
-    import torch.distributed as dist
-    params = list(parameters)
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    dist.all_reduce(has_grad)
-    params = [p for p, h in zip(params, has_grad.tolist()) if h > 0]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-        offset += p.numel()

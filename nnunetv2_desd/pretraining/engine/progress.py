@@ -6,7 +6,7 @@ from typing import Dict, Optional, Tuple
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nnunetv2_desd.pretraining.engine.checkpoint import atomic_write
+from nnunetv2_desd.common.checkpoint import atomic_write
 
 # panels in order: (axis label, quantities drawn in it); anything else gets a panel of its own, in recording order
 _PANELS = (('loss', ('loss',)), ('entropy', ('teacher_entropy', 'student_entropy')),

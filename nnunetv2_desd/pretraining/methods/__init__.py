@@ -1,0 +1,1 @@
+"""Pre-training methods, one module each; ``registry`` lists them."""

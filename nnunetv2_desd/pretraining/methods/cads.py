@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.drrs import drr_projection_axis, require_ct, write_drrs
+from nnunetv2_desd.pretraining.methods.base import PretrainingMethod
 from nnunetv2_desd.pretraining.views.augmentation import split_views
 from nnunetv2_desd.pretraining.views.masking import block_for_ratio, check_maskable, packed_masking
 
@@ -26,13 +28,18 @@ def deepest_size(input_size: Sequence[int], strides: Sequence[Sequence[int]]) ->
     return size
 
 
-class CADS:
+class CADS(PretrainingMethod):
     """CADS's inputs: both 3D views masked and packed (teacher and student alike), plus the volume's DRR.
 
     inputs(batch) -> teacher input (2B, C, *packed) and the student inputs ((2B, C, *packed), (B, C, *drr)), so
     student logits come back as (D, S = 3, B, K) over [view 1, view 2, DRR]; pairs CADS_PAIRS. Every view
     draws its own kept patches.
     """
+    name = 'cads'
+    official_settings = dict(epochs=150, optimizer='adamw', lr=7.5e-4, min_lr=2e-6, weight_decay=0.04,
+                             weight_decay_end=0.4, clip_grad=0.3, freeze_last_layer_epochs=3,
+                             warmup_teacher_temp_epochs=50)
+    drr_path = True
     n_student_inputs = 3
     pairs = CADS_PAIRS
 
@@ -40,6 +47,24 @@ class CADS:
         self.mask_ratio = float(mask_ratio)
         self.mask_patch = tuple(int(p) for p in mask_patch)
         self.block = block_for_ratio(mask_ratio)
+
+    @classmethod
+    def check_before_preparing(cls, cfg, raw) -> None:
+        """CT only (a DRR projects Hounsfield units) and a mask ratio the packing can realise."""
+        block_for_ratio(cfg.mask_ratio)
+        require_ct(raw.dataset_json['channel_names'], raw.name)
+
+    @classmethod
+    def prepare(cls, cfg, prepared, raw) -> None:
+        prepared.drr_files = write_drrs(prepared, cfg.drr_view, cfg.drr_attenuation, cfg.num_preprocessing_processes,
+                                        raw)
+
+    @classmethod
+    def build(cls, cfg, prepared, patch_size: Sequence[int]) -> 'CADS':
+        method = cls(cfg.mask_ratio, cfg.mask_patch)
+        axes = {drr_projection_axis(np.load(f, mmap_mode='r').shape) for f in (prepared.drr_files or {}).values()}
+        method.check(patch_size, prepared.configuration_manager.pool_op_kernel_sizes, sorted(axes))
+        return method
 
     def check(self, patch_size: Sequence[int], strides: Sequence[Sequence[int]], projection_axes: Sequence[int]):
         """Refuses a patch the masking cannot split, or inputs that reach the deepest stage as one voxel

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from nnunetv2_desd.pretraining.methods.base import PretrainingMethod
 from nnunetv2_desd.pretraining.views.augmentation import split_views
 
 
@@ -131,18 +132,17 @@ class DeepSelfDistillationLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(total / n_rows, alpha=1 - self.center_momentum)
 
 
-class DeSD:
+class DeSD(PretrainingMethod):
     """DeSD's inputs: teacher and student both see the two augmented views of every volume.
 
     inputs(batch) -> teacher input (2B, C, *patch) and the student inputs ((2B, C, *patch),): rows are view 1 of
     the B volumes, then view 2. Student logits come back as (D, S = 2, B, K); pairs (t1, s2), (t2, s1).
     """
+    name = 'desd'
+    official_settings = dict(epochs=300)
     n_student_inputs = 2
     pairs = cross_view_pairs(2)
 
     def inputs(self, batch: Dict[str, Tensor], device: torch.device) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         views = split_views(batch['data'].to(device, non_blocking=True)).flatten(0, 1)
         return views, (views,)
-
-    def metadata(self) -> dict:
-        return {}

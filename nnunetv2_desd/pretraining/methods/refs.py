@@ -49,8 +49,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nnunetv2_desd.errors import DesdError
-from nnunetv2_desd.pretraining.engine.distributed import check_finite_everywhere
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.reference import WithReference, build_reference_loader, open_reference
+from nnunetv2_desd.pretraining.distributed import average_gradients, check_finite_everywhere
 from nnunetv2_desd.pretraining.methods.desd import DeSD
 
 MATCHING_FORMS = ('fish', 'cosine')
@@ -175,9 +176,13 @@ class ReFs(DeSD):
     """ReFs's step: DeSD's views and loss for the SSL branch, plus a reference batch (``batch['reference']``:
     nnU-Net's {'data': (B, C, *patch), 'target': [(B, 1, *patch * scale) per output]}) for the reference branch.
 
-    ``compute_gradients(trainer, batch)`` leaves the step's gradient in ``.grad`` of every trainable parameter
-    (scaled by AMP's loss scale, if any) and returns (loss, metrics); the trainer then steps as for DeSD.
+    The planned network gets the reference's outputs: its decoder is the reference branch, optimised with the
+    student. ``compute_gradients(trainer, batch)`` leaves the step's gradient in ``.grad`` of every trainable
+    parameter (scaled by AMP's loss scale, if any) and returns (loss, metrics); the trainer then steps as for DeSD.
     """
+    name = 'refs'
+    exclusive_options = ('reference',)
+    ddp_wrapper = False  # its steps are no plain backward: it averages the gradients itself
 
     def __init__(self, reference: str, reference_weight: float = 1.0, matching: str = 'fish',
                  matching_weight: float = 1.0, matching_stages: Optional[int] = None, fish_inner_lr: float = 0.01,
@@ -197,7 +202,95 @@ class ReFs(DeSD):
         self.matching_stages = matching_stages
         self.fish_inner_lr = float(fish_inner_lr)
         self.reference_batch_size = reference_batch_size
-        self.reference_plans = None  # set by the trainer once the reference is opened
+        self.reference_plans = None  # set by build once the reference is opened
+        self.data = None  # the reference dataset (PreparedData), set by build
+
+    @classmethod
+    def complete_settings(cls, values: dict) -> None:
+        if values['plans_from'] is None:  # the reference's plans: its preprocessed data fit as they are
+            values['plans_from'] = values['reference']
+
+    @classmethod
+    def check_before_preparing(cls, cfg, raw) -> None:
+        """The reference must be preprocessed with the plans the pre-training data will get (those of
+        ``--plans-from``, by default the reference's own)."""
+        from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+        from nnunetv2.paths import nnUNet_preprocessed
+        from nnunetv2_desd.data.raw import resolve_dataset_name
+        if not cfg.reference:
+            raise DesdError('-m refs needs --reference DATASET: a labelled dataset preprocessed with nnU-Net '
+                            '(nnUNetv2_plan_and_preprocess -d DATASET -c 3d_fullres).')
+        reference = cfg.reference = resolve_dataset_name(cfg.reference)  # as the checkpoint records it
+        source = resolve_dataset_name(cfg.plans_from or cfg.reference)
+        source_plans = cfg.plans or 'nnUNetPlans'
+        source_file = join(nnUNet_preprocessed, source, source_plans + '.json')
+        if not isfile(source_file):
+            raise DesdError(f'{source_file} does not exist: plan and preprocess {source} first '
+                            f'(nnUNetv2_plan_and_preprocess -d {source[7:10]} -c {cfg.configuration}).')
+        # the name data.planning.prepare_pretraining_data gives the copied plans
+        open_reference(reference, load_json(source_file), f'{source_plans}_from{source[7:10]}', cfg.configuration,
+                       raw.num_channels, plans_source=source)
+
+    @classmethod
+    def build(cls, cfg, prepared, patch_size: Sequence[int]) -> 'ReFs':
+        if not cfg.reference:
+            raise DesdError('-m refs needs --reference DATASET.')
+        method = cls(cfg.reference, cfg.reference_weight, cfg.matching, cfg.matching_weight, cfg.matching_stages,
+                     cfg.fish_inner_lr, cfg.reference_batch_size)
+        method.data = open_reference(cfg.reference, prepared.plans, prepared.plans_identifier, prepared.configuration,
+                                     prepared.num_input_channels, plans_source=prepared.plans_source)
+        method.reference = method.data.dataset_name
+        method.reference_plans = method.data.plans_identifier
+        method.batch_size = cfg.reference_batch_size or cfg.batch_size
+        return method
+
+    def num_outputs(self, prepared) -> int:
+        return self.data.label_manager.num_segmentation_heads
+
+    def sync_batchnorm(self) -> bool:
+        return self.matching != 'cosine'  # SyncBatchNorm has no double backward
+
+    def attach(self, trainer) -> None:
+        """nnU-Net's loss for the reference labels, and the parameter names the steps work with."""
+        cm = trainer.prepared.configuration_manager
+        self.deep_supervision_scales = deep_supervision_scales(cm.pool_op_kernel_sizes)
+        self.reference_loss = reference_loss(self.data.label_manager, self.data.configuration_manager.batch_dice,
+                                             len(self.deep_supervision_scales)).to(trainer.device)
+        encoder = trainer.student.encoder
+        decoder = {n: p for n, p in trainer.network.named_parameters() if n.startswith('decoder.')}
+        self.trainable_parameters = {n: p for n, p in {**dict(trainer.student.named_parameters()), **decoder}.items()
+                                     if p.requires_grad}
+        self.student_parameter_names = [n for n, _ in trainer.student.named_parameters()
+                                        if n in self.trainable_parameters]
+        self.network_parameter_names = [n for n, _ in trainer.network.named_parameters()
+                                        if n in self.trainable_parameters]
+        self.encoder_names = ['encoder.' + n for n, p in encoder.named_parameters() if p.requires_grad]
+        self.matched_names = self.encoder_names if self.matching != 'cosine' else \
+            ['encoder.' + n for n in matched_encoder_names(encoder, len(encoder.output_channels),
+                                                           self.matching_stages)]
+
+    def extra_parameters(self, trainer) -> list:
+        return [p for n, p in trainer.network.named_parameters() if n.startswith('decoder.')]
+
+    def loader(self, trainer, views, num_workers: int):
+        """The view batches, each with a reference batch under 'reference'."""
+        reference = build_reference_loader(self.data, trainer.patch_size, self.batch_size,
+                                           self.deep_supervision_scales, num_workers,
+                                           pin_memory=trainer.device.type == 'cuda')
+        return WithReference(views, reference)
+
+    def export_weights(self, trainer, weights):
+        """The decoder trained on the reference task; its segmentation outputs (which nnU-Net never transfers)
+        freshly initialised for the pre-training dataset's labels, so the export has the tensors and shapes of a
+        DeSD export of the same plans."""
+        from nnunetv2_desd.pretraining.network import build_planned_network
+        prepared = trainer.prepared
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trainer.cfg.seed)
+            template = build_planned_network(prepared.plans_manager, prepared.configuration_manager,
+                                             prepared.num_input_channels,
+                                             prepared.label_manager.num_segmentation_heads).state_dict()
+        return {k: template[k].clone() if '.seg_layers.' in k else weights[k] for k in template}
 
     def metadata(self) -> dict:
         return {'reference': self.reference, 'reference_plans': self.reference_plans,
@@ -218,30 +311,34 @@ class ReFs(DeSD):
         scale = float(trainer.scaler.scale(torch.ones((), device=trainer.device))) if trainer.scaler is not None \
             else 1.0
         if self.matching == 'fish':
-            return self._fish(trainer, batch, x, y, scale)
-        return self._cosine(trainer, batch, x, y, scale)
+            loss, metrics = self._fish(trainer, batch, x, y, scale)
+        else:
+            loss, metrics = self._cosine(trainer, batch, x, y, scale)
+        if trainer.dist.enabled:
+            average_gradients(trainer.optimized_parameters())
+        return loss, metrics
 
     def _fish(self, trainer, batch, x, y, scale):
         from torch.func import functional_call as call
-        params, values = trainer.trainable_parameters, {}
+        params, values = self.trainable_parameters, {}
         # nnU-Net's blocks reach one module under two names (conv and all_modules.0), and the decoder reaches the
         # encoder: tie_weights=True would restore one name with the other's swapped-in tensor; every parameter is
         # given once, under its module's name, so no tying is needed
         functional_call = partial(call, tie_weights=False)
 
         def ssl(theta):
-            student = {n: theta[n] for n in trainer.student_parameter_names}
+            student = {n: theta[n] for n in self.student_parameter_names}
             values['ssl'] = trainer.ssl_loss(batch, lambda *inputs: functional_call(trainer.student, student, inputs))
             return values['ssl'] * scale
 
         def ref(theta):
-            network = {n: theta[n] for n in trainer.network_parameter_names}
+            network = {n: theta[n] for n in self.network_parameter_names}
             with torch.autocast(trainer.device.type, enabled=trainer.amp):
-                values['reference'] = trainer.reference_loss(functional_call(trainer.network, network, (x,)), y)
+                values['reference'] = self.reference_loss(functional_call(trainer.network, network, (x,)), y)
             return values['reference'] * (scale * self.reference_weight)
 
         order = [ssl, ref] if torch.randint(2, ()).item() == 0 else [ref, ssl]
-        grads, cosine, finite = fish_gradients(params, order, self.fish_inner_lr, scale, trainer.encoder_names)
+        grads, cosine, finite = fish_gradients(params, order, self.fish_inner_lr, scale, self.encoder_names)
         metrics = {'ssl_loss': values['ssl'].item(), 'reference_loss': values['reference'].item()}
         # AMP: an overflowing gradient anywhere skips the step everywhere (the averaged gradients carry it)
         check_finite_everywhere({'SSL loss': metrics['ssl_loss'], 'reference loss': metrics['reference_loss'],
@@ -255,9 +352,9 @@ class ReFs(DeSD):
     def _cosine(self, trainer, batch, x, y, scale):
         ssl = trainer.ssl_loss(batch, trainer.student)
         with torch.autocast(trainer.device.type, enabled=trainer.amp):
-            ref = trainer.reference_loss(trainer.network(x), y)
+            ref = self.reference_loss(trainer.network(x), y)
         check_finite_everywhere({'SSL loss': ssl.item(), 'reference loss': ref.item()}, trainer.step, trainer.device)
-        matched = [trainer.trainable_parameters[n] for n in trainer.matched_names]
+        matched = [self.trainable_parameters[n] for n in self.matched_names]
         cosine = gradient_cosine(ssl * scale, ref * scale, matched, create_graph=self.matching_weight > 0)
         loss = ssl + self.reference_weight * ref + self.matching_weight * (1 - cosine)
         (loss * scale).backward()

@@ -1,0 +1,1 @@
+"""Views of a volume: augmentation, packed masking, and the loader that yields view batches."""

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from nnunetv2_desd.errors import DesdError
+from nnunetv2_desd.common.errors import DesdError
 
 DEFAULT_PATCH = (4, 8, 8)
 RATIO_TOLERANCE = 1e-3

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (commands that report ratios and measured numbers, never tests)."""

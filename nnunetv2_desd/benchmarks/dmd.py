@@ -1,0 +1,147 @@
+"""Iteration time of a DMD trainer against nnU-Net's vanilla trainer on the same plans (a measurement, not a test).
+
+    python -m nnunetv2_desd.benchmarks.dmd -d 501 -p nnUNetPlans -f 5 [-device cpu] [--iterations 10]
+
+Both trainers are built as nnUNetv2_train builds them (same plans, configuration and fold; their log folders go to
+a temporary nnUNet_results) and run their own ``train_step``:
+
+- compute: batches drawn from each trainer's own loaders beforehand, then ``train_step`` alone is timed (forward,
+  losses, backward, optimizer step);
+  also as CPU time of the main process (all its threads), which other processes' load does not inflate;
+- end to end: ``train_step(next(dataloader_train))`` as nnU-Net's training loop runs it, with live loaders
+  (nnUNet_n_proc_DA workers each; 0 runs augmentation in the main process).
+
+The trainers' steps alternate, so that load from other processes falls on both alike. The DMD fold needs
+unlabelled cases (a labelled-fraction fold or a desd_preprocess_unlabelled pool).
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+
+def _build(trainer_name: str, dataset: str, plans_name: str, configuration: str, fold: int, device: str):
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    folder = os.path.join(os.fspath(nnUNet_preprocessed), dataset)
+    plans = load_json(os.path.join(folder, plans_name + '.json'))
+    plans['continue_training'] = False
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = recursive_find_trainer_class_by_name(trainer_name)(
+            plans, configuration, fold, load_json(os.path.join(folder, 'dataset.json')), torch.device(device))
+        trainer.initialize()
+        trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.network.train()
+    trainer.lr_scheduler.step(0)
+    return trainer
+
+
+def _timed_step(trainer, batch) -> Tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process's threads) of one train_step."""
+    import torch
+    if trainer.device.type == 'cuda':
+        torch.cuda.synchronize()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    trainer.train_step(batch)
+    if trainer.device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def _shutdown(trainer) -> None:
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, 'dataloader_unlabelled', None)):
+        if isinstance(loader, NonDetMultiThreadedAugmenter):
+            with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
+                loader._finish()
+
+
+def measure(trainer_names: List[str], dataset: str, plans_name: str, configuration: str, fold: int, device: str,
+            iterations: int, warmup: int) -> Dict[str, dict]:
+    """{trainer: {'compute': [s, ...], 'end_to_end': [s, ...], 'batch': description}}. The trainers' steps
+    alternate (A B A B ...), so that load from other processes on the machine falls on all of them alike."""
+    import torch
+    torch.manual_seed(0)
+    trainers = {name: _build(name, dataset, plans_name, configuration, fold, device) for name in trainer_names}
+    figures = {name: {'compute': [], 'compute_cpu': [], 'end_to_end': []} for name in trainer_names}
+    try:
+        n = warmup + iterations
+        prefetched, live = {}, {}
+        for name, trainer in trainers.items():
+            prefetched[name] = [next(trainer.dataloader_train) for _ in range(n)]
+            live[name] = getattr(trainer, 'dataloader_unlabelled', None)
+            if live[name] is not None:
+                trainer.dataloader_unlabelled = iter([next(live[name]) for _ in range(n)])
+        for i in range(n):
+            for name, trainer in trainers.items():
+                seconds, cpu_seconds = _timed_step(trainer, prefetched[name][i])
+                if i >= warmup:
+                    figures[name]['compute'].append(seconds)
+                    figures[name]['compute_cpu'].append(cpu_seconds)
+        for name, trainer in trainers.items():
+            if live[name] is not None:
+                trainer.dataloader_unlabelled = live[name]
+        for i in range(n):
+            for name, trainer in trainers.items():
+                seconds, _ = _timed_step(trainer, next(trainer.dataloader_train))
+                if i >= warmup:
+                    figures[name]['end_to_end'].append(seconds)
+        for name, trainer in trainers.items():
+            unlabelled = getattr(trainer, 'unlabelled_batch_size', None)
+            figures[name]['batch'] = f'{trainer.batch_size}' + \
+                (f' labelled + {unlabelled} unlabelled' if unlabelled else '')
+            figures[name]['patch_size'] = list(trainer.configuration_manager.patch_size)
+        return figures
+    finally:
+        for trainer in trainers.values():
+            _shutdown(trainer)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog='python -m nnunetv2_desd.benchmarks.dmd', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-d', dest='dataset', required=True)
+    p.add_argument('-p', dest='plans', default='nnUNetPlans')
+    p.add_argument('-c', dest='configuration', default='3d_fullres')
+    p.add_argument('-f', dest='fold', type=int, default=0, help='a fold with unlabelled cases for DMD')
+    p.add_argument('-tr', dest='trainer', default='nnUNetTrainerDMD')
+    p.add_argument('--baseline', default='nnUNetTrainer')
+    p.add_argument('-device', default='cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--iterations', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('-o', dest='output', default=None, help='also write the figures to this json file')
+    args = p.parse_args(argv)
+    from nnunetv2_desd.data.raw import resolve_dataset_name
+    from nnunetv2_desd.trainers.lookup import with_ext_trainers
+    os.environ.update(with_ext_trainers(os.environ))
+    dataset = resolve_dataset_name(args.dataset)
+    with tempfile.TemporaryDirectory() as results:
+        os.environ['nnUNet_results'] = results  # the trainers' log folders; nothing of the user's is touched
+        figures = measure([args.baseline, args.trainer], dataset, args.plans, args.configuration, args.fold,
+                          args.device, args.iterations, args.warmup)
+    base, dmd = figures[args.baseline], figures[args.trainer]
+    lines = [f'{dataset}, plans {args.plans} ({args.configuration}), patch {base["patch_size"]}, device '
+             f'{args.device}, {args.iterations} timed iterations after {args.warmup} warm-up, '
+             f'nnUNet_n_proc_DA={os.environ.get("nnUNet_n_proc_DA", "default")}']
+    for kind in ('compute', 'compute_cpu', 'end_to_end'):
+        b, d = np.array(base[kind]), np.array(dmd[kind])
+        lines.append(f'{kind}: {args.baseline} ({base["batch"]}) {b.mean():.3f} +- {b.std(ddof=1):.3f} s/it '
+                     f'(median {np.median(b):.3f}); {args.trainer} ({dmd["batch"]}) {d.mean():.3f} +- '
+                     f'{d.std(ddof=1):.3f} s/it (median {np.median(d):.3f}); ratio of means {d.mean() / b.mean():.2f}, '
+                     f'of medians {np.median(d) / np.median(b):.2f}')
+    print('\n'.join(lines))
+    if args.output:
+        with open(args.output, 'w') as f:
+            json.dump({'summary': lines, 'figures': figures}, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,137 @@
+"""Owns gpu_check.md, the summary ``scripts/gpu_check.sh`` writes: steps, exit codes, benchmark tables, batch in 24 GiB.
+
+``python -m nnunetv2_desd.benchmarks.gpu_check --steps STEPS.tsv -o gpu_check.md ...`` (the script's call), or
+``report_markdown`` from Python. STEPS.tsv has one line per step: name, exit code, seconds, log path, command,
+tab-separated. Nothing here imports torch or nnU-Net.
+
+The largest batch in a memory budget is extrapolated linearly (proportionally) from one measurement:
+``floor(budget_MiB * measured_batch / peak_MiB)``, e.g. a 6 GiB peak at batch 2 gives floor(24 * 2 / 6) = 8 in
+24 GiB. Memory that does not grow with the batch (weights, optimizer state) makes it conservative; what
+``torch.cuda.max_memory_allocated`` does not count (CUDA context, allocator cache, fragmentation) makes it optimistic.
+"""
+import argparse
+import csv
+import dataclasses
+import math
+import os
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+BUDGET_GIB = 24.0
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    command: str
+    exit_code: int
+    seconds: float
+    log: str
+
+
+def read_steps(path: str) -> List[Step]:
+    """The steps of a STEPS.tsv (name, exit code, seconds, log, command per line)."""
+    steps = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                name, code, seconds, log, command = line.rstrip('\n').split('\t', 4)
+                steps.append(Step(name, command, int(code), float(seconds), log))
+    return steps
+
+
+def largest_batch(peak_mib: float, batch: int, budget_gib: float = BUDGET_GIB) -> int:
+    """floor(budget_MiB * batch / peak_MiB): the batch at which a peak proportional to the batch fills the budget."""
+    if peak_mib <= 0 or batch < 1:
+        raise ValueError(f'need a positive peak and batch, got {peak_mib} MiB at batch {batch}')
+    return math.floor(budget_gib * 1024 * batch / peak_mib)
+
+
+def peak_rows(csv_path: str) -> List[Tuple[str, float, str]]:
+    """(quantity, MiB, unit) of the ``*_peak_memory`` rows of a csv written by desd_pretrain_benchmark."""
+    with open(csv_path, newline='') as f:
+        return [(r['quantity'], float(r['value']), r['unit']) for r in csv.DictReader(f)
+                if r['quantity'].endswith('_peak_memory') and r['unit'].startswith('MiB')]
+
+
+def _cell(text: str) -> str:
+    return str(text).replace('|', '\\|').replace('\n', ' ')
+
+
+def _path(path: str, relative_to: Optional[str]) -> str:
+    return os.path.relpath(path, relative_to) if relative_to and os.path.isabs(path) else path
+
+
+def report_markdown(steps: Sequence[Step], benchmark_md: Iterable[str] = (), benchmark_csv: Iterable[str] = (),
+                    batch: Optional[int] = None, gpu_info: str = '', budget_gib: float = BUDGET_GIB,
+                    relative_to: Optional[str] = None) -> str:
+    """The Markdown of gpu_check.md. ``batch``: the batch the benchmarks measured at (their csv files do not record
+    it); without it there is no extrapolation. Missing benchmark files are named as missing. Paths are shown relative
+    to ``relative_to`` (the report's folder) where given."""
+    failed = [s.name for s in steps if s.exit_code != 0]
+    lines = ['# GPU check', '']
+    if gpu_info.strip():
+        lines += ['GPU:', '', '```', gpu_info.strip(), '```', '']
+    lines += [f'Result: all {len(steps)} steps exited 0.' if not failed else
+              f'Result: {len(failed)} of {len(steps)} steps failed: {", ".join(failed)}.', '',
+              '## Steps', '', '| step | exit code | seconds | log |', '|---|---|---|---|']
+    lines += [f'| {_cell(s.name)} | {s.exit_code} | {s.seconds:.1f} | {_cell(_path(s.log, relative_to))} |'
+              for s in steps]
+    lines += ['', 'Commands, in order:', '', '```']
+    lines += [f'{s.name}: {s.command}' for s in steps]
+    lines += ['```', '', '## Benchmarks', '']
+    for path in benchmark_md:
+        lines.append(f'From `{_path(path, relative_to)}`:')
+        lines.append('')
+        if os.path.isfile(path):
+            with open(path) as f:
+                text = f.read().strip()
+            # the benchmark's own '## ' headings sit below this report's '## Benchmarks'
+            lines += [('#' + line) if line.startswith('#') else line for line in text.splitlines()]
+        else:
+            lines.append('_not written (see the step\'s log)._')
+        lines.append('')
+    lines += [f'## Largest batch in {budget_gib:g} GiB (extrapolated)', '']
+    if batch is None:
+        lines += ['_no measured batch given: no extrapolation._']
+    else:
+        lines += [f'Extrapolated linearly from the peak measured at batch {batch}: '
+                  f'floor({budget_gib:g} GiB x {batch} / peak). Weights and optimizer state do not grow with the '
+                  'batch (conservative); CUDA context and allocator cache are not in the peak (optimistic).', '',
+                  f'| csv | quantity | peak at batch {batch} [MiB] | largest batch in {budget_gib:g} GiB (extrapolated) |',
+                  '|---|---|---|---|']
+        for path in benchmark_csv:
+            shown = _cell(_path(path, relative_to))
+            if not os.path.isfile(path):
+                lines.append(f'| {shown} | _not written_ | | |')
+                continue
+            for quantity, mib, unit in peak_rows(path):
+                fits = largest_batch(mib, batch, budget_gib) if 'CUDA' in unit and mib > 0 else \
+                    f'n/a ({_cell(unit)} is no CUDA peak)'
+                lines.append(f'| {shown} | {quantity} | {mib:,.0f} | {fits} |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog='python -m nnunetv2_desd.benchmarks.gpu_check', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--steps', required=True, help='STEPS.tsv: name, exit code, seconds, log, command per line')
+    p.add_argument('-o', '--out', required=True, help='the Markdown file to write')
+    p.add_argument('--gpu-info', help='a text file with the GPU model (nvidia-smi, torch)')
+    p.add_argument('--benchmark-md', nargs='*', default=[], help='md files pasted in as they are')
+    p.add_argument('--benchmark-csv', nargs='*', default=[], help='csv files whose *_peak_memory rows are used')
+    p.add_argument('--batch', type=int, help='the batch the benchmarks measured at')
+    p.add_argument('--budget-gib', type=float, default=BUDGET_GIB)
+    args = p.parse_args(argv)
+    gpu_info = ''
+    if args.gpu_info and os.path.isfile(args.gpu_info):
+        with open(args.gpu_info) as f:
+            gpu_info = f.read()
+    text = report_markdown(read_steps(args.steps), args.benchmark_md, args.benchmark_csv, args.batch, gpu_info,
+                           args.budget_gib, relative_to=os.path.dirname(os.path.abspath(args.out)))
+    with open(args.out, 'w') as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == '__main__':
+    main()

