@@ -15,7 +15,7 @@ MOVED = {_P + old: tuple(_P + n for n in new) for old, new in {
     'errors': ('common.errors',),
     'preprocessing_match': ('data.preprocessing_match',),
     'demo': ('cli.demo',),
-    'gpu_check_report': ('benchmarks.gpu_check',),
+    'gpu_check_report': ('benchmarks.gpu_check', 'cli.gpu_check_report'),
     'models': ('architectures',),
     'models.pvt_unet': ('architectures.pvt_unet',),
     'models.memory': ('architectures.memory',),
@@ -49,6 +49,7 @@ MOVED = {_P + old: tuple(_P + n for n in new) for old, new in {
     'trainers.pretrained_weights': ('common.pretrained_weights',),
     'trainers.plan_like_pretrained': ('planning.plan_like_pretrained', 'cli.plan_like_pretrained'),
     'trainers.plan_pvt': ('planning.plan_pvt', 'cli.plan_pvt'),
+    'trainers.commands': ('cli.stock',),
 }.items()}
 
 

@@ -125,7 +125,7 @@ run_step torchrun "$STEP_TIMEOUT" env nnUNet_results="$WORK/nnUNet_results_torch
     --epochs 1 --iters-per-epoch 5 --batch-size "$BATCH"
 
 # ---- the summary ----
-REPORT=(python -m nnunetv2_desd.benchmarks.gpu_check --steps "$STEPS_FILE" -o "$OUT/gpu_check.md"
+REPORT=(python -m nnunetv2_desd.cli.gpu_check_report --steps "$STEPS_FILE" -o "$OUT/gpu_check.md"
         --gpu-info "$LOGS/gpu.log" --batch "$BATCH"
         --benchmark-md "$BENCH/desd/benchmark.md" "$BENCH/cads/cads_vs_desd.md"
         --benchmark-csv "$BENCH/desd/benchmark.csv" "$BENCH/cads/cads_vs_desd.csv")

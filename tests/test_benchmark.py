@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.benchmarks import pretraining as benchmark
-from nnunetv2_desd.benchmarks.pretraining import BenchmarkResult, Phase, markdown, parse_args, rows
+from nnunetv2_desd.benchmarks import cads, timing
+from nnunetv2_desd.benchmarks.pretraining import BenchmarkResult, markdown, rows
+from nnunetv2_desd.benchmarks.timing import Phase
+from nnunetv2_desd.cli.pretrain_benchmark import parse_args
+from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 
 PHASE_NAMES = ('desd_in_memory', 'desd_real_loading', 'supervised')
@@ -88,31 +91,31 @@ def test_benchmark_reports_user_errors_like_desd_pretrain(tmp_path):
 
 def test_default_out_folder_needs_nnunet_results(monkeypatch):
     monkeypatch.delenv('nnUNet_results', raising=False)
-    with pytest.raises(benchmark.DesdError, match='--out'):
-        benchmark.default_out_folder('Dataset911_Synthetic')
+    with pytest.raises(DesdError, match='--out'):
+        timing.default_out_folder('Dataset911_Synthetic')
 
 
 def test_activation_memory_by_hand():
     a = torch.randn(1024, requires_grad=True)
     # exp saves its output b (4 KiB), sin saves its input b again (same storage, counted once)
-    assert benchmark.activation_mib(lambda: a.exp().sin().sum().backward()) == pytest.approx(4096 / 2 ** 20)
+    assert timing.activation_mib(lambda: a.exp().sin().sum().backward()) == pytest.approx(4096 / 2 ** 20)
     w = torch.nn.Parameter(torch.randn(256))
     x = torch.randn(256, requires_grad=True)
     # mul keeps x (1 KiB) for w's gradient and w for x's; the parameter is excluded
-    assert benchmark.activation_mib(lambda: (x * w).sum().backward(), [w]) == pytest.approx(1024 / 2 ** 20)
-    assert benchmark.activation_mib(lambda: (x * w).sum().backward()) == pytest.approx(2048 / 2 ** 20)
+    assert timing.activation_mib(lambda: (x * w).sum().backward(), [w]) == pytest.approx(1024 / 2 ** 20)
+    assert timing.activation_mib(lambda: (x * w).sum().backward()) == pytest.approx(2048 / 2 ** 20)
 
 
 def test_cads_comparison_ratios_from_hand_made_numbers():
     phases = {'desd': Phase('desd', 'DeSD', [0.4, 0.6], 900.0), 'cads': Phase('cads', 'CADS', [0.2, 0.2], 600.0)}
-    cpu = benchmark.MethodComparison({'dataset': 'D'}, 'process peak RSS', phases, {'desd': 100.0, 'cads': 30.0})
+    cpu = cads.MethodComparison({'dataset': 'D'}, 'process peak RSS', phases, {'desd': 100.0, 'cads': 30.0})
     assert cpu.step_ratio() == pytest.approx(0.4) and cpu.memory_ratio() == pytest.approx(0.3)
-    text = benchmark.comparison_markdown(cpu)
+    text = cads.comparison_markdown(cpu)
     assert '| CADS step / DeSD step | 0.400 | <= 0.5 | yes |' in text
     assert '| CADS memory / DeSD memory (activations) | 0.300 | <= 0.6 | yes |' in text
-    gpu = benchmark.MethodComparison({'dataset': 'D'}, 'CUDA max allocated', phases, {'desd': 100.0, 'cads': 30.0})
+    gpu = cads.MethodComparison({'dataset': 'D'}, 'CUDA max allocated', phases, {'desd': 100.0, 'cads': 30.0})
     assert gpu.memory_ratio() == pytest.approx(600 / 900)
-    assert '| CADS memory / DeSD memory (CUDA peak) | 0.667 | <= 0.6 | no |' in benchmark.comparison_markdown(gpu)
+    assert '| CADS memory / DeSD memory (CUDA peak) | 0.667 | <= 0.6 | no |' in cads.comparison_markdown(gpu)
 
 
 @pytest.mark.e2e

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nnunetv2_desd.cli import benchmark as benchmark_cli
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.evaluation import benchmark
 from nnunetv2_desd.data.fractions import (REGISTRY_FILE, SPLITS_FILE, find_fraction_fold, fraction_fold,
@@ -339,7 +340,7 @@ def fake_nnunet(tmp_path, monkeypatch):
 
 def _cli(capsys, *argv):
     with pytest.raises(SystemExit) as e:
-        benchmark.main(list(argv))
+        benchmark_cli.main(list(argv))
     return e.value.code, capsys.readouterr()
 
 
@@ -362,7 +363,7 @@ def test_bad_inputs_give_one_clear_error(fake_nnunet, capsys):
 def test_print_commands_and_collect_only(fake_nnunet, capsys):
     tmp, weights = fake_nnunet
     args = ['-d', '990', '-w', str(weights), '--folds', '0', '1', '--fractions', '0.5', '1.0', '-c', '3d_big']
-    benchmark.main(args + ['--collect-only'])  # nothing exists: every cell is missing; no fraction fold is made
+    benchmark_cli.main(args + ['--collect-only'])  # nothing exists: every cell is missing; no fraction fold is made
     out = capsys.readouterr().out
     assert out.count('fraction 0.5') == 6 and 'Missing cells (12' in out  # tested, its scratch twin, vanilla
     assert not (tmp / 'preprocessed' / 'Dataset990_Fake' / SPLITS_FILE).exists()
@@ -373,7 +374,7 @@ def test_print_commands_and_collect_only(fake_nnunet, capsys):
     (results / 'nnUNetTrainerDeSD__nnUNetPlans__3d_big' / 'fold_0' / 'checkpoint_final.pth').write_bytes(b'')
     (results / 'nnUNetTrainer__nnUNetPlans__3d_big' / 'fold_0').mkdir(parents=True)
     (results / 'nnUNetTrainer__nnUNetPlans__3d_big' / 'fold_0' / 'checkpoint_latest.pth').write_bytes(b'')
-    benchmark.main(args + ['--print-commands'])
+    benchmark_cli.main(args + ['--print-commands'])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith('export nnUNet_extTrainer=') and 'trainers/ext' in lines[0]
     common = 'nnUNetv2_train Dataset990_Fake 3d_big'
@@ -395,12 +396,12 @@ def test_print_commands_and_collect_only(fake_nnunet, capsys):
     assert len(_splits(tmp / 'preprocessed' / 'Dataset990_Fake')) == 7  # the commands' fraction folds exist now
 
     # three subset seeds: fraction 0.5 gets one fold per seed and fold, fraction 1 keeps its single subset
-    benchmark.main(args + ['--print-commands', '--only', 'tested', '--subset-seeds', '3'])
+    benchmark_cli.main(args + ['--print-commands', '--only', 'tested', '--subset-seeds', '3'])
     folds = [line.split()[3] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert folds == ['5', '6', '7', '8', '9', '10', '0', '1']
     assert len(_splits(tmp / 'preprocessed' / 'Dataset990_Fake')) == 11
 
-    benchmark.main(args + ['--print-commands', '--only', 'baseline', '--folds', '1', '--fractions', '0.5'])
+    benchmark_cli.main(args + ['--print-commands', '--only', 'baseline', '--folds', '1', '--fractions', '0.5'])
     assert capsys.readouterr().out.strip().splitlines()[1:] == \
         [f'{common} 6 -tr nnUNetTrainer -p nnUNetPlans -device cuda']
 

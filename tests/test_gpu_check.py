@@ -71,7 +71,7 @@ def test_dry_run_prints_the_plan(tmp_path):
     ddp = next(line for line in lines if 'torchrun' in line)
     assert 'torchrun --nproc_per_node 1' in ddp and '--epochs 1 --iters-per-epoch 5' in ddp
     assert f'nnUNet_results={out}/work/nnUNet_results_torchrun' in ddp
-    assert lines[-1].startswith('python -m nnunetv2_desd.benchmarks.gpu_check ')
+    assert lines[-1].startswith('python -m nnunetv2_desd.cli.gpu_check_report ')
     # without desd_demo on PATH it would install first
     proc = _run(['--dry-run', out], env={'PATH': '/usr/bin:/bin'})
     assert proc.returncode == 0 and proc.stdout.splitlines()[1] == 'bash scripts/install.sh'
@@ -99,7 +99,7 @@ def test_run_with_fake_commands_records_every_step(tmp_path):
     fakes = tmp_path / 'bin'
     fakes.mkdir()
     _fake(fakes, 'python', f'''case "$1 $2" in
-  "-m nnunetv2_desd.benchmarks.gpu_check") exec {sys.executable} "$@" ;;
+  "-m nnunetv2_desd.cli.gpu_check_report") exec {sys.executable} "$@" ;;
   "-m pytest") echo "1 failed"; exit 3 ;;
 esac
 echo "fake python $*"

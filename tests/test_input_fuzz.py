@@ -20,7 +20,7 @@ from nnunetv2_desd.cli import pretrain as cli
 from nnunetv2_desd.pretraining.config import LIMITS, option_name
 from nnunetv2_desd.data.raw import check_images_and_write_body_masks, read_raw_dataset
 from nnunetv2_desd.data.sources import write_synthetic_dataset
-from nnunetv2_desd.planning import plan_like_pretrained
+from nnunetv2_desd.cli import plan_like_pretrained
 
 SEED = int(os.environ.get('DESD_FUZZ_SEED', '0'))
 ONE_CHANNEL, TWO_CHANNELS = 'Dataset930_Synthetic', 'Dataset931_Synthetic'

@@ -15,9 +15,9 @@ import torch
 from conftest import TINY, nnunet_env, run_command
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.sources import write_synthetic_dataset
-from nnunetv2_desd.planning.plan_like_pretrained import (PROVENANCE_KEY, inverse_permutation, main,
-                                                         plan_like_pretrained, plans_like_export,
-                                                         round_patch_to_stride, total_stride)
+from nnunetv2_desd.cli.plan_like_pretrained import main
+from nnunetv2_desd.planning.plan_like_pretrained import (PROVENANCE_KEY, inverse_permutation, plan_like_pretrained,
+                                                         plans_like_export, round_patch_to_stride, total_stride)
 
 PROG = 'desd_plan_like_pretrained: error:'
 

@@ -299,7 +299,7 @@ def test_reference_plans_candidates_and_augmentation_geometry():
 
 
 def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
-    from nnunetv2_desd.benchmarks.refs import saved_tensors_peak_mib
+    from nnunetv2_desd.benchmarks.timing import saved_tensors_peak_mib
     x = torch.zeros(2 ** 18, requires_grad=True)  # 1 MiB of float32
     w = torch.nn.Parameter(torch.ones(2 ** 18))
 
@@ -314,8 +314,8 @@ def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
 
 
 def test_refs_benchmark_report(tmp_path):
-    from nnunetv2_desd.benchmarks.pretraining import Phase
     from nnunetv2_desd.benchmarks.refs import RefsComparison, write_refs_comparison
+    from nnunetv2_desd.benchmarks.timing import Phase
     phases = {'desd': Phase('desd', 'DeSD', [1.0, 1.2], 100.0),
               'fish': Phase('fish', 'ReFs fish (default)', [2.2], 150.0),
               'cosine': Phase('cosine', 'ReFs cosine, all encoder stages', [4.4], 400.0)}

@@ -137,14 +137,14 @@ def test_engine_fish_and_cosine_steps(refs_run, monkeypatch, tmp_path):
     build, prepared = _trainer(env, monkeypatch, tmp_path)
     from nnunetv2_desd.pretraining.views.loader import build_view_loader
     first = build(matching='fish', fish_inner_lr=0.0)
-    batch = next(first.with_reference_loader(build_view_loader(prepared, first.patch_size, 2, 0), 0))
+    batch = next(first.method_loader(build_view_loader(prepared, first.patch_size, 2, 0), 0))
     assert batch['reference']['data'].shape == (2, 1, 16, 16, 16)
     assert [tuple(t.shape[2:]) for t in batch['reference']['target']] == [(16, 16, 16), (8, 8, 8), (4, 4, 4)]
 
     def encoder_after_step(trainer):
         trainer.train_step(batch)
         assert all(isinstance(p, torch.nn.Parameter) for p in trainer.network.parameters())
-        assert all(trainer.trainable_parameters[n] is p for n, p in trainer.student.named_parameters())
+        assert all(trainer.method.trainable_parameters[n] is p for n, p in trainer.student.named_parameters())
         assert set(trainer.metrics) == {'ssl_loss', 'reference_loss', 'gradient_cosine', 'teacher_entropy',
                                         'student_entropy', 'kl_teacher_student'}
         return torch.cat([p.detach().flatten() for p in trainer.student.encoder.parameters()])
@@ -200,19 +200,20 @@ def test_the_amp_path_on_cpu_with_bfloat16_autocast(refs_run, monkeypatch, tmp_p
         # a moderate scale (loss_scale 16, not 1) so that the two steps are not both skipped for overflow
         trainer.scaler = torch.amp.GradScaler('cpu', init_scale=16.0)
         loader = build_view_loader(prepared, trainer.patch_size, 2, 0)
-        if trainer.reference is not None:
-            loader = trainer.with_reference_loader(loader, 0)
+        loader = trainer.method_loader(loader, 0)
         seen = []
         handle = trainer.network.encoder.register_forward_hook(lambda m, i, o: seen.append(o[-1].dtype))
         start = torch.cat([p.detach().flatten() for p in trainer.student.encoder.parameters()])
-        losses, scales = [], []
-        for _ in range(3):
+        # a bfloat16 step may overflow now and then: the scaler skips it (halving the scale); steps until one is taken
+        losses, taken = [], 0
+        while taken == 0 and len(losses) < 5:
+            scale = trainer.scaler.get_scale()
             losses.append(trainer.train_step(next(loader)).item())
-            scales.append(trainer.scaler.get_scale())
+            taken += trainer.scaler.get_scale() == scale  # growth comes only after 2000 unskipped steps
         handle.remove()
         moved = torch.cat([p.detach().flatten() for p in trainer.student.encoder.parameters()]) - start
         assert torch.bfloat16 in seen  # the encoder ran under bfloat16 autocast
-        assert all(math.isfinite(v) for v in losses) and 16.0 in scales, (changes, scales)  # not every step skipped
+        assert all(math.isfinite(v) for v in losses) and taken == 1, (changes, losses)
         assert moved.abs().max() > 0, changes
         assert all(p.dtype == torch.float32 for p in trainer.network.parameters())  # master weights stay float32
 
@@ -231,6 +232,6 @@ def test_refs_options_are_checked_and_the_checkpoint_resumes(refs_run, monkeypat
     from nnunetv2_desd.pretraining.run import prepare_data
     from nnunetv2_desd.pretraining.distributed import init_distributed
     for argv, message in ((['-m', 'refs'], 'needs --reference'), (['--reference', '921'], 'option of -m refs')):
-        cfg, _ = parse_config(['-d', '920', *argv])
-        with pytest.raises(DesdError, match=message):
+        with pytest.raises(DesdError, match=message):  # refused by the options' check or before preparing
+            cfg, _ = parse_config(['-d', '920', *argv])
             prepare_data(cfg, init_distributed('cpu'))

@@ -1,1 +1,1 @@
-"""Speed and memory benchmarks (commands that report ratios and measured numbers, never tests)."""
+"""Speed and memory benchmarks, one module each, plus their shared timing, memory and report code (``timing``)."""

@@ -1,9 +1,9 @@
-"""Iteration time of a DMD trainer against nnU-Net's vanilla trainer on the same plans (a measurement, not a test).
+"""Owns the DMD benchmark: iteration time of a DMD trainer against nnU-Net's vanilla trainer on the same plans (a
+measurement, not a test).
 
-    python -m nnunetv2_desd.benchmarks.dmd -d 501 -p nnUNetPlans -f 5 [-device cpu] [--iterations 10]
-
-Both trainers are built as nnUNetv2_train builds them (same plans, configuration and fold; their log folders go to
-a temporary nnUNet_results) and run their own ``train_step``:
+Run by ``desd_dmd_benchmark`` (``nnunetv2_desd.cli.dmd_benchmark``). Both trainers are built as nnUNetv2_train
+builds them (same plans, configuration and fold; their log folders go to a temporary nnUNet_results) and run their
+own ``train_step``:
 
 - compute: batches drawn from each trainer's own loaders beforehand, then ``train_step`` alone is timed (forward,
   losses, backward, optimizer step);
@@ -14,14 +14,12 @@ a temporary nnUNet_results) and run their own ``train_step``:
 The trainers' steps alternate, so that load from other processes falls on both alike. The DMD fold needs
 unlabelled cases (a labelled-fraction fold or a desd_preprocess_unlabelled pool).
 """
-import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -46,13 +44,11 @@ def _build(trainer_name: str, dataset: str, plans_name: str, configuration: str,
 
 def _timed_step(trainer, batch) -> Tuple[float, float]:
     """(wall-clock seconds, CPU seconds of this process's threads) of one train_step."""
-    import torch
-    if trainer.device.type == 'cuda':
-        torch.cuda.synchronize()
+    from nnunetv2_desd.benchmarks.timing import sync
+    sync(trainer.device)
     start, start_cpu = time.perf_counter(), time.process_time()
     trainer.train_step(batch)
-    if trainer.device.type == 'cuda':
-        torch.cuda.synchronize()
+    sync(trainer.device)
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
@@ -105,43 +101,26 @@ def measure(trainer_names: List[str], dataset: str, plans_name: str, configurati
             _shutdown(trainer)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog='python -m nnunetv2_desd.benchmarks.dmd', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-d', dest='dataset', required=True)
-    p.add_argument('-p', dest='plans', default='nnUNetPlans')
-    p.add_argument('-c', dest='configuration', default='3d_fullres')
-    p.add_argument('-f', dest='fold', type=int, default=0, help='a fold with unlabelled cases for DMD')
-    p.add_argument('-tr', dest='trainer', default='nnUNetTrainerDMD')
-    p.add_argument('--baseline', default='nnUNetTrainer')
-    p.add_argument('-device', default='cpu', choices=['cpu', 'cuda'])
-    p.add_argument('--iterations', type=int, default=10)
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('-o', dest='output', default=None, help='also write the figures to this json file')
-    args = p.parse_args(argv)
+
+def run(dataset: str, plans: str, configuration: str, fold: int, trainer: str, baseline: str, device: str,
+        iterations: int, warmup: int) -> Tuple[List[str], Dict[str, dict]]:
+    """Times ``trainer`` against ``baseline`` (see ``measure``) with this package's trainers findable and the
+    trainers' log folders in a temporary nnUNet_results; returns (summary lines, figures)."""
     from nnunetv2_desd.data.raw import resolve_dataset_name
     from nnunetv2_desd.trainers.lookup import with_ext_trainers
     os.environ.update(with_ext_trainers(os.environ))
-    dataset = resolve_dataset_name(args.dataset)
+    dataset = resolve_dataset_name(dataset)
     with tempfile.TemporaryDirectory() as results:
         os.environ['nnUNet_results'] = results  # the trainers' log folders; nothing of the user's is touched
-        figures = measure([args.baseline, args.trainer], dataset, args.plans, args.configuration, args.fold,
-                          args.device, args.iterations, args.warmup)
-    base, dmd = figures[args.baseline], figures[args.trainer]
-    lines = [f'{dataset}, plans {args.plans} ({args.configuration}), patch {base["patch_size"]}, device '
-             f'{args.device}, {args.iterations} timed iterations after {args.warmup} warm-up, '
+        figures = measure([baseline, trainer], dataset, plans, configuration, fold, device, iterations, warmup)
+    base, dmd = figures[baseline], figures[trainer]
+    lines = [f'{dataset}, plans {plans} ({configuration}), patch {base["patch_size"]}, device '
+             f'{device}, {iterations} timed iterations after {warmup} warm-up, '
              f'nnUNet_n_proc_DA={os.environ.get("nnUNet_n_proc_DA", "default")}']
     for kind in ('compute', 'compute_cpu', 'end_to_end'):
         b, d = np.array(base[kind]), np.array(dmd[kind])
-        lines.append(f'{kind}: {args.baseline} ({base["batch"]}) {b.mean():.3f} +- {b.std(ddof=1):.3f} s/it '
-                     f'(median {np.median(b):.3f}); {args.trainer} ({dmd["batch"]}) {d.mean():.3f} +- '
+        lines.append(f'{kind}: {baseline} ({base["batch"]}) {b.mean():.3f} +- {b.std(ddof=1):.3f} s/it '
+                     f'(median {np.median(b):.3f}); {trainer} ({dmd["batch"]}) {d.mean():.3f} +- '
                      f'{d.std(ddof=1):.3f} s/it (median {np.median(d):.3f}); ratio of means {d.mean() / b.mean():.2f}, '
                      f'of medians {np.median(d) / np.median(b):.2f}')
-    print('\n'.join(lines))
-    if args.output:
-        with open(args.output, 'w') as f:
-            json.dump({'summary': lines, 'figures': figures}, f, indent=2)
-
-
-if __name__ == '__main__':
-    main()
+    return lines, figures

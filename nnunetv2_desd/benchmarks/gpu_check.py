@@ -1,6 +1,6 @@
 """Owns gpu_check.md, the summary ``scripts/gpu_check.sh`` writes: steps, exit codes, benchmark tables, batch in 24 GiB.
 
-``python -m nnunetv2_desd.benchmarks.gpu_check --steps STEPS.tsv -o gpu_check.md ...`` (the script's call), or
+``python -m nnunetv2_desd.cli.gpu_check_report --steps STEPS.tsv -o gpu_check.md ...`` (the script's call), or
 ``report_markdown`` from Python. STEPS.tsv has one line per step: name, exit code, seconds, log path, command,
 tab-separated. Nothing here imports torch or nnU-Net.
 
@@ -9,7 +9,6 @@ The largest batch in a memory budget is extrapolated linearly (proportionally) f
 24 GiB. Memory that does not grow with the batch (weights, optimizer state) makes it conservative; what
 ``torch.cuda.max_memory_allocated`` does not count (CUDA context, allocator cache, fragmentation) makes it optimistic.
 """
-import argparse
 import csv
 import dataclasses
 import math
@@ -111,27 +110,18 @@ def report_markdown(steps: Sequence[Step], benchmark_md: Iterable[str] = (), ben
     return '\n'.join(lines) + '\n'
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog='python -m nnunetv2_desd.benchmarks.gpu_check', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--steps', required=True, help='STEPS.tsv: name, exit code, seconds, log, command per line')
-    p.add_argument('-o', '--out', required=True, help='the Markdown file to write')
-    p.add_argument('--gpu-info', help='a text file with the GPU model (nvidia-smi, torch)')
-    p.add_argument('--benchmark-md', nargs='*', default=[], help='md files pasted in as they are')
-    p.add_argument('--benchmark-csv', nargs='*', default=[], help='csv files whose *_peak_memory rows are used')
-    p.add_argument('--batch', type=int, help='the batch the benchmarks measured at')
-    p.add_argument('--budget-gib', type=float, default=BUDGET_GIB)
-    args = p.parse_args(argv)
+
+def write_gpu_check(out: str, steps_tsv: str, benchmark_md: Iterable[str] = (), benchmark_csv: Iterable[str] = (),
+                    batch: Optional[int] = None, gpu_info_file: Optional[str] = None,
+                    budget_gib: float = BUDGET_GIB) -> str:
+    """Writes gpu_check.md to ``out`` from the steps in ``steps_tsv`` and the GPU lines in ``gpu_info_file`` (left
+    out where it is missing), paths shown relative to ``out``'s folder; returns the Markdown."""
     gpu_info = ''
-    if args.gpu_info and os.path.isfile(args.gpu_info):
-        with open(args.gpu_info) as f:
+    if gpu_info_file and os.path.isfile(gpu_info_file):
+        with open(gpu_info_file) as f:
             gpu_info = f.read()
-    text = report_markdown(read_steps(args.steps), args.benchmark_md, args.benchmark_csv, args.batch, gpu_info,
-                           args.budget_gib, relative_to=os.path.dirname(os.path.abspath(args.out)))
-    with open(args.out, 'w') as f:
+    text = report_markdown(read_steps(steps_tsv), benchmark_md, benchmark_csv, batch, gpu_info, budget_gib,
+                           relative_to=os.path.dirname(os.path.abspath(out)))
+    with open(out, 'w') as f:
         f.write(text)
-    print(text)
-
-
-if __name__ == '__main__':
-    main()
+    return text

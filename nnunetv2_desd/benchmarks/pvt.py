@@ -1,18 +1,14 @@
-"""``desd_pvt_benchmark``: PVT-UNet against nnU-Net's PlainConvUNet on the same patch (a benchmark, not a test).
+"""Owns the PVT-UNet benchmark: PVT-UNet against nnU-Net's PlainConvUNet on the same patch (a benchmark, not a test).
 
-    desd_pvt_benchmark -d 501                                   # the dataset's nnUNetPlans and nnUNetPlans_pvt
-    desd_pvt_benchmark --patch-size 64 128 128 --spacing 2.5 0.8 0.8   # the U-Net nnU-Net plans for that patch
-
-Per network, at the same patch (PVT-UNet pads to a multiple of its total stride, and pays for it):
-parameters (all, encoder), forward time (inference, no deep supervision), training-step time (forward with deep
-supervision + backward), training memory (CUDA: peak allocated in the step, AMP as nnU-Net trains; CPU: the
-activations autograd keeps, fp32), the meta-device estimate in nnU-Net's feature-map units and the batch size
-nnU-Net's rule gives for a 24 GB GPU (memory only, before its 5 % dataset cap). Medians over ``--repeats`` after one warm-up.
+Run by ``desd_pvt_benchmark`` (``nnunetv2_desd.cli.pvt_benchmark``). Per network, at the same patch (PVT-UNet pads
+to a multiple of its total stride, and pays for it): parameters (all, encoder), forward time (inference, no deep
+supervision), training-step time (forward with deep supervision + backward), training memory (CUDA: peak allocated
+in the step, AMP as nnU-Net trains; CPU: the activations autograd keeps, fp32), the meta-device estimate in
+nnU-Net's feature-map units and the batch size nnU-Net's rule gives for a 24 GB GPU (memory only, before its 5 %
+dataset cap). Medians over ``repeats`` after one warm-up.
 """
-import argparse
 import json
 import os
-import platform
 import statistics
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -21,9 +17,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
 from nnunetv2_desd.architectures import memory
 from nnunetv2_desd.architectures.pvt_unet import CLASS_NAME, default_arch_kwargs
+from nnunetv2_desd.benchmarks.timing import activation_mib, device_name, peak_mib, reset_peak, time_steps
+from nnunetv2_desd.common.errors import DesdError
 
 
 @dataclass
@@ -36,12 +33,6 @@ class Figures:
     memory_mib: float
     equivalent_feature_map_m: float
     batch_24gb: int
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f'CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
 
 
 def plain_unet_for_patch(patch: Sequence[int], spacing: Sequence[float], input_channels: int,
@@ -73,7 +64,6 @@ def _builder(architecture: dict, input_channels: int, num_classes: int) -> Calla
 
 def measure(name: str, build: Callable[[], nn.Module], input_channels: int, patch: Sequence[int], batch: int,
             device: torch.device, repeats: int) -> Figures:
-    from nnunetv2_desd.benchmarks.pretraining import activation_mib, time_steps
     equivalent = memory.equivalent_feature_map_elements(build, input_channels, patch)
     torch.manual_seed(0)
     network = build().to(device)
@@ -100,9 +90,9 @@ def measure(name: str, build: Callable[[], nn.Module], input_channels: int, patc
     train_s = statistics.median(time_steps(train_step, 1, repeats, device))
     if device.type == 'cuda':
         network.zero_grad(set_to_none=True)
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         train_step()
-        memory_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        memory_mib = peak_mib(device)
     else:
         network.train()
         memory_mib = activation_mib(lambda: sum(o.mean() for o in network(x)), network.parameters())
@@ -141,7 +131,7 @@ def run(dataset: Optional[str], patch: Optional[List[int]], spacing: Optional[Li
     results = [measure(label, _builder(arch, channels, classes), channels, patch, batch, torch_device, repeats)
                for label, arch in (('PlainConvUNet', unet_arch), ('PVT-UNet', pvt_arch))]
     return {'setup': {'source': source, 'patch_size': list(patch), 'batch_size': batch,
-                      'device': _device_name(torch_device), 'repeats': repeats,
+                      'device': device_name(torch_device), 'repeats': repeats,
                       'memory': 'CUDA peak allocated, AMP' if torch_device.type == 'cuda'
                       else 'activations kept for backward, fp32'},
             'results': [asdict(r) for r in results]}
@@ -158,27 +148,3 @@ def markdown(report: dict) -> str:
                      f'{r["equivalent_feature_map_m"]:.0f} | {r["batch_24gb"]} |')
     return '\n'.join(lines)
 
-
-def main(argv: Optional[List[str]] = None) -> None:
-    p = ArgumentParser(prog='desd_pvt_benchmark', description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-d', dest='dataset', help='dataset with nnUNetPlans and PVT plans')
-    p.add_argument('-p', dest='plans_name', default='nnUNetPlans_pvt', help='PVT plans (default nnUNetPlans_pvt)')
-    p.add_argument('--patch-size', type=int, nargs=3, help='default: the stock plans\' patch')
-    p.add_argument('--spacing', type=float, nargs=3, help='without -d: spacing nnU-Net plans the U-Net for')
-    p.add_argument('--batch-size', type=int, default=1, help='samples per timed step (default 1)')
-    p.add_argument('-device', dest='device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--repeats', type=int, default=3)
-    p.add_argument('-o', dest='output', help='also write the figures as JSON here')
-    args = p.parse_args(argv)
-    with command_errors('desd_pvt_benchmark'):
-        report = run(args.dataset, args.patch_size, args.spacing, args.plans_name, args.batch_size, args.device,
-                     args.repeats)
-    print(markdown(report))
-    if args.output:
-        with open(args.output, 'w') as f:
-            json.dump(report, f, indent=2)
-
-
-if __name__ == '__main__':
-    main()

@@ -1,64 +1,33 @@
-"""``desd_pretrain_benchmark -m refs``: one ReFs step against one DeSD step, and the memory of each matching form.
+"""Owns the ReFs benchmark: one ReFs step against one DeSD step, and the memory of each matching form.
 
-Same network, patch, batch and pre-fetched batches for every loop (DeSD ignores the reference batch):
+Run by ``desd_pretrain_benchmark -m refs`` (``nnunetv2_desd.cli.pretrain_benchmark``). Same network, patch, batch
+and pre-fetched batches for every loop (made by a ReFs Pretrainer's method loader, so each carries its reference
+batch; DeSD ignores it):
 
 * DeSD: ``Pretrainer.train_step`` of ``-m desd``;
 * ReFs fish: the first-order form (the default);
 * ReFs cosine: the explicit cosine term over all encoder stages (or ``--matching-stages N``), and over the
   deepest stage only, the cheapest setting of the memory bound.
 
-Reported: seconds per step, memory (CUDA: max allocated per loop; every device: the peak and the sum of what
-autograd keeps for backward during one step, parameters excluded) and ReFs (default form) step / DeSD step,
-target <= 2.5.
+Reported (refs_vs_desd.md/.csv/.png): seconds per step, memory (CUDA: max allocated per loop; every device: the
+peak and the sum of what autograd keeps for backward during one step, parameters excluded) and ReFs (default form)
+step / DeSD step, target <= 2.5.
 """
 import dataclasses
 import itertools
 import tempfile
-import weakref
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-from nnunetv2_desd.benchmarks.pretraining import (IN_MEMORY_BATCHES, Phase, _device_name, _free, _network_signature,
-                                                 _peak_mib, _reset_peak, activation_mib, bar_panels, setup_title,
-                                                 time_steps, typical_step_pretrainer, write_report)
+from nnunetv2_desd.benchmarks.timing import (IN_MEMORY_BATCHES, RATIO_TABLE_HEADER, Phase, activation_mib,
+                                             bar_panels, device_name, free, memory_kind, method_batches,
+                                             network_signature, peak_mib, prepare_pretraining, ratio_row,
+                                             reset_peak, saved_tensors_peak_mib, setup_table, setup_title,
+                                             time_steps, typical_step_pretrainer, write_report)
 from nnunetv2_desd.pretraining.config import PretrainConfig
 
 REFS_TO_DESD_STEP_TARGET = 2.5
-
-
-def saved_tensors_peak_mib(step: Callable[[], object], parameters=()) -> float:
-    """Peak MiB of the tensors autograd holds for backward at one time during ``step`` (``parameters`` excluded,
-    a storage saved several times counted once): the activation memory of a training step, double-backward
-    graphs included, measured the same way on any device."""
-    excluded = {p.untyped_storage().data_ptr() for p in parameters}
-    live: Dict[int, List[int]] = {}  # storage -> [references held by autograd, bytes]
-    state = {'current': 0, 'peak': 0}
-
-    def release(ptr: int) -> None:
-        entry = live[ptr]
-        entry[0] -= 1
-        if entry[0] == 0:
-            state['current'] -= entry[1]
-            del live[ptr]
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in excluded or ptr == 0:
-            return t
-        held = t.detach()  # an object of its own: freed when autograd frees what it saved
-        if ptr in live:
-            live[ptr][0] += 1
-        else:
-            live[ptr] = [1, t.untyped_storage().nbytes()]
-            state['current'] += live[ptr][1]
-            state['peak'] = max(state['peak'], state['current'])
-        weakref.finalize(held, release, ptr)
-        return held
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return state['peak'] / 2 ** 20
 
 
 @dataclasses.dataclass
@@ -84,48 +53,41 @@ def _loops(cfg: PretrainConfig) -> List[Tuple[str, str, PretrainConfig]]:
     return loops
 
 
+def _reference_batches(cfg: PretrainConfig, prepared, ctx, log_dir: str) -> Tuple[List[dict], object]:
+    """The pre-fetched batches, views and reference, from the method loader of a ReFs Pretrainer of ``cfg``
+    (``-m refs``); and the reference dataset its method opened."""
+    pretrainer = typical_step_pretrainer(cfg, prepared, ctx, log_dir)
+    return method_batches(pretrainer), pretrainer.method.data
+
+
 def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tuple[RefsComparison, object]:
     """Times ``Pretrainer.train_step`` of DeSD and of both ReFs forms (``cfg`` otherwise unchanged) on the same
     pre-fetched batches; the smaller steps first (a CPU process' peak RSS only grows)."""
-    from nnunetv2_desd.pretraining.run import prepare_data
-    from nnunetv2_desd.pretraining.views.loader import build_view_loader
-    from nnunetv2_desd.data.reference import WithReference, build_reference_loader, open_reference
-    from nnunetv2_desd.pretraining.distributed import init_distributed
-    from nnunetv2_desd.pretraining.methods.refs import deep_supervision_scales
-    ctx = init_distributed(cfg.device)
+    ctx, prepared = prepare_pretraining(cfg)
     device = ctx.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    prepared = prepare_data(cfg, ctx)
-    cfg.plans = prepared.plans_identifier
-    cm = prepared.configuration_manager
-    patch = [int(p) for p in (cfg.patch_size or cm.patch_size)]
-    reference = open_reference(cfg.reference, prepared.plans, prepared.plans_identifier, cfg.configuration,
-                               prepared.num_input_channels, prepared.plans_source)
-    loader = WithReference(build_view_loader(prepared, patch, cfg.batch_size, 0),
-                           build_reference_loader(reference, patch, cfg.reference_batch_size or cfg.batch_size,
-                                                  deep_supervision_scales(cm.pool_op_kernel_sizes), 0))
-    batches = [next(loader) for _ in range(IN_MEMORY_BATCHES)]  # DeSD ignores their 'reference'
+    patch = [int(p) for p in (cfg.patch_size or prepared.configuration_manager.patch_size)]
     phases, peaks, totals, networks = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix='desd_benchmark_') as scratch:
+        batches, reference = _reference_batches(cfg, prepared, ctx, scratch)  # DeSD ignores their 'reference'
         for name, label, loop_cfg in _loops(cfg):
-            _free(device)
-            _reset_peak(device)
+            free(device)
+            reset_peak(device)
             pretrainer = typical_step_pretrainer(loop_cfg, prepared, ctx, scratch)
             cycle = itertools.cycle(batches)
             parameters = [*pretrainer.optimized_parameters(), *pretrainer.teacher.parameters()]
             phases[name] = Phase(name, label, time_steps(lambda: pretrainer.train_step(next(cycle)), warmup, measure,
-                                                         device), _peak_mib(device))
+                                                         device), peak_mib(device))
             peaks[name] = saved_tensors_peak_mib(lambda: pretrainer.train_step(next(cycle)), parameters)
             totals[name] = activation_mib(lambda: pretrainer.train_step(next(cycle)), parameters)
-            networks[name] = _network_signature(pretrainer.network)
+            networks[name] = network_signature(pretrainer.network)
             pretrainer = None
-    memory_kind = 'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'
     setup = {
         'dataset': prepared.dataset_name,
         'reference': f'{reference.dataset_name} ({len(reference.identifiers)} cases, plans '
                      f'\'{reference.plans_identifier}\', {reference.label_manager.num_segmentation_heads} outputs)',
-        'device': _device_name(device),
+        'device': device_name(device),
         'network': f'{networks["desd"][0]}, {networks["desd"][1]:,} parameters (ReFs: '
                    f'{networks["fish"][1]:,}, the decoder\'s outputs sized for the reference)',
         'patch': ' x '.join(map(str, patch)),
@@ -138,21 +100,19 @@ def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
         'memory': ('CUDA max allocated per loop' if device.type == 'cuda' else
                    'a CPU process\' peak RSS cannot be reset between loops: compare the saved-tensor columns'),
     }
-    return RefsComparison(setup, memory_kind, phases, peaks, totals), prepared
+    return RefsComparison(setup, memory_kind(device), phases, peaks, totals), prepared
 
 
 def refs_markdown(result: RefsComparison) -> str:
-    lines = [f'## ReFs vs DeSD pre-training step: {result.setup["dataset"]}', '', '| setting | value |', '|---|---|']
-    lines += [f'| {k} | {v} |' for k, v in result.setup.items() if k != 'dataset']
+    lines = setup_table('ReFs vs DeSD pre-training step', result.setup)
     lines += ['', f'| loop | s / step | step / DeSD step | peak saved for backward [MiB] | all saved for backward '
                   f'[MiB] | {result.memory_kind} [MiB] |', '|---|---|---|---|---|---|']
     for name, ph in result.phases.items():
         lines.append(f'| {ph.label} | {ph.mean:.4g} ± {ph.std:.2g} | {result.step_ratio(name):.2f} | '
                      f'{result.saved_peak[name]:,.1f} | {result.saved_total[name]:,.1f} | {ph.peak_mib:,.0f} |')
-    ratio = result.step_ratio('fish')
-    lines += ['', '| ratio | value | target | met |', '|---|---|---|---|',
-              f'| ReFs (fish, default) step / DeSD step | {ratio:.3f} | <= {REFS_TO_DESD_STEP_TARGET} | '
-              f'{"yes" if ratio <= REFS_TO_DESD_STEP_TARGET else "no"} |']
+    lines += ['', *RATIO_TABLE_HEADER,
+              ratio_row('ReFs (fish, default) step / DeSD step', result.step_ratio('fish'), '<=',
+                        REFS_TO_DESD_STEP_TARGET)]
     return '\n'.join(lines) + '\n'
 
 

@@ -131,8 +131,10 @@ def _study_export(folders: dict) -> str:
 def run_study(workdir: str) -> str:
     """The label-efficiency study (module docstring); returns the path of its summary."""
     folders = _use_workdir(workdir)
-    from nnunetv2_desd.evaluation.benchmark import benchmark, build_parser
-    from nnunetv2_desd.evaluation.probe import build_parser as probe_parser, probe_markdown, run_probe
+    from nnunetv2_desd.cli.benchmark import parse_options as benchmark_options
+    from nnunetv2_desd.cli.probe import build_parser as probe_parser
+    from nnunetv2_desd.evaluation.benchmark import benchmark
+    from nnunetv2_desd.evaluation.probe import probe_markdown, run_probe
     from nnunetv2_desd.data.sources import write_chest_ct_datasets
     from nnunetv2_desd.common.checkpoint import atomic_write_text
     pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID, n_unlabelled=STUDY_POOL)
@@ -143,21 +145,21 @@ def run_study(workdir: str) -> str:
     export = _study_export(folders)
     loss_text = loss_against_ln_k(export)
     print(f'[3/5] DeSD pre-training done: {export}\n{loss_text}')
-    probe, _ = run_probe(probe_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-p', STUDY_PLANS,
-                                                    '-device', 'cpu', *PROBE_SETTINGS]))
+    probe, _ = run_probe(**vars(probe_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-p', STUDY_PLANS,
+                                                           '-device', 'cpu', *PROBE_SETTINGS])))
     print(f'[4/5] encoder probe:\n\n{probe_markdown(probe)}')
     # augmentation in each training process: no worker start-up per run (nnU-Net's planner needs >= 1, hence here)
     os.environ.setdefault('nnUNet_n_proc_DA', '0')
-    main_report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr',
-                                                       'nnUNetTrainerDeSDDemo', *STUDY_BENCHMARK]))
+    main_report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr', 'nnUNetTrainerDeSDDemo',
+                                               *STUDY_BENCHMARK]))
     # the other recipe against the default: the default's cells exist now and are reused
     from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
     other = next(r for r in FINETUNE_RECIPES if r != DEFAULT_FINETUNE_RECIPE)
     recipe_args = list(STUDY_BENCHMARK)
     recipe_args[recipe_args.index('--baseline') + 1] = 'nnUNetTrainerDeSDDemo'
-    recipe_report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr',
-                                                         f'nnUNetTrainerDeSDDemo_{other}Recipe',
-                                                         '--scratch-baseline', 'none', *recipe_args]))
+    recipe_report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr',
+                                                 f'nnUNetTrainerDeSDDemo_{other}Recipe', '--scratch-baseline', 'none',
+                                                 *recipe_args]))
     summary = os.path.join(os.path.abspath(workdir), 'study_summary.md')
     atomic_write_text(f'# desd_demo --study\n\n## Pre-training\n\n{loss_text}\n\n{probe_markdown(probe)}\n'
                       f'## Fine-tuning: default recipe against both baselines\n\n{main_report["text"]}\n'
@@ -185,8 +187,10 @@ def main(argv=None) -> None:
         return
     args.workdir = args.workdir or 'desd_demo_output'
     folders = _use_workdir(args.workdir)
-    from nnunetv2_desd.evaluation.benchmark import benchmark, build_parser
-    from nnunetv2_desd.evaluation.probe import build_parser as probe_parser, probe_markdown, run_probe
+    from nnunetv2_desd.cli.benchmark import parse_options as benchmark_options
+    from nnunetv2_desd.cli.probe import build_parser as probe_parser
+    from nnunetv2_desd.evaluation.benchmark import benchmark
+    from nnunetv2_desd.evaluation.probe import probe_markdown, run_probe
     from nnunetv2_desd.cli.pretrain import parse_config
     from nnunetv2_desd.pretraining.run import run
     from nnunetv2_desd.data.sources import write_chest_ct_datasets
@@ -203,14 +207,14 @@ def main(argv=None) -> None:
         loss_text = loss_against_ln_k(export)
         print(f'[3/5] {args.method} pre-training done: {export}\n{loss_text}\n'
               f'(curves: {os.path.join(os.path.dirname(export), "progress.png")})')
-        probe, probe_paths = run_probe(probe_parser().parse_args(
-            ['-d', str(LABELLED_ID), '-w', export, '-device', 'cuda' if args.full else 'cpu', *PROBE_SETTINGS]))
+        probe, probe_paths = run_probe(**vars(probe_parser().parse_args(
+            ['-d', str(LABELLED_ID), '-w', export, '-device', 'cuda' if args.full else 'cpu', *PROBE_SETTINGS])))
         print(f'[4/5] encoder probe, the export against nnU-Net\'s random initialisation:\n\n{probe_markdown(probe)}')
         trainer = TRAINER_FOR_METHOD[args.method] + ('' if args.full else 'Demo')
         if not args.full:
             _write_cpu_plans()
-        report = benchmark(build_parser().parse_args(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
-                                                      *(GPU_BENCHMARK if args.full else CPU_BENCHMARK)]))
+        report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
+                                              *(GPU_BENCHMARK if args.full else CPU_BENCHMARK)]))
     summary = os.path.join(os.path.abspath(args.workdir), 'demo_summary.md')
     atomic_write_text(f'# desd_demo ({args.method}{", full" if args.full else ", CPU settings"})\n\n## Pre-training\n\n'
                       f'{loss_text}\n\n{probe_markdown(probe)}\n## Fine-tuning\n\n{report["text"]}', summary)

@@ -36,28 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> None:
-    from nnunetv2_desd.data.drrs import require_ct, write_drr_pngs, write_drrs
-    from nnunetv2_desd.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.data.raw import read_raw_dataset
-
-    raw = read_raw_dataset(args.dataset)
-    require_ct(raw.dataset_json['channel_names'], raw.name)  # before any planning work
-    prepared = prepare_pretraining_data(args.dataset, args.configuration, args.plans, args.planner, args.plans_from,
-                                        args.num_processes)
-    paths = write_drrs(prepared, args.view, args.attenuation, args.num_processes)
-    print(f'{len(paths)} DRRs ({args.view}, {args.attenuation}) for {prepared.dataset_name}, '
-          f'plans {prepared.plans_identifier}, {prepared.configuration}: '
-          f'{os.path.join(prepared.data_folder, f"<case>_drr_{args.view}_{args.attenuation}.npy")}')
-    if args.png is not None:
-        pngs = write_drr_pngs(prepared, paths, args.png)
-        print(f'{len(pngs)} pictures: {os.path.join(os.path.abspath(args.png), "<case>.png")}')
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     with command_errors('desd_drr'):
-        run(args)
+        from nnunetv2_desd.data.drrs import prepare_and_write_drrs, write_drr_pngs
+        prepared, paths = prepare_and_write_drrs(args.dataset, args.configuration, args.plans, args.planner,
+                                                 args.plans_from, args.view, args.attenuation, args.num_processes)
+        print(f'{len(paths)} DRRs ({args.view}, {args.attenuation}) for {prepared.dataset_name}, '
+              f'plans {prepared.plans_identifier}, {prepared.configuration}: '
+              f'{os.path.join(prepared.data_folder, f"<case>_drr_{args.view}_{args.attenuation}.npy")}')
+        if args.png is not None:
+            pngs = write_drr_pngs(prepared, paths, args.png)
+            print(f'{len(pngs)} pictures: {os.path.join(os.path.abspath(args.png), "<case>.png")}')
 
 
 if __name__ == '__main__':

@@ -1,3 +1,4 @@
+"""One-line errors for every command: ``DesdError``, an argument parser that reports in one line, exit code 2."""
 import argparse
 import sys
 from contextlib import contextmanager

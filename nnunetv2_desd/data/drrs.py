@@ -168,6 +168,20 @@ def write_drrs(prepared, view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_AT
     return paths
 
 
+
+def prepare_and_write_drrs(dataset: str, configuration: str = '3d_fullres', plans: Optional[str] = None,
+                           planner: str = 'ExperimentPlanner', plans_from: Optional[str] = None,
+                           view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_ATTENUATION, num_processes: int = 1):
+    """``desd_drr``'s work: refuses a dataset that is not CT before any planning work, plans and preprocesses it
+    where that is not done yet (as desd_pretrain does), then writes its missing DRRs. -> (the prepared data,
+    {case: path})."""
+    from nnunetv2_desd.data.planning import prepare_pretraining_data
+    from nnunetv2_desd.data.raw import read_raw_dataset
+    raw = read_raw_dataset(dataset)
+    require_ct(raw.dataset_json['channel_names'], raw.name)
+    prepared = prepare_pretraining_data(dataset, configuration, plans, planner, plans_from, num_processes, raw=raw)
+    return prepared, write_drrs(prepared, view, attenuation, num_processes, raw=raw)
+
 def load_drr(path: str) -> np.ndarray:
     """float32 (1, a0, a1, a2) DRR written by write_drrs."""
     try:

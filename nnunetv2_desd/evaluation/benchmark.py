@@ -1,28 +1,8 @@
-"""``desd_benchmark``: a pre-trained fine-tuning or a semi-supervised trainer against two baselines.
+"""The cells of ``desd_benchmark``: checked inputs, fraction folds, a stock ``nnUNetv2_train`` run per cell, the report.
 
-    desd_benchmark -d 501 -w EXPORT.pth -tr nnUNetTrainerDeSD --fractions 0.1 0.25 1.0 --subset-seeds 3
-    desd_benchmark -d 501 -tr nnUNetTrainerDMD --fractions 0.1 0.2      # semi-supervised DMD: no -w
-
-Baselines: ``--baseline`` (vanilla ``nnUNetTrainer``: what users compare with) and, for a pre-trained trainer T
-with ``-w``, ``--scratch-baseline`` (default ``T_scratch``: T's own recipe and schedule without the weights, which
-isolates the initialisation; ``none`` leaves it out). The report shows tested − scratch and tested − vanilla.
-
-One cell is one (trainer, fold, labelled fraction, subset seed). Each cell is a stock ``nnUNetv2_train`` run; a
-fraction below 1 is an extra entry of nnU-Net's splits_final.json (see ``fractions``), one per subset seed
-(``--seed``, ``--seed`` + 1, ... for ``--subset-seeds N``), so the validation cases of a fold never change. A cell
-whose ``validation/summary.json`` exists is reused, one with ``checkpoint_final.pth`` only validates (``--val``),
-one with ``checkpoint_latest.pth`` continues (``--c``); the others start fresh, the tested trainer with
-``-pretrained_weights EXPORT``. The report (Markdown, CSV, PNG; ``report``) pairs per-case Dice.
-
-A DMD trainer (``nnUNetTrainerDMD`` and its variants) trains on the labelled fraction plus an unlabelled pool: the
-fold's training cases left out of the fraction, and the ``desd_preprocess_unlabelled`` pool where one exists. Before
-the first run, every DMD cell to run is checked to have unlabelled cases (a fraction of 1 leaves none out) and a pool
-made with the tested plans; a DMD trainer with ``-w`` is refused (it starts from two random initialisations).
-
-For clusters: ``--only tested --folds 3 --fractions 0.25`` runs exactly one cell; ``--print-commands`` prints the
-stock command of every cell still to run; ``--collect-only`` then writes the report from what exists.
+``nnunetv2_desd.cli.benchmark`` documents the command: the baselines, the cells, which runs are reused or continued,
+and what a DMD trainer is checked for before the first run.
 """
-import argparse
 import datetime
 import json
 import os
@@ -31,9 +11,10 @@ import shutil
 import subprocess
 import sys
 from collections import deque
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
-from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
                                                subset_size)
 from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
@@ -42,41 +23,26 @@ LOG_TAIL_LINES = 30
 STEP_WORDS = {'train': 'training', 'val': 'validating', 'continue': 'continuing'}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog='desd_benchmark', description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-d', dest='dataset', required=True, help='dataset id or name (DatasetXXX_Name)')
-    p.add_argument('-w', dest='weights', default=None,
-                   help='pre-trained export (desd_pretrain\'s pretrained_export.pth), passed as -pretrained_weights '
-                        'to fresh runs of the tested trainer')
-    p.add_argument('-tr', dest='trainer', default='nnUNetTrainerDeSD', help='trainer under test (default: %(default)s)')
-    p.add_argument('--baseline', default='nnUNetTrainer',
-                   help='baseline trainer, the vanilla trainer of the same schedule (nnUNetTrainerTiny for '
-                        'nnUNetTrainerDMDTiny, nnUNetTrainerDemo for nnUNetTrainerDMDDemo; default: %(default)s)')
-    p.add_argument('--scratch-baseline', default='auto',
-                   help='second baseline: the tested trainer\'s recipe without pre-trained weights (default: '
-                        'TESTED_scratch where -w is given; none: leave it out)')
-    p.add_argument('-p', dest='plans', default='nnUNetPlans',
-                   help='plans of the tested trainer and its scratch twin (default: %(default)s)')
-    p.add_argument('--baseline-plans', default='nnUNetPlans', help='plans of the baseline (default: %(default)s)')
-    p.add_argument('-c', dest='configuration', default='3d_fullres', help='configuration (default: %(default)s)')
-    p.add_argument('--folds', type=int, nargs='+', default=[0, 1, 2, 3, 4], help='standard folds (default: 0-4)')
-    p.add_argument('--fractions', type=float, nargs='+', default=[1.0],
-                   help='labelled fractions of each fold\'s training cases, in (0, 1] (default: 1.0)')
-    p.add_argument('--seed', type=int, default=12345, help='seed of the first labelled subsets (default: %(default)s)')
-    p.add_argument('--subset-seeds', type=int, default=1,
-                   help='nested labelled subsets per fraction below 1: seeds --seed ... --seed + N - 1 (default: 1)')
-    p.add_argument('-device', default='cuda', choices=['cuda', 'cpu'], help='passed to nnUNetv2_train')
-    p.add_argument('--only', choices=ROLES, default=None, help='run the cells of one side only')
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument('--collect-only', action='store_true',
-                      help='train nothing: write the report from the runs that exist and list the missing cells')
-    mode.add_argument('--print-commands', action='store_true',
-                      help='print the nnUNetv2_train command of every cell still to run (and the nnUNet_extTrainer '
-                           'export they need), then exit; creates the fraction folds those commands name')
-    p.add_argument('-o', dest='output', default=None,
-                   help='report and log folder (default: nnUNet_results/<DatasetName>/desd_benchmark)')
-    return p
+@dataclass
+class BenchmarkOptions:
+    """What ``desd_benchmark`` compares on which cells, and how (its options; ``desd_benchmark -h`` explains each)."""
+    dataset: str
+    weights: Optional[str] = None
+    trainer: str = 'nnUNetTrainerDeSD'
+    baseline: str = 'nnUNetTrainer'
+    scratch_baseline: str = 'auto'
+    plans: str = 'nnUNetPlans'
+    baseline_plans: str = 'nnUNetPlans'
+    configuration: str = '3d_fullres'
+    folds: Sequence[int] = (0, 1, 2, 3, 4)
+    fractions: Sequence[float] = (1.0,)
+    seed: int = 12345
+    subset_seeds: int = 1
+    device: str = 'cuda'
+    only: Optional[str] = None           # a role of ROLES: run that side's cells only
+    collect_only: bool = False           # train nothing, report what exists
+    print_commands: bool = False         # print the commands of the cells still to run instead of running them
+    output: Optional[str] = None         # default: nnUNet_results/<DatasetName>/desd_benchmark
 
 
 def _unique(values: list) -> list:
@@ -113,28 +79,28 @@ def data_identifier(plans_file: str, configuration: str) -> str:
 class Setup:
     """The checked inputs: folders, plans per side, export and its sha256."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, options: BenchmarkOptions):
         from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
         from nnunetv2_desd.common.checkpoint import file_sha256
 
         for name, value in (('nnUNet_preprocessed', nnUNet_preprocessed), ('nnUNet_results', nnUNet_results)):
             if not value:  # nnU-Net's _EnvPath: false when the variable is unset
                 raise DesdError(f'{name} is not set: point it at your nnU-Net {name.split("_")[1]} folder.')
-        self.fractions = _unique([check_fraction(f) for f in args.fractions])
-        self.folds = _unique(args.folds)
+        self.fractions = _unique([check_fraction(f) for f in options.fractions])
+        self.folds = _unique(options.folds)
         if any(f < 0 for f in self.folds):
-            raise DesdError(f'Folds are non-negative integers, got {" ".join(map(str, args.folds))}.')
-        if args.subset_seeds < 1:
-            raise DesdError(f'--subset-seeds must be at least 1, got {args.subset_seeds}.')
-        self.seeds = [args.seed + i for i in range(args.subset_seeds)]
-        scratch = args.scratch_baseline
+            raise DesdError(f'Folds are non-negative integers, got {" ".join(map(str, options.folds))}.')
+        if options.subset_seeds < 1:
+            raise DesdError(f'--subset-seeds must be at least 1, got {options.subset_seeds}.')
+        self.seeds = [options.seed + i for i in range(options.subset_seeds)]
+        scratch = options.scratch_baseline
         if scratch == 'auto':
-            scratch = f'{args.trainer}_scratch' if args.weights is not None and not is_dmd_trainer(args.trainer) \
-                else 'none'
-        self.trainers = {'tested': args.trainer, 'baseline': args.baseline}
-        self.plans = {'tested': args.plans, 'baseline': args.baseline_plans}
+            pretrained = options.weights is not None and not is_dmd_trainer(options.trainer)
+            scratch = f'{options.trainer}_scratch' if pretrained else 'none'
+        self.trainers = {'tested': options.trainer, 'baseline': options.baseline}
+        self.plans = {'tested': options.plans, 'baseline': options.baseline_plans}
         if scratch != 'none':
-            self.trainers['scratch'], self.plans['scratch'] = scratch, args.plans
+            self.trainers['scratch'], self.plans['scratch'] = scratch, options.plans
         self.roles = [r for r in ROLES if r in self.trainers]
         folders = {}
         for role in self.roles:
@@ -143,13 +109,13 @@ class Setup:
                 raise DesdError(f'The {other} and the {role} trainer are both {self.trainers[role]} with plans '
                                 f'{self.plans[role]}: they would share their model folders. Choose another -tr, '
                                 f'--baseline, --scratch-baseline or -p.')
-        self.dataset = dataset_name(args.dataset)
+        self.dataset = dataset_name(options.dataset)
         self.preprocessed = os.path.join(os.fspath(nnUNet_preprocessed), self.dataset)
         self.results = os.path.join(os.fspath(nnUNet_results), self.dataset)
         if not os.path.isdir(self.preprocessed):
-            raise DesdError(f'{self.preprocessed} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} '
-                            f'-c {args.configuration} first.')
-        self.configuration = args.configuration
+            raise DesdError(f'{self.preprocessed} does not exist: run nnUNetv2_plan_and_preprocess '
+                            f'-d {options.dataset} -c {options.configuration} first.')
+        self.configuration = options.configuration
         self.data_folders = {}
         for role in self.roles:
             plans_file = os.path.join(self.preprocessed, self.plans[role] + '.json')
@@ -161,17 +127,18 @@ class Setup:
             self.data_folders[role] = os.path.join(self.preprocessed, data_identifier(plans_file, self.configuration))
         dataset_json = os.path.join(self.preprocessed, 'dataset.json')
         if not os.path.isfile(dataset_json):
-            raise DesdError(f'{dataset_json} not found: run nnUNetv2_plan_and_preprocess -d {args.dataset} first.')
+            raise DesdError(f'{dataset_json} not found: run nnUNetv2_plan_and_preprocess -d {options.dataset} first.')
         with open(dataset_json) as f:
             self.label_names = label_names(json.load(f))
         self.weights, self.weights_sha256 = None, None
-        if args.weights is not None:
-            if not os.path.isfile(args.weights):
-                raise DesdError(f'Pre-trained export -w {args.weights} not found.')
-            self.weights = os.path.abspath(args.weights)
+        if options.weights is not None:
+            if not os.path.isfile(options.weights):
+                raise DesdError(f'Pre-trained export -w {options.weights} not found.')
+            self.weights = os.path.abspath(options.weights)
             self.weights_sha256 = file_sha256(self.weights)
-        self.output = os.path.abspath(args.output) if args.output else os.path.join(self.results, 'desd_benchmark')
-        self.device = args.device
+        self.output = os.path.abspath(options.output) if options.output else \
+            os.path.join(self.results, 'desd_benchmark')
+        self.device = options.device
 
     def model_folder(self, role: str, fold_id: int) -> str:
         return os.path.join(self.results, f'{self.trainers[role]}__{self.plans[role]}__{self.configuration}',
@@ -254,7 +221,7 @@ def is_dmd_trainer(name: str) -> bool:
 
 def check_unlabelled_pools(cells: List[Cell], setup: Setup) -> None:
     """DesdError before the first run where a DMD cell to run has no unlabelled cases, a pool made with other
-    plans, or -w (see the module docstring)."""
+    plans, or -w (see ``desd_benchmark -h``)."""
     from nnunetv2_desd.data.fractions import fraction_fold_info
     from nnunetv2_desd.data.pool import check_pool, preprocess_command, read_pool_record
 
@@ -349,25 +316,26 @@ def print_commands(cells: List[Cell], setup: Setup, env: Dict[str, str]) -> None
             print(shlex.join(train_command(cell, step, setup)))
 
 
-def benchmark(args: argparse.Namespace) -> Optional[dict]:
-    """Runs (or prints) the selected cells, then writes the report; returns write_report's result."""
+def benchmark(options: BenchmarkOptions) -> Optional[dict]:
+    """Runs (or prints) the selected cells, then writes the report; returns write_report's result (None where
+    ``options.print_commands``)."""
     from tqdm import tqdm
     from nnunetv2_desd.trainers.lookup import with_ext_trainers
 
-    setup = Setup(args)
-    cells = plan_cells(setup, create_folds=not args.collect_only)
-    selected = [c for c in cells if args.only in (None, c.role)]
+    setup = Setup(options)
+    cells = plan_cells(setup, create_folds=not options.collect_only)
+    selected = [c for c in cells if options.only in (None, c.role)]
     for cell in cells:
         warning = check_provenance(cell, setup)
         if warning and cell in selected:
             print(warning, file=sys.stderr)
-    if not args.collect_only:
+    if not options.collect_only:
         check_unlabelled_pools(selected, setup)
     env = with_ext_trainers(os.environ)
-    if args.print_commands:
+    if options.print_commands:
         print_commands(selected, setup, env)
         return None
-    if not args.collect_only:
+    if not options.collect_only:
         with tqdm(selected, desc='desd_benchmark', unit='cell', file=sys.stderr, dynamic_ncols=True) as bar:
             for cell in bar:
                 step = next_step(cell)
@@ -382,18 +350,3 @@ def benchmark(args: argparse.Namespace) -> Optional[dict]:
     print(result['text'])
     print(f'written: {result["md"]}, {result["csv"]}, {result["png"]}')
     return result
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        with command_errors('desd_benchmark'):
-            benchmark(args)
-    except KeyboardInterrupt:
-        print('desd_benchmark: interrupted; run the same command again to continue (finished cells are reused, '
-              'interrupted ones continue with --c).', file=sys.stderr)
-        sys.exit(130)
-
-
-if __name__ == '__main__':
-    main()

@@ -1,23 +1,8 @@
-"""``desd_probe``: a frozen-encoder linear probe per stage, exports against nnU-Net's random initialisation.
+"""The frozen-encoder linear probe of ``desd_probe``: per-stage features of each encoder, the probe, its report.
 
-    desd_probe -d 501 -w EXPORT.pth [EXPORT2.pth ...] [--labels desd desd dino ...]
-
-Answers "did pre-training learn anything useful?" in minutes on a CPU. Every encoder (each export, and the same
-planned architecture at nnU-Net's initialisation under ``--random-seeds``) is frozen; each stage's features of the
-labelled dataset's preprocessed cases feed a multinomial logistic regression per voxel (features trilinearly
-upsampled to the voxel grid, standardised, L2-regularised). k-fold over cases (nnU-Net's split function): the
-probe is fitted on the training cases' voxels and scored on the held-out cases, Dice per foreground label (mean
-over the labels present) and voxel accuracy, per stage, as mean +- sd over folds.
-
-Data: nnU-Net's dataset class over the plans' preprocessed folder; one window of the plans' patch per case,
-centred on the case's labelled foreground (zero-padded where the case is smaller). Network: nnU-Net's builder
-for the plans, the export's ``encoder.*`` tensors loaded strictly. The plans must be the export's (architecture,
-spacing, axis order, normalisation); other plans are refused, naming ``desd_plan_like_pretrained``.
-
-Exports given the same ``--labels`` entry form a group (e.g. three pre-training seeds of one recipe): the report
-adds the group's mean and sd over its exports, and its gain over the best and the mean random initialisation.
+``nnunetv2_desd.cli.probe`` documents the method for its users: which cases and windows, which network and
+weights, and how exports given one label form a group.
 """
-import argparse
 import copy
 import csv
 import io
@@ -29,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.common.errors import DesdError
 
 DEFAULT_RANDOM_SEEDS = 3
 
@@ -440,85 +425,51 @@ def write_probe_report(result: ProbeResult, out: str) -> Dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# command
+# the whole probe: a labelled dataset and exports in, the report out
 # ----------------------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog='desd_probe', description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-d', dest='dataset', required=True, help='labelled dataset (id or name), preprocessed')
-    p.add_argument('-w', dest='exports', nargs='+', required=True, help='export(s) of desd_pretrain')
-    p.add_argument('--labels', nargs='+', help='one label per export; exports with the same label are averaged '
-                                               '(default: the export\'s method)')
-    p.add_argument('-p', dest='plans', help='plans identifier (default: the first plans of the dataset that fit '
-                                            'the exports, their own plans name first)')
-    p.add_argument('-c', dest='configuration', default='3d_fullres', help='configuration (default: %(default)s)')
-    p.add_argument('--folds', type=_positive_int, default=5, help='k of the k-fold over cases, at most the number '
-                                                                  'of cases (default: %(default)s)')
-    p.add_argument('--random-seeds', type=_positive_int, default=DEFAULT_RANDOM_SEEDS,
-                   help='random initialisations to compare with, seeds 0..N-1 (default: %(default)s)')
-    p.add_argument('--voxels-per-class', type=_positive_int, default=2000,
-                   help='training voxels per class and case (default: %(default)s)')
-    p.add_argument('--patch-size', type=_positive_int, nargs=3, help='window per case (default: the plans\' patch)')
-    p.add_argument('-device', default='auto', choices=('auto', 'cuda', 'cpu'),
-                   help='where the encoders run (default: cuda when visible)')
-    p.add_argument('-o', dest='output', help='report folder (default: nnUNet_results/<Dataset>/desd_probe)')
-    return p
-
-
-def run_probe(args: argparse.Namespace, progress: bool = True) -> Tuple[ProbeResult, Dict[str, str]]:
+def run_probe(dataset: str, exports: Sequence[str], labels: Optional[Sequence[str]] = None, plans: Optional[str] = None,
+              configuration: str = '3d_fullres', folds: int = 5, random_seeds: int = DEFAULT_RANDOM_SEEDS,
+              voxels_per_class: int = 2000, patch_size: Optional[Sequence[int]] = None, device: str = 'auto',
+              output: Optional[str] = None, progress: bool = True) -> Tuple[ProbeResult, Dict[str, str]]:
+    """Probes each export in ``exports`` (one group per entry of ``labels``; default: the export's method) and
+    ``random_seeds`` random initialisations on ``dataset``'s preprocessed cases, k-fold with k = ``folds`` (at most
+    the number of cases); ``plans``: the plans identifier (default: the first that fits the exports); ``device``
+    auto, cuda or cpu. Writes the report to ``output`` (default nnUNet_results/<Dataset>/desd_probe); returns the
+    result and the report's paths."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     from tqdm import tqdm
     from nnunetv2_desd.data.raw import resolve_dataset_name
-    if args.device == 'cuda' and not torch.cuda.is_available():
+    if device == 'cuda' and not torch.cuda.is_available():
         raise DesdError('no CUDA device is visible. Use -device cpu.')
-    device = torch.device('cuda' if args.device != 'cpu' and torch.cuda.is_available() else 'cpu')
+    torch_device = torch.device('cuda' if device != 'cpu' and torch.cuda.is_available() else 'cpu')
     if nnUNet_preprocessed is None:
         raise DesdError('nnUNet_preprocessed must be set.')
-    dataset_name = resolve_dataset_name(args.dataset)
-    exports, encoders = read_exports(args.exports, args.labels)
+    dataset_name = resolve_dataset_name(dataset)
+    read, encoders = read_exports(exports, labels)
     if 'random' in {e.group for e in encoders}:
         raise DesdError('--labels: "random" names the random initialisations; choose another label.')
-    plans = find_export_plans(dataset_name, exports, args.plans, args.configuration)
+    found = find_export_plans(dataset_name, read, plans, configuration)
     dataset_json = load_json(join(nnUNet_preprocessed, dataset_name, 'dataset.json'))
-    patch = list(args.patch_size or plans['configurations'][args.configuration].get('patch_size')
-                 or exports[0].metadata['plans_patch_size'])
-    images, labels, values = load_probe_cases(plans, dataset_json, dataset_name, args.configuration, patch)
-    k = min(args.folds, len(images))
-    folds = generate_crossval_split(sorted(images), seed=12345, n_splits=k)
-    encoders += [Encoder(f'random (seed {s})', 'random', None, seed=s) for s in range(args.random_seeds)]
+    patch = list(patch_size or found['configurations'][configuration].get('patch_size')
+                 or read[0].metadata['plans_patch_size'])
+    images, case_labels, values = load_probe_cases(found, dataset_json, dataset_name, configuration, patch)
+    k = min(folds, len(images))
+    splits = generate_crossval_split(sorted(images), seed=12345, n_splits=k)
+    encoders += [Encoder(f'random (seed {s})', 'random', None, seed=s) for s in range(random_seeds)]
     rows, num_stages = [], 0
     for spec in tqdm(encoders, desc='desd_probe: encoders', disable=not progress):
-        features = encoder_features(spec, plans, dataset_json, args.configuration, images, device)
+        features = encoder_features(spec, found, dataset_json, configuration, images, torch_device)
         num_stages = len(features)
         for stage, stage_features in features.items():
-            for fold, (dice, accuracy) in enumerate(probe_stage(stage_features, labels, folds, len(values),
-                                                                args.voxels_per_class)):
+            for fold, (dice, accuracy) in enumerate(probe_stage(stage_features, case_labels, splits, len(values),
+                                                                voxels_per_class)):
                 rows.append(dict(encoder=spec.name, group=spec.group, stage=stage, fold=fold, dice=dice,
                                  accuracy=accuracy))
-    setup = dict(dataset=dataset_name, plans=plans['plans_name'], folds=k, cases=len(images), patch_size=patch,
-                 voxels_per_class=args.voxels_per_class, random_seeds=list(range(args.random_seeds)),
-                 exports=[e.file for e in exports])
+    setup = dict(dataset=dataset_name, plans=found['plans_name'], folds=k, cases=len(images), patch_size=patch,
+                 voxels_per_class=voxels_per_class, random_seeds=list(range(random_seeds)),
+                 exports=[e.file for e in read])
     result = ProbeResult(encoders, rows, num_stages, setup)
-    out = args.output or join(nnUNet_results or '.', dataset_name, 'desd_probe')
+    out = output or join(nnUNet_results or '.', dataset_name, 'desd_probe')
     return result, write_probe_report(result, out)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    with command_errors('desd_probe'):
-        result, paths = run_probe(args)
-    print(probe_markdown(result))
-    print(f'table:  {paths["md"]}\ncsv:    {paths["csv"]}\nfigure: {paths["png"]}')
-
-
-if __name__ == '__main__':
-    main()

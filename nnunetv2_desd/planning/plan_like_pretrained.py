@@ -1,16 +1,8 @@
-"""``desd_plan_like_pretrained``: nnU-Net plans for a downstream dataset that fit a pre-trained export 1:1.
+"""Plans for a downstream dataset aligned 1:1 with a pre-trained export, from nnU-Net's planner at its spacing.
 
-nnU-Net's own planner runs on the downstream dataset with the export's spacing as target spacing; its plans for
-one configuration are then aligned with the export: architecture, spacing and axis order are the export's, the
-normalisation too when the input channels are the same. Patch and batch size stay the planner's (the patch
-rounded to the encoder's total stride). Only that configuration is written, under a new plans name, so stock
-``nnUNetPlans.json`` and its preprocessed data are left alone.
-
-    nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres            # optional: the fingerprint is reused
-    desd_plan_like_pretrained -d 501 -w EXPORT.pth
-    nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerDeSD -p nnUNetPlans_pretrained -pretrained_weights EXPORT.pth
+``nnunetv2_desd.cli.plan_like_pretrained`` (``desd_plan_like_pretrained``) documents what is taken from the export
+and what stays the planner's.
 """
-import argparse
 import contextlib
 import copy
 import inspect
@@ -25,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
 from nnunetv2_desd.common.pretrained_weights import read_export
 
@@ -114,7 +106,8 @@ def _run_planner(planner_class, name: str, kwargs: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------- plans
 def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: str, plans_name: str,
                       configuration: str, dataset_json: dict) -> dict:
-    """The planner's plans for one configuration, aligned with the export (see module docstring). Pure function."""
+    """The planner's plans for one configuration, aligned with the export (see ``desd_plan_like_pretrained -h``).
+    Pure function."""
     configs = planned['configurations']
     cfg = configs.get(configuration)
     if cfg is None:
@@ -315,31 +308,3 @@ def _print_report(plans: dict, planned: dict, meta: dict, raw, configuration: st
     if EXT_TRAINER_FOLDER not in ext.split(os.pathsep):
         lines.append(f'      (nnUNetv2_train finds {trainer} when nnUNet_extTrainer lists {EXT_TRAINER_FOLDER})')
     print('\n'.join(lines))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog='desd_plan_like_pretrained', description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-d', dest='dataset', required=True, help='downstream dataset id or name (raw dataset, labelled)')
-    p.add_argument('-w', dest='export_file', required=True, help='pre-trained export (pretrained_export.pth)')
-    p.add_argument('-p', dest='plans_name', default=DEFAULT_PLANS_NAME,
-                   help=f'name of the plans written (default {DEFAULT_PLANS_NAME})')
-    p.add_argument('-c', dest='configuration', default='3d_fullres',
-                   help='configuration to plan; the only one written (default 3d_fullres)')
-    p.add_argument('-pl', dest='planner', default='ExperimentPlanner',
-                   help='nnU-Net experiment planner class (default ExperimentPlanner)')
-    p.add_argument('--gpu-memory-gb', dest='gpu_memory_gb', type=float, default=None,
-                   help='GPU memory target passed to the planner (default: the planner\'s)')
-    p.add_argument('--no-preprocess', dest='preprocess', action='store_false', help='write the plans only')
-    p.add_argument('-np', dest='num_processes', type=int, default=2, help='processes (default 2)')
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    with command_errors('desd_plan_like_pretrained'):
-        plan_like_pretrained(**vars(args))
-
-
-if __name__ == '__main__':
-    main()

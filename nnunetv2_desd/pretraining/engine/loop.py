@@ -95,7 +95,7 @@ class Pretrainer:
         self.amp = self.device.type == 'cuda' if cfg.amp is None else bool(cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp else None
         self.step = 0
-        self.metrics = {}  # extra per-step values of the method (ReFs: both losses, gradient cosine)
+        self.metrics = {}  # extra per-step values of the method (e.g. its losses)
         self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method,
                                     reference_lines={'loss': (math.log(cfg.out_dim), 'ln K (uniform student)'),
                                                      'entropy': (math.log(cfg.out_dim), 'ln K')})
@@ -105,7 +105,7 @@ class Pretrainer:
         return self.method.loader(self, views, num_workers)
 
     def optimized_parameters(self) -> list:
-        """The student (encoder and heads), plus the method's own (ReFs: the decoder of its reference branch)."""
+        """The student (encoder and heads), plus the method's own (``extra_parameters``)."""
         return list(self.student.parameters()) + self.method.extra_parameters(self)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -142,7 +142,7 @@ class Pretrainer:
 
     def ssl_loss(self, batch: dict, student=None) -> torch.Tensor:
         """The self-distillation loss of a view batch (updates the loss's centre); ``student``: the forward to
-        use instead of ``self.student_forward`` (ReFs: the student at other parameter values)."""
+        use instead of ``self.student_forward`` (e.g. the student at other parameter values)."""
         teacher_input, student_inputs = self.method.inputs(batch, self.device)
         n_views, n_volumes = 2, teacher_input.shape[0] // 2
         with torch.autocast(self.device.type, enabled=self.amp):

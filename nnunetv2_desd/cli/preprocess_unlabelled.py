@@ -1,0 +1,50 @@
+"""``desd_preprocess_unlabelled``: images without labels, preprocessed with a labelled dataset's nnU-Net plans.
+
+    nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres
+    desd_preprocess_unlabelled -d 501 -u 500 [502 ...] [-p nnUNetPlans] [-c 3d_fullres]
+
+Every image of the unlabelled datasets' ``imagesTr`` (nnU-Net raw layout; ``labels``/``labelsTr`` are not needed
+and not read) is read and checked first: a corrupt file, a missing channel or a NaN voxel stops the command with
+one message before anything is written. The cases then go through the preprocessor class named in 501's plans,
+exactly as nnU-Net preprocesses an image for prediction (transpose, crop to the nonzero region, normalise with
+501's intensity statistics, resample to 501's spacing), and are stored as nnU-Net blosc2 cases next to 501's data
+(see ``pool.py``). The seg file of such a case only marks the region outside the nonzero mask (-1), which nnU-Net's
+augmentation needs where the plans normalise within a mask; it holds no labels.
+
+One call writes the whole pool of a configuration: it replaces an earlier pool, so list every unlabelled
+dataset at once. The labelled dataset's own cases are not given here: ``nnUNetTrainerDMD`` takes the cases left
+out of a labelled fraction (``desd_benchmark --fractions``) from 501's own preprocessed data.
+"""
+import argparse
+from typing import List, Optional
+
+from nnunetv2_desd.common.errors import ArgumentParser, command_errors
+from nnunetv2_desd.data.unlabelled import preprocess_unlabelled
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog='desd_preprocess_unlabelled', description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-d', dest='dataset', required=True, help='the labelled dataset (id or DatasetXXX_Name), planned')
+    p.add_argument('-u', dest='unlabelled', nargs='+', required=True,
+                   help='unlabelled dataset(s) in nnUNet_raw (imagesTr with the labelled dataset\'s channels)')
+    p.add_argument('-p', dest='plans', default='nnUNetPlans',
+                   help='plans of the labelled dataset (default: %(default)s)')
+    p.add_argument('-c', dest='configurations', nargs='+', default=['3d_fullres'],
+                   help='configurations to preprocess for (default: %(default)s)')
+    p.add_argument('-np', dest='num_processes', type=int, default=None,
+                   help='worker processes (default: nnU-Net\'s default_num_processes, nnUNet_def_n_proc)')
+    p.add_argument('--allow-other-channel-names', action='store_true',
+                   help='accept unlabelled channels named differently from the labelled dataset\'s (same count)')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    with command_errors('desd_preprocess_unlabelled'):
+        preprocess_unlabelled(args.dataset, args.unlabelled, args.plans, args.configurations, args.num_processes,
+                              args.allow_other_channel_names)
+
+
+if __name__ == '__main__':
+    main()
