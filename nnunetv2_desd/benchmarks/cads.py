@@ -1,4 +1,4 @@
-"""Owns the CADS benchmark: one CADS pre-training step against one DeSD step, in time and memory.
+"""The CADS benchmark: one CADS pre-training step against one DeSD step, in time and memory.
 
 Run by ``desd_pretrain_benchmark -m cads`` (``nnunetv2_desd.cli.pretrain_benchmark``). Same network, patch, batch
 and pre-fetched CADS batches for both methods (DeSD ignores their DRRs); CADS packs each masked view to its kept

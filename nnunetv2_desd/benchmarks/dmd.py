@@ -1,4 +1,4 @@
-"""Owns the DMD benchmark: iteration time of a DMD trainer against nnU-Net's vanilla trainer on the same plans (a
+"""The DMD benchmark: iteration time of a DMD trainer against nnU-Net's vanilla trainer on the same plans (a
 measurement, not a test).
 
 Run by ``desd_dmd_benchmark`` (``nnunetv2_desd.cli.dmd_benchmark``). Both trainers are built as nnUNetv2_train

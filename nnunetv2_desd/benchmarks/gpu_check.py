@@ -1,4 +1,4 @@
-"""Owns gpu_check.md, the summary ``scripts/gpu_check.sh`` writes: steps, exit codes, benchmark tables, batch in 24 GiB.
+"""gpu_check.md, the summary ``scripts/gpu_check.sh`` writes: steps, exit codes, benchmark tables, batch in 24 GiB.
 
 ``python -m nnunetv2_desd.cli.gpu_check_report --steps STEPS.tsv -o gpu_check.md ...`` (the script's call), or
 ``report_markdown`` from Python. STEPS.tsv has one line per step: name, exit code, seconds, log path, command,

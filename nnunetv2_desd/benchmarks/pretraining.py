@@ -1,4 +1,4 @@
-"""Owns the DeSD pre-training benchmark: speed and memory of DeSD's step next to nnU-Net's supervised step.
+"""The DeSD pre-training benchmark: speed and memory of DeSD's step next to nnU-Net's supervised step.
 
 Run by ``desd_pretrain_benchmark`` (``nnunetv2_desd.cli.pretrain_benchmark``) without ``-m`` or with ``-m desd``.
 One run, one planned network, one patch and one batch size, three timed loops:

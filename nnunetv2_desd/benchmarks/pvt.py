@@ -1,4 +1,4 @@
-"""Owns the PVT-UNet benchmark: PVT-UNet against nnU-Net's PlainConvUNet on the same patch (a benchmark, not a test).
+"""The PVT-UNet benchmark: PVT-UNet against nnU-Net's PlainConvUNet on the same patch (a benchmark, not a test).
 
 Run by ``desd_pvt_benchmark`` (``nnunetv2_desd.cli.pvt_benchmark``). Per network, at the same patch (PVT-UNet pads
 to a multiple of its total stride, and pays for it): parameters (all, encoder), forward time (inference, no deep

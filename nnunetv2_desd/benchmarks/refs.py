@@ -1,4 +1,4 @@
-"""Owns the ReFs benchmark: one ReFs step against one DeSD step, and the memory of each matching form.
+"""The ReFs benchmark: one ReFs step against one DeSD step, and the memory of each matching form.
 
 Run by ``desd_pretrain_benchmark -m refs`` (``nnunetv2_desd.cli.pretrain_benchmark``). Same network, patch, batch
 and pre-fetched batches for every loop (made by a ReFs Pretrainer's method loader, so each carries its reference

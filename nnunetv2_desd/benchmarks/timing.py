@@ -1,4 +1,4 @@
-"""Owns what the benchmarks share: timed steps, peak and activation memory, the device line, the typical pre-training
+"""What the benchmarks share: timed steps, peak and activation memory, the device line, the typical pre-training
 step and its batches, and the report files (Markdown tables, bar charts; md/csv/png written atomically).
 
 Timing: warm-up calls are not timed; on CUDA the clock is read after ``torch.cuda.synchronize``. Memory: on CUDA

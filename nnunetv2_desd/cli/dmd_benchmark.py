@@ -1,4 +1,4 @@
-"""Owns ``desd_dmd_benchmark``: the command that times a DMD trainer's iteration against nnU-Net's vanilla trainer.
+"""``desd_dmd_benchmark``: the command that times a DMD trainer's iteration against nnU-Net's vanilla trainer.
 
     desd_dmd_benchmark -d 501 -p nnUNetPlans -f 5 [-device cpu] [--iterations 10] [-o figures.json]
     python -m nnunetv2_desd.cli.dmd_benchmark ...          # the same

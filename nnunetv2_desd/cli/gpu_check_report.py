@@ -1,4 +1,4 @@
-"""Owns the command that writes gpu_check.md, the summary of ``scripts/gpu_check.sh``.
+"""The command that writes gpu_check.md, the summary of ``scripts/gpu_check.sh``.
 
     python -m nnunetv2_desd.cli.gpu_check_report --steps STEPS.tsv -o gpu_check.md [--gpu-info GPU.log]
         [--batch 2] [--benchmark-md A.md ...] [--benchmark-csv A.csv ...]

@@ -1,4 +1,4 @@
-"""Owns ``desd_pretrain_benchmark``: the command that times pre-training steps, DeSD's or (``-m``) a method's.
+"""``desd_pretrain_benchmark``: the command that times pre-training steps, DeSD's or (``-m``) a method's.
 
     desd_pretrain_benchmark -d 500 --plans-from 501 [-device cuda] [--batch-size 2] [--out FOLDER]
     desd_pretrain_benchmark -d 500 -m cads --plans-from 501 ...      # CADS vs DeSD

@@ -1,4 +1,4 @@
-"""Owns ``desd_pvt_benchmark``: the command that measures PVT-UNet against nnU-Net's PlainConvUNet on the same patch.
+"""``desd_pvt_benchmark``: the command that measures PVT-UNet against nnU-Net's PlainConvUNet on the same patch.
 
     desd_pvt_benchmark -d 501                                   # the dataset's nnUNetPlans and nnUNetPlans_pvt
     desd_pvt_benchmark --patch-size 64 128 128 --spacing 2.5 0.8 0.8   # the U-Net nnU-Net plans for that patch
