@@ -14,7 +14,7 @@ from nnunetv2_desd.cli import benchmark as benchmark_cli
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.evaluation import benchmark
 from nnunetv2_desd.data.fractions import (REGISTRY_FILE, SPLITS_FILE, find_fraction_fold, fraction_fold,
-                                                fraction_fold_info, subset_size)
+                                          fraction_fold_info, subset_size)
 from nnunetv2_desd.evaluation.report import (FOREGROUND, Cell, ReportMeta, bootstrap_ci, label_names,
                                              paired_case_values, read_case_dice, signed_rank_test, write_report)
 

@@ -9,7 +9,7 @@ import torch
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.trainers.dmd_loss import (DeepSupervisedMutualDistillation, MutualDistillationLoss,
-                                                   soft_dice)
+                                             soft_dice)
 from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
 from nnunetv2_desd.data.pool import POOL_FORMAT, check_pool, pool_paths
 from nnunetv2_desd.trainers.dmd import DMDPair, nnUNetTrainerDMD, split_batch

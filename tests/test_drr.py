@@ -13,7 +13,7 @@ from conftest import nnunet_env, run_command
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.drrs import axes_lps, drr_path, load_drr, require_ct, save_drr_png
 from nnunetv2_desd.data.drr_projection import (MU_WATER_PER_MM, attenuation_image, drr_from_hu, hu_to_mu,
-                                                 line_integrals, projection_axis)
+                                               line_integrals, projection_axis)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from nnunetv2_desd.common.pretrained_weights import (PretrainedExport, adapt_input_channels,
-                                                                 mismatch_message, plan_loading)
+                                                     mismatch_message, plan_loading)
 from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
 from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS, nnUNetTrainerDeSD,
                                              nnUNetTrainerReFs, scaled_warmup_epochs, weights_nnunet_will_load)

@@ -12,7 +12,7 @@ from torch import nn
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.architectures import memory
 from nnunetv2_desd.architectures.pvt_unet import (CLASS_NAME, PVTUNet, TransformerBlock, default_arch_kwargs,
-                                           replicate_pad_to_multiple)
+                                                  replicate_pad_to_multiple)
 from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork, planned_encoder
 from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, preferred_optimizer
 from nnunetv2_desd.planning.plan_pvt import reduce_patch

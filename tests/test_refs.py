@@ -17,7 +17,7 @@ from torch.func import functional_call
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 from nnunetv2_desd.data.reference import (augmentation_geometry, copied_plans_name,
-                                                      reference_plans_candidates)
+                                          reference_plans_candidates)
 from nnunetv2_desd.pretraining.methods.refs import (deep_supervision_scales, encoder_stage_of, fish_gradients,
                                                     gradient_cosine, matched_encoder_names, matching_loss,
                                                     reference_loss)

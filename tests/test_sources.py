@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data import sources
 from nnunetv2_desd.data.sources import (CHEST_CLASSES, find_chest_ct, write_chest_ct_datasets,
-                                                    write_synthetic_dataset)
+                                        write_synthetic_dataset)
 
 
 def _read(path):

@@ -101,7 +101,6 @@ def measure(trainer_names: List[str], dataset: str, plans_name: str, configurati
             _shutdown(trainer)
 
 
-
 def run(dataset: str, plans: str, configuration: str, fold: int, trainer: str, baseline: str, device: str,
         iterations: int, warmup: int) -> Tuple[List[str], Dict[str, dict]]:
     """Times ``trainer`` against ``baseline`` (see ``measure``) with this package's trainers findable and the

@@ -110,7 +110,6 @@ def report_markdown(steps: Sequence[Step], benchmark_md: Iterable[str] = (), ben
     return '\n'.join(lines) + '\n'
 
 
-
 def write_gpu_check(out: str, steps_tsv: str, benchmark_md: Iterable[str] = (), benchmark_csv: Iterable[str] = (),
                     batch: Optional[int] = None, gpu_info_file: Optional[str] = None,
                     budget_gib: float = BUDGET_GIB) -> str:

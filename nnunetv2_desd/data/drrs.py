@@ -23,7 +23,7 @@ from tqdm import tqdm
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.checkpoint import atomic_write
 from nnunetv2_desd.data.drr_projection import (DEFAULT_ATTENUATION, DEFAULT_VIEW, attenuation_image, check_view,
-                                                 minmax_to_unit, projection_axis)
+                                               minmax_to_unit, projection_axis)
 
 STANDARD_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # assumed when the reader gives no geometry
 PNG_MIN_SIDE, PNG_MAX_SIDE = 256, 1024  # PNG size limits in pixels (long side), for small and huge DRRs
@@ -168,7 +168,6 @@ def write_drrs(prepared, view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_AT
     return paths
 
 
-
 def prepare_and_write_drrs(dataset: str, configuration: str = '3d_fullres', plans: Optional[str] = None,
                            planner: str = 'ExperimentPlanner', plans_from: Optional[str] = None,
                            view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_ATTENUATION, num_processes: int = 1):
@@ -181,6 +180,7 @@ def prepare_and_write_drrs(dataset: str, configuration: str = '3d_fullres', plan
     require_ct(raw.dataset_json['channel_names'], raw.name)
     prepared = prepare_pretraining_data(dataset, configuration, plans, planner, plans_from, num_processes, raw=raw)
     return prepared, write_drrs(prepared, view, attenuation, num_processes, raw=raw)
+
 
 def load_drr(path: str) -> np.ndarray:
     """float32 (1, a0, a1, a2) DRR written by write_drrs."""

@@ -19,7 +19,7 @@ from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, 
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.raw import (RawDataset, check_images_and_write_body_masks, read_raw_dataset,
-                                                resolve_dataset_name)
+                                    resolve_dataset_name)
 
 BODY_MASK_FOLDER = 'desd_body_masks'
 

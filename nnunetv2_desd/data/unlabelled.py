@@ -68,7 +68,7 @@ def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: s
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_desd.data.raw import (check_images_and_write_body_masks, read_raw_dataset,
-                                                    resolve_dataset_name)
+                                        resolve_dataset_name)
     from nnunetv2_desd.common.checkpoint import atomic_write_json
 
     num_processes = default_num_processes if num_processes is None else max(1, num_processes)

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
-                                               subset_size)
+                                          subset_size)
 from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
 
 LOG_TAIL_LINES = 30

@@ -176,7 +176,7 @@ class nnUNetTrainerDMD(nnUNetTrainer):
         """pool key -> (preprocessed folder, case id); DesdError naming the fix where the fold has no pool."""
         from nnunetv2_desd.data.fractions import fraction_fold_info
         from nnunetv2_desd.data.pool import (CASE_SEPARATOR, check_pool, pool_paths, preprocess_command,
-                                                       read_pool_record)
+                                             read_pool_record)
         base, data_id = self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier
         dataset = self.plans_manager.dataset_name
         pool = {}

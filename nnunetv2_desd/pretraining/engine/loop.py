@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nnunetv2_desd.common.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict, load_checkpoint,
-                                            restore_rng_state, rng_state_of_process, tensor_digest)
+                                             restore_rng_state, rng_state_of_process, tensor_digest)
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.nnssl import PLAN_KEY, adaptation_plan, citations
 from nnunetv2_desd.common.pretrained_weights import PretrainedExport, initialise_encoder
