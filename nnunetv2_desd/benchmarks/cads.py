@@ -17,6 +17,7 @@ from nnunetv2_desd.benchmarks.timing import (IN_MEMORY_BATCHES, RATIO_TABLE_HEAD
                                              reset_peak, setup_table, setup_title, time_steps,
                                              typical_step_pretrainer, write_report)
 from nnunetv2_desd.pretraining.config import PretrainConfig
+from nnunetv2_desd.pretraining.network import planned_patch
 from nnunetv2_desd.pretraining.methods.cads import CADS as CADSInputs
 
 CADS_TO_DESD_STEP_TARGET = 0.5
@@ -62,7 +63,7 @@ def compare_cads_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
                                                  [*pretrainer.student.parameters(), *pretrainer.teacher.parameters()])
             networks[method] = network_signature(pretrainer.network)
             pretrainer = None  # freed before the next method is built
-    patch = [int(p) for p in (cfg.patch_size or prepared.configuration_manager.patch_size)]
+    patch = planned_patch(cfg.patch_size, prepared.configuration_manager)
     block = CADSInputs(cfg.mask_ratio, cfg.mask_patch).block
     setup = {
         'dataset': prepared.dataset_name,

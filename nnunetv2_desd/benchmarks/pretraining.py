@@ -23,14 +23,15 @@ import tempfile
 from copy import deepcopy
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
 
-from nnunetv2_desd.benchmarks.timing import (IN_MEMORY_BATCHES, RATIO_TABLE_HEADER, Phase, device_name, finish, free,
-                                             memory_kind, network_signature, peak_mib, ratio_row, reset_peak,
-                                             setup_table, time_steps, typical_step_pretrainer, write_report)
+from nnunetv2_desd.benchmarks.timing import (IN_MEMORY_BATCHES, RATIO_TABLE_HEADER, Phase, device_name, free,
+                                             memory_kind, network_signature, peak_mib, prepare_pretraining,
+                                             ratio_row, reset_peak, setup_table, time_steps, typical_step_pretrainer,
+                                             write_report)
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.pretraining.config import PretrainConfig
+from nnunetv2_desd.pretraining.network import planned_patch
 
 DESD_TO_SUPERVISED_TARGET = 1.5       # one DeSD step costs at most 1.5 supervised steps
 LOADING_TO_IN_MEMORY_TARGET = 0.9     # real loading keeps at least 90 % of the in-memory throughput
@@ -59,13 +60,6 @@ def loader_buffer_size(loader, num_workers: int) -> int:
     if num_workers == 0:
         return 0
     return 2 * loader.num_cached + 1 + num_workers
-
-
-def _check_patch(patch: List[int], pool_op_kernel_sizes) -> None:
-    divisor = np.prod(np.asarray(pool_op_kernel_sizes), axis=0)
-    if any(p % int(d) for p, d in zip(patch, divisor)):
-        raise DesdError(f'--patch-size {" ".join(map(str, patch))}: the network downsamples by '
-                        f'{" x ".join(str(int(d)) for d in divisor)}; use multiples of these.')
 
 
 # the supervised reference: nnU-Net's own trainer
@@ -127,7 +121,7 @@ def _time_supervised(cfg: PretrainConfig, prepared, patch: List[int], device: to
 def _time_desd(cfg: PretrainConfig, prepared, ctx, workers: int, warmup: int, measure: int
                ) -> Tuple[Phase, Phase, Tuple[str, int], List[int], int]:
     """In-memory then real-loading loop on one Pretrainer and one view loader."""
-    from nnunetv2_desd.pretraining.views.loader import build_view_loader
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
     device = ctx.device
     free(device)
     reset_peak(device)
@@ -148,7 +142,7 @@ def _time_desd(cfg: PretrainConfig, prepared, ctx, workers: int, warmup: int, me
                                  device)
             real = Phase('desd_real_loading', PHASES[1][1], seconds, peak_mib(device))
         finally:
-            finish(loader)
+            finish_loader(loader)
         return in_memory, real, network_signature(pretrainer.network), pretrainer.stages, buffered
 
 
@@ -158,8 +152,6 @@ def run_benchmark(cfg: PretrainConfig, warmup_iters: int, measure_iters: int,
     from importlib.metadata import version
 
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-    from nnunetv2_desd.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.pretraining.distributed import init_distributed
 
     if warmup_iters < 0 or measure_iters < 1:
         raise DesdError(f'--warmup-iters {warmup_iters} --measure-iters {measure_iters}: '
@@ -168,16 +160,11 @@ def run_benchmark(cfg: PretrainConfig, warmup_iters: int, measure_iters: int,
         raise DesdError('--c: the benchmark starts from scratch and writes no checkpoints; leave --c out.')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise DesdError('the benchmark runs in one process; start it without torchrun.')
-    ctx = init_distributed(cfg.device)
+    ctx, prepared = prepare_pretraining(cfg)
     device = ctx.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training, for both steps
-    prepared = prepare_pretraining_data(cfg.dataset, cfg.configuration, cfg.plans, cfg.planner, cfg.plans_from,
-                                        cfg.num_preprocessing_processes)
-    cfg.plans = prepared.plans_identifier
-    cm = prepared.configuration_manager
-    patch = [int(p) for p in (cfg.patch_size or cm.patch_size)]
-    _check_patch(patch, cm.pool_op_kernel_sizes)
+    patch = planned_patch(cfg.patch_size, prepared.configuration_manager)
     workers = get_allowed_n_proc_DA() if cfg.num_workers is None else cfg.num_workers
     kind = memory_kind(device)
 

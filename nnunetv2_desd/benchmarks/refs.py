@@ -26,6 +26,7 @@ from nnunetv2_desd.benchmarks.timing import (IN_MEMORY_BATCHES, RATIO_TABLE_HEAD
                                              reset_peak, saved_tensors_peak_mib, setup_table, setup_title,
                                              time_steps, typical_step_pretrainer, write_report)
 from nnunetv2_desd.pretraining.config import PretrainConfig
+from nnunetv2_desd.pretraining.network import planned_patch
 
 REFS_TO_DESD_STEP_TARGET = 2.5
 
@@ -67,7 +68,7 @@ def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
     device = ctx.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    patch = [int(p) for p in (cfg.patch_size or prepared.configuration_manager.patch_size)]
+    patch = planned_patch(cfg.patch_size, prepared.configuration_manager)
     phases, peaks, totals, networks = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix='desd_benchmark_') as scratch:
         batches, reference = _reference_batches(cfg, prepared, ctx, scratch)  # DeSD ignores their 'reference'

@@ -186,23 +186,17 @@ def typical_step_pretrainer(cfg, prepared, ctx, log_dir: str):
     return pretrainer
 
 
-def finish(loader) -> None:
-    """Stops a loader's workers, where it has any."""
-    if hasattr(loader, '_finish'):
-        loader._finish()
-
-
 def method_batches(pretrainer, count: int = IN_MEMORY_BATCHES) -> List[dict]:
     """``count`` training batches of ``pretrainer``'s method, loaded in-process as desd_pretrain loads them: the view
     loader (with the DRRs the data have) through the method's loader hook (ReFs adds the reference batches)."""
-    from nnunetv2_desd.pretraining.views.loader import build_view_loader
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
     prepared = pretrainer.prepared
     loader = pretrainer.method_loader(build_view_loader(prepared, pretrainer.patch_size, pretrainer.cfg.batch_size, 0,
                                                         drr_files=prepared.drr_files), 0)
     try:
         return [next(loader) for _ in range(count)]
     finally:
-        finish(loader)
+        finish_loader(loader)
 
 
 # reporting

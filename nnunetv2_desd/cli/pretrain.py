@@ -116,11 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_options(options: dict) -> PretrainConfig:
+    """The run's configuration from the parsed options that are PretrainConfig fields (``--amp on|off`` read as a
+    switch; options left out take the method's and the recipe's defaults)."""
+    amp = options.get('amp')
+    return PretrainConfig.create(**{**options, 'amp': None if amp is None else amp == 'on'})
+
+
 def parse_config(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool]:
     args = vars(build_parser().parse_args(argv))
     preprocess_only = args.pop('preprocess_only')
-    args['amp'] = None if args['amp'] is None else args['amp'] == 'on'
-    return PretrainConfig.create(**args), preprocess_only
+    return config_from_options(args), preprocess_only
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -62,8 +62,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, dict]:
     for key in [k for k in args if k not in config_keys]:
         if args.pop(key) != parser.get_default(key):
             parser.error(f'--{key.replace("_", "-")} is a desd_pretrain option the benchmark does not use')
-    args['amp'] = None if args['amp'] is None else args['amp'] == 'on'  # as desd_pretrain reads --amp
-    return PretrainConfig.create(**args), options
+    return pretrain.config_from_options(args), options
 
 
 def run(cfg: PretrainConfig, options: dict) -> Tuple[str, str]:

@@ -89,6 +89,11 @@ def prepare_pretraining_data(dataset: str, configuration: str = '3d_fullres', pl
                         data_folder, list(raw.cases), source)
 
 
+def plans_copied_from(source_plans: str, source: str) -> str:
+    """The name ``--plans-from`` gives plans copied from dataset ``source`` (DatasetXXX_Name): ``nnUNetPlans_fromXXX``."""
+    return f'{source_plans}_from{source[7:10]}'
+
+
 def find_planner_class(name: str):
     import nnunetv2
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
@@ -176,7 +181,7 @@ def _copy_plans_from(source: str, raw: RawDataset, source_plans: str, configurat
                         f'{source_json["channel_names"]}, {raw.name} has {raw.num_channels} '
                         f'{raw.dataset_json["channel_names"]}.')
     _load_plans(source_file, configuration)
-    identifier = f'{source_plans}_from{source[7:10]}'
+    identifier = plans_copied_from(source_plans, source)
     if not isfile(join(nnUNet_preprocessed, raw.name, identifier + '.json')):
         move_plans_between_datasets(source, raw.name, source_plans, identifier)
     return identifier

@@ -6,6 +6,7 @@ method nnU-Net calls for training and prediction, so parameter names match the f
 """
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +21,17 @@ def build_planned_network(plans_manager, configuration_manager, num_input_channe
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                     num_output_channels, enable_deep_supervision=True)
+
+
+def planned_patch(patch_size: Optional[Sequence[int]], configuration_manager) -> List[int]:
+    """The training patch: ``patch_size`` (``--patch-size``) or the plans'; DesdError unless every axis is a multiple
+    of the encoder's total stride."""
+    patch = [int(p) for p in (patch_size or configuration_manager.patch_size)]
+    stride = np.prod(np.asarray(configuration_manager.pool_op_kernel_sizes), axis=0)
+    if any(p % int(s) for p, s in zip(patch, stride)):
+        raise DesdError(f'--patch-size {" ".join(map(str, patch))}: the encoder downsamples by '
+                        f'{" x ".join(str(int(s)) for s in stride)}; use multiples of these.')
+    return patch
 
 
 def planned_encoder(network: nn.Module, drr_path: bool = True) -> nn.Module:

@@ -11,7 +11,7 @@ from nnunetv2_desd.pretraining.config import PretrainConfig
 from nnunetv2_desd.pretraining.distributed import init_distributed
 from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE, Pretrainer, output_folder_for
 from nnunetv2_desd.pretraining.methods.registry import METHODS
-from nnunetv2_desd.pretraining.views.loader import build_view_loader
+from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
 
 
 def check_before_preparing(cfg: PretrainConfig):
@@ -74,6 +74,5 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False) -> Optional[str]:
     try:
         trainer.run(loader)
     finally:
-        if hasattr(loader, '_finish'):
-            loader._finish()
+        finish_loader(loader)
     return os.path.join(folder, EXPORT_FILE)

@@ -26,8 +26,8 @@ from nnunetv2_desd.pretraining.engine.progress import ProgressLog
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
 from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
 from nnunetv2_desd.pretraining.methods.registry import METHODS
-from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork, build_planned_network, planned_encoder, \
-    resolve_stages
+from nnunetv2_desd.pretraining.network import (MultiStageDistillationNetwork, build_planned_network, planned_encoder,
+                                               planned_patch, resolve_stages)
 
 EXPORT_FILE = 'pretrained_export.pth'
 # a resumed run must build the same modules as the checkpoint
@@ -54,11 +54,7 @@ class Pretrainer:
         np.random.seed((cfg.seed + dist_ctx.rank) % 2 ** 32)
 
         cm = prepared.configuration_manager
-        self.patch_size = [int(p) for p in (cfg.patch_size or cm.patch_size)]
-        total_stride = np.prod(np.array(cm.pool_op_kernel_sizes), axis=0)
-        if any(p % s for p, s in zip(self.patch_size, total_stride)):
-            raise DesdError(f'--patch-size {self.patch_size} must be divisible by the encoder\'s total stride '
-                            f'{total_stride.tolist()}.')
+        self.patch_size = planned_patch(cfg.patch_size, cm)
         if cfg.method not in METHODS:
             raise DesdError(f'-m {cfg.method!r}: choose {", ".join(METHODS)}.')
         self.method = METHODS[cfg.method].build(cfg, prepared, self.patch_size)

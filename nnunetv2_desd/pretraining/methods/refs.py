@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.planning import plans_copied_from
 from nnunetv2_desd.data.reference import WithReference, build_reference_loader, open_reference
 from nnunetv2_desd.pretraining.distributed import average_gradients, check_finite_everywhere
 from nnunetv2_desd.pretraining.methods.desd import DeSD
@@ -210,6 +211,12 @@ class ReFs(DeSD):
         if values['plans_from'] is None:  # the reference's plans: its preprocessed data fit as they are
             values['plans_from'] = values['reference']
 
+    @staticmethod
+    def _require_reference(cfg) -> None:
+        if not cfg.reference:
+            raise DesdError('-m refs needs --reference DATASET: a labelled dataset preprocessed with nnU-Net '
+                            '(nnUNetv2_plan_and_preprocess -d DATASET -c 3d_fullres).')
+
     @classmethod
     def check_before_preparing(cls, cfg, raw) -> None:
         """The reference must be preprocessed with the plans the pre-training data will get (those of
@@ -217,9 +224,7 @@ class ReFs(DeSD):
         from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
         from nnunetv2.paths import nnUNet_preprocessed
         from nnunetv2_desd.data.raw import resolve_dataset_name
-        if not cfg.reference:
-            raise DesdError('-m refs needs --reference DATASET: a labelled dataset preprocessed with nnU-Net '
-                            '(nnUNetv2_plan_and_preprocess -d DATASET -c 3d_fullres).')
+        cls._require_reference(cfg)
         reference = cfg.reference = resolve_dataset_name(cfg.reference)  # as the checkpoint records it
         source = resolve_dataset_name(cfg.plans_from or cfg.reference)
         source_plans = cfg.plans or 'nnUNetPlans'
@@ -227,14 +232,12 @@ class ReFs(DeSD):
         if not isfile(source_file):
             raise DesdError(f'{source_file} does not exist: plan and preprocess {source} first '
                             f'(nnUNetv2_plan_and_preprocess -d {source[7:10]} -c {cfg.configuration}).')
-        # the name data.planning.prepare_pretraining_data gives the copied plans
-        open_reference(reference, load_json(source_file), f'{source_plans}_from{source[7:10]}', cfg.configuration,
+        open_reference(reference, load_json(source_file), plans_copied_from(source_plans, source), cfg.configuration,
                        raw.num_channels, plans_source=source)
 
     @classmethod
     def build(cls, cfg, prepared, patch_size: Sequence[int]) -> 'ReFs':
-        if not cfg.reference:
-            raise DesdError('-m refs needs --reference DATASET.')
+        cls._require_reference(cfg)
         method = cls(cfg.reference, cfg.reference_weight, cfg.matching, cfg.matching_weight, cfg.matching_stages,
                      cfg.fish_inner_lr, cfg.reference_batch_size)
         method.data = open_reference(cfg.reference, prepared.plans, prepared.plans_identifier, prepared.configuration,

@@ -63,3 +63,9 @@ def build_view_loader(prepared: PreparedData, patch_size: Sequence[int], batch_s
     if num_workers == 0:
         return SingleThreadedAugmenter(loader, None)
     return NonDetMultiThreadedAugmenter(loader, None, num_workers, 6, None, pin_memory=pin_memory)
+
+
+def finish_loader(loader) -> None:
+    """Stops a training loader's workers, where it has any (a view loader, or a method's loader around one)."""
+    if hasattr(loader, '_finish'):
+        loader._finish()
