@@ -18,11 +18,13 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from nnunetv2_desd.common.errors import DesdError
-from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
 from nnunetv2_desd.common.pretrained_weights import read_export
+from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
 
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pretrained'
 PROVENANCE_KEY = 'desd_pretrained'  # top-level plans entry naming the export these plans were made for
+
+
 def total_stride(arch_kwargs: dict) -> List[int]:
     """Per-axis product of the encoder's strides (the factor every patch axis must be divisible by)."""
     strides = [[s] * 3 if isinstance(s, int) else s for s in arch_kwargs['strides']]
