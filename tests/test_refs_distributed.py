@@ -31,6 +31,14 @@ def refs_data(tmp_path_factory):
     return env
 
 
+def _use_folders(refs_data: dict, monkeypatch) -> dict:
+    """This process on the fixture's nnU-Net folders; returns the environment for the spawned processes."""
+    env = dict(refs_data)
+    for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        monkeypatch.setenv(key, env[key])
+    return env
+
+
 def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: torch.Tensor, targets, results):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -59,9 +67,7 @@ def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: t
 
 @pytest.mark.e2e
 def test_two_gloo_processes_equal_one_process(refs_data, monkeypatch):
-    env = dict(refs_data)
-    for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
-        monkeypatch.setenv(key, env[key])
+    env = _use_folders(refs_data, monkeypatch)
     g = torch.Generator().manual_seed(0)
     views = torch.randn(STEPS, BATCH, 2, 16, 16, 16, generator=g)
     images = torch.randn(STEPS, BATCH, 1, 16, 16, 16, generator=g)
@@ -115,9 +121,7 @@ def _failing_step(rank: int, world_size: int, env: dict, views, images, targets,
 
 @pytest.mark.e2e
 def test_a_non_finite_reference_step_on_one_process_stops_every_process_with_its_message(refs_data, monkeypatch):
-    env = dict(refs_data)
-    for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
-        monkeypatch.setenv(key, env[key])
+    env = _use_folders(refs_data, monkeypatch)
     g = torch.Generator().manual_seed(0)
     views = torch.randn(1, 2, 2, 16, 16, 16, generator=g)
     images = torch.randn(1, 2, 1, 16, 16, 16, generator=g)
