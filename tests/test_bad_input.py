@@ -38,10 +38,11 @@ def _files(folder: Path) -> list:
 
 
 def _assert_nothing_written(root: Path) -> None:
-    """No file anywhere under nnUNet_preprocessed / nnUNet_results, and no body-mask folder (final or partial)."""
-    assert _files(root / 'preprocessed') == []
+    """Nothing under nnUNet_results, and under nnUNet_preprocessed nothing but the image check's resumable records
+    (its ledger and the body masks of good cases, kept so that a retry does not read them again): no plans, no
+    dataset.json, no preprocessed case."""
+    assert all(f.split('/')[1] in ('desd_checks', 'desd_body_masks') for f in _files(root / 'preprocessed'))
     assert _files(root / 'results') == []
-    assert not [p for p in (root / 'preprocessed').rglob('desd_body_masks*')]
 
 
 def _sha256(path: Path) -> str:
@@ -84,6 +85,7 @@ def test_corrupt_image(tmp_path, damage):
     for good in ('corrupt_000', 'corrupt_002'):
         assert good not in message
     _assert_nothing_written(tmp_path)
+    assert not list((tmp_path / 'preprocessed').rglob('corrupt_001*'))  # no mask for the bad case
 
 
 def test_channel_count_mismatch(tmp_path):

@@ -18,7 +18,7 @@ import torch
 
 from nnunetv2_desd.cli import pretrain as cli
 from nnunetv2_desd.pretraining.config import LIMITS, option_name
-from nnunetv2_desd.data.raw import check_images_and_write_body_masks, read_raw_dataset
+from nnunetv2_desd.data.raw import check_cases, read_raw_dataset
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 from nnunetv2_desd.cli import plan_like_pretrained
 
@@ -117,6 +117,12 @@ def _files_under(folder: Path) -> list:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.is_file())
 
 
+def _only_check_records(preprocessed: Path) -> bool:
+    """Nothing but the image check's resumable records (its ledger and the body masks of good cases): no plans, no
+    preprocessed case."""
+    return all(f.split('/')[1] in ('desd_checks', 'desd_body_masks') for f in _files_under(preprocessed))
+
+
 def _refused(capsys, command, argv) -> str:
     with pytest.raises(SystemExit) as e:
         command(argv)
@@ -129,7 +135,7 @@ def _refused(capsys, command, argv) -> str:
 
 def test_the_pristine_data_passes_the_checks(folders):
     for name in (ONE_CHANNEL, TWO_CHANNELS):
-        check_images_and_write_body_masks(read_raw_dataset(name), None)
+        assert check_cases(read_raw_dataset(name), None) == {}
 
 
 @pytest.mark.parametrize('corrupt', IMAGE_CORRUPTIONS, ids=lambda f: f.__name__.strip('_'))
@@ -140,8 +146,10 @@ def test_a_corrupt_image_is_refused_before_anything_is_written(folders, capsys, 
     corrupt(victim, rng)
     err = _refused(capsys, cli.main, ['-d', '930', '--preprocess-only', '-device', 'cpu', '-np', '1'])
     assert err.startswith('desd_pretrain: error:') and 'Traceback' not in err
-    assert victim.name.split('_0000')[0] in err or victim.name in err
-    assert _files_under(folders / 'nnUNet_preprocessed') == [] and _files_under(folders / 'nnUNet_results') == []
+    case = victim.name.split('_0000')[0]
+    assert case in err or victim.name in err
+    assert _only_check_records(folders / 'nnUNet_preprocessed') and _files_under(folders / 'nnUNet_results') == []
+    assert not list((folders / 'nnUNet_preprocessed').rglob(case + '.nii.gz'))  # no mask for the bad case
 
 
 def test_channels_on_different_grids_are_refused(folders, capsys):
@@ -152,7 +160,7 @@ def test_channels_on_different_grids_are_refused(folders, capsys):
     _write(second, rng.normal(size=shape).astype(np.float32), (1.5, 1.5, 1.5))
     err = _refused(capsys, cli.main, ['-d', '931', '--preprocess-only', '-device', 'cpu', '-np', '1'])
     assert 'is not on the grid of' in err
-    assert _files_under(folders / 'nnUNet_preprocessed') == []
+    assert _only_check_records(folders / 'nnUNet_preprocessed')
 
 
 def _bad_values(name: str, rng) -> list:

@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from nnunetv2_desd.common.errors import ArgumentParser, command_errors
+from nnunetv2_desd.common.errors import ArgumentParser, add_share_options, check_share, command_errors
 from nnunetv2_desd.data.drr_projection import ATTENUATIONS, DEFAULT_ATTENUATION, DEFAULT_VIEW, VIEWS
 
 
@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--attenuation', default=DEFAULT_ATTENUATION, choices=ATTENUATIONS,
                    help='linear: ray sums of attenuation; beer_lambert: absorbed fraction 1 - exp(-ray sum)')
     p.add_argument('--png', default=None, metavar='OUTDIR', help='also write OUTDIR/<case>.png for every case')
-    p.add_argument('-np', dest='num_processes', type=int, default=d.num_preprocessing_processes,
-                   help='processes for checking, fingerprinting, preprocessing and DRRs')
+    p.add_argument('-np', dest='num_processes', type=int, default=None,
+                   help='processes for checking, fingerprinting, preprocessing and DRRs (default: nnU-Net\'s '
+                        'default_num_processes, nnUNet_def_n_proc)')
+    add_share_options(p)
     return p
 
 
@@ -40,8 +42,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     with command_errors('desd_drr'):
         from nnunetv2_desd.data.drrs import prepare_and_write_drrs, write_drr_pngs
+        part, parts = check_share(args.part, args.parts)
         prepared, paths = prepare_and_write_drrs(args.dataset, args.configuration, args.plans, args.planner,
-                                                 args.plans_from, args.view, args.attenuation, args.num_processes)
+                                                 args.plans_from, args.view, args.attenuation, args.num_processes,
+                                                 part, parts)
         print(f'{len(paths)} DRRs ({args.view}, {args.attenuation}) for {prepared.dataset_name}, '
               f'plans {prepared.plans_identifier}, {prepared.configuration}: '
               f'{os.path.join(prepared.data_folder, f"<case>_drr_{args.view}_{args.attenuation}.npy")}')

@@ -4,21 +4,22 @@
     desd_preprocess_unlabelled -d 501 -u 500 [502 ...] [-p nnUNetPlans] [-c 3d_fullres]
 
 Every image of the unlabelled datasets' ``imagesTr`` (nnU-Net raw layout; ``labels``/``labelsTr`` are not needed
-and not read) is read and checked first: a corrupt file, a missing channel or a NaN voxel stops the command with
-one message before anything is written. The cases then go through the preprocessor class named in 501's plans,
+and not read) is read and checked first: every corrupt file, missing channel or NaN voxel is named in one message
+before any case is preprocessed (``--exclude-bad-cases`` leaves them out instead). The cases then go through the preprocessor class named in 501's plans,
 exactly as nnU-Net preprocesses an image for prediction (transpose, crop to the nonzero region, normalise with
 501's intensity statistics, resample to 501's spacing), and are stored as nnU-Net blosc2 cases next to 501's data
 (see ``pool.py``). The seg file of such a case only marks the region outside the nonzero mask (-1), which nnU-Net's
 augmentation needs where the plans normalise within a mask; it holds no labels.
 
-One call writes the whole pool of a configuration: it replaces an earlier pool, so list every unlabelled
-dataset at once. The labelled dataset's own cases are not given here: ``nnUNetTrainerDMD`` takes the cases left
+Preparation is resumable and incremental: cases already preprocessed are kept, and ``--part I --parts N``
+splits the cases across jobs. The pool's record lists the cases of the datasets given in the last call, so list
+every unlabelled dataset at once. The labelled dataset's own cases are not given here: ``nnUNetTrainerDMD`` takes the cases left
 out of a labelled fraction (``desd_benchmark --fractions``) from 501's own preprocessed data.
 """
 import argparse
 from typing import List, Optional
 
-from nnunetv2_desd.common.errors import ArgumentParser, command_errors
+from nnunetv2_desd.common.errors import ArgumentParser, add_share_options, check_share, command_errors
 from nnunetv2_desd.data.unlabelled import preprocess_unlabelled
 
 
@@ -36,14 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help='worker processes (default: nnU-Net\'s default_num_processes, nnUNet_def_n_proc)')
     p.add_argument('--allow-other-channel-names', action='store_true',
                    help='accept unlabelled channels named differently from the labelled dataset\'s (same count)')
+    p.add_argument('--exclude-bad-cases', action='store_true',
+                   help='leave out the cases the image check names (recorded in the pool\'s record) instead of '
+                        'stopping')
+    add_share_options(p)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     with command_errors('desd_preprocess_unlabelled'):
+        part, parts = check_share(args.part, args.parts)
         preprocess_unlabelled(args.dataset, args.unlabelled, args.plans, args.configurations, args.num_processes,
-                              args.allow_other_channel_names)
+                              args.allow_other_channel_names, args.exclude_bad_cases, part, parts)
 
 
 if __name__ == '__main__':

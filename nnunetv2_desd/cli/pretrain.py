@@ -2,7 +2,7 @@
 import argparse
 from typing import List, Optional, Tuple
 
-from nnunetv2_desd.common.errors import ArgumentParser, command_errors
+from nnunetv2_desd.common.errors import ArgumentParser, add_share_options, check_share, command_errors
 from nnunetv2_desd.data.drr_projection import ATTENUATIONS, VIEWS
 from nnunetv2_desd.pretraining.config import METHOD_DEFAULTS, RECIPES, SCALED_EPOCH_COUNTS, PretrainConfig
 from nnunetv2_desd.pretraining.heads import HEAD_NORMS
@@ -26,7 +26,14 @@ def _default(key: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='desd_pretrain', description=__doc__)
-    p.add_argument('-d', dest='dataset', required=True, help='dataset id or name in nnUNet_raw (labels optional)')
+    p.add_argument('-d', dest='dataset', nargs='+', required=True,
+                   help='dataset(s) in nnUNet_raw, ids or names (labels optional, not used); several pre-train one '
+                        'encoder on all their images, prepared with the plans of --plans-from, else the first\'s')
+    p.add_argument('--dataset-weights', type=float, nargs='+',
+                   help='sampling weight per dataset of -d (default: every case equally likely)')
+    p.add_argument('--exclude-bad-cases', action='store_true',
+                   help='leave out the cases the image check names (recorded in the log and the export) instead of '
+                        'stopping')
     p.add_argument('-m', dest='method', default='desd', choices=tuple(METHODS),
                    help='desd: deep self-distillation; cads: DeSD + CT/DRR alignment with packed masking (CT only); '
                         'refs: DeSD + a supervised reference task with gradient matching (needs --reference)')
@@ -107,12 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num-workers', type=int,
                    help='augmentation processes (default: nnU-Net\'s nnUNet_n_proc_DA logic; 0 = in-process)')
     p.add_argument('-np', dest='num_preprocessing_processes', type=int,
-                   help='processes for checking, fingerprinting, preprocessing and DRRs '
-                        + _default('num_preprocessing_processes'))
+                   help='processes for checking, fingerprinting, preprocessing and DRRs (default: nnU-Net\'s '
+                        'default_num_processes, nnUNet_def_n_proc)')
     p.add_argument('--seed', type=int, help=_default('seed'))
     p.add_argument('--preprocess-only', action='store_true',
-                   help='check, plan and preprocess (and make the DRRs), then stop (run this once before torchrun '
-                        'on a cluster)')
+                   help='check, plan and preprocess (and make the DRRs), then stop. Resumes where an interrupted '
+                        'preparation stopped and prepares only cases not prepared yet')
+    add_share_options(p)
     return p
 
 
@@ -123,18 +131,24 @@ def config_from_options(options: dict) -> PretrainConfig:
     return PretrainConfig.create(**{**options, 'amp': None if amp is None else amp == 'on'})
 
 
-def parse_config(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool]:
+def parse_options(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool, Tuple[int, int]]:
+    """(the run's configuration, --preprocess-only, (part, parts))."""
     args = vars(build_parser().parse_args(argv))
     preprocess_only = args.pop('preprocess_only')
-    return config_from_options(args), preprocess_only
+    share = check_share(args.pop('part'), args.pop('parts'), preprocess_only)
+    return config_from_options(args), preprocess_only, share
+
+
+def parse_config(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool]:
+    return parse_options(argv)[:2]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     with command_errors('desd_pretrain'):
         from nnunetv2_desd.pretraining.run import run
-        cfg, preprocess_only = parse_config(argv)
-        path = run(cfg, preprocess_only)
-    print(f'preprocessed data ready for {cfg.dataset}' if path is None else f'export: {path}')
+        cfg, preprocess_only, share = parse_options(argv)
+        path = run(cfg, preprocess_only, share)
+    print(f'preprocessed data ready for {" ".join(cfg.datasets)}' if path is None else f'export: {path}')
 
 
 if __name__ == '__main__':

@@ -26,3 +26,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f'{self.prog}: error: {message} (see {self.prog} -h)', file=sys.stderr)
         sys.exit(2)
+
+
+def add_share_options(parser: argparse.ArgumentParser) -> None:
+    """``--part I --parts N``: the preparation commands' split of the cases across jobs."""
+    parser.add_argument('--part', type=int, default=0,
+                        help='prepare only share I (0-based) of --parts N; run every part, in any order or at once, '
+                             'then a run without them finds everything done (default: %(default)s)')
+    parser.add_argument('--parts', type=int, default=1, help='number of shares (default: %(default)s)')
+
+
+def check_share(part: int, parts: int, preparation_only: bool = True):
+    """(part, parts), or DesdError for a share that does not exist or a training run given one."""
+    if parts < 1 or not 0 <= part < parts:
+        raise DesdError(f'--part {part} --parts {parts}: expected 0 <= part < parts.')
+    if parts > 1 and not preparation_only:
+        raise DesdError('--part/--parts split the preparation across jobs: use them with --preprocess-only.')
+    return part, parts

@@ -11,17 +11,23 @@ The projection axis comes from the image direction (SimpleITK ``sitk_stuff``, or
 nibabel readers). A reader without either is assumed to give the standard axial layout (numpy z, y, x with
 x = patient right -> left, y = anterior -> posterior, z = feet -> head). nnU-Net ignores the files: its
 dataset classes list ``.b2nd``/``.npz`` cases only and ``infer_dataset_class`` skips ``.npy``.
+
+A ledger beside the data folder (``../desd_drrs/<data folder's name>_<view>_<attenuation>``) records, per case,
+the DRR's projection axis and the signatures of the DRR and of the case's ``.pkl``: checking a DRR takes two
+``os.stat`` calls, and the axes are known without opening any DRR.
 """
+import copy
 import os
-from multiprocessing import get_context
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from tqdm import tqdm
 
-from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.errors import DesdError, check_share
 from nnunetv2_desd.common.checkpoint import atomic_write
+from nnunetv2_desd.common.workers import default_processes, run_in_processes
+from nnunetv2_desd.data.ledger import Ledger, current, file_signature, in_share
 from nnunetv2_desd.data.drr_projection import (DEFAULT_ATTENUATION, DEFAULT_VIEW, attenuation_image, check_view,
                                                minmax_to_unit, projection_axis)
 
@@ -48,6 +54,12 @@ def drr_path(data_folder: str, case: str, view: str = DEFAULT_VIEW, attenuation:
     return join(data_folder, f'{case}_drr_{view}_{attenuation}.npy')
 
 
+def drr_ledger(data_folder: str, view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_ATTENUATION) -> Ledger:
+    """The DRRs' records, next to the data folder (nnU-Net refuses a data folder holding other files)."""
+    folder = os.path.normpath(data_folder)
+    return Ledger(join(os.path.dirname(folder), 'desd_drrs', f'{os.path.basename(folder)}_{view}_{attenuation}'))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # geometry
 # ---------------------------------------------------------------------------------------------------------
@@ -71,12 +83,19 @@ def axes_lps(direction: Sequence[float], transpose_forward: Sequence[int]) -> np
     return np.stack([matrix[:, 2 - int(n)] for n in transpose_forward])
 
 
-def _load_preprocessed(prepared, case: str) -> Tuple[Tuple[int, ...], dict]:
-    """(shape (a0, a1, a2), properties) of a preprocessed case, read without decompressing the voxels."""
+def _dataset_class(data_folder: str):
+    """nnU-Net's dataset class for the folder (lists the folder: call once, not per case)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    return infer_dataset_class(data_folder)
+
+
+def _load_preprocessed(prepared, case: str, dataset_class=None) -> Tuple[Tuple[int, ...], dict]:
+    """(shape (a0, a1, a2), properties) of a preprocessed case, read without decompressing the voxels.
+    ``dataset_class``: nnU-Net's dataset class of the folder (found by listing it when not given)."""
     if not isfile(join(prepared.data_folder, case + '.pkl')):
         raise DesdError(f'case {case} is not preprocessed: {join(prepared.data_folder, case + ".pkl")} is missing.')
-    data, _, _, properties = infer_dataset_class(prepared.data_folder)(prepared.data_folder, [case]).load_case(case)
+    dataset_class = dataset_class if dataset_class is not None else _dataset_class(prepared.data_folder)
+    data, _, _, properties = dataset_class(prepared.data_folder, [case]).load_case(case)
     return tuple(int(s) for s in data.shape[1:]), properties
 
 
@@ -95,10 +114,10 @@ def _resize_bilinear(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 # DRRs
 # ---------------------------------------------------------------------------------------------------------
 def case_drr(prepared, case: str, image_files: Sequence[str], view: str = DEFAULT_VIEW,
-             attenuation: str = DEFAULT_ATTENUATION) -> np.ndarray:
+             attenuation: str = DEFAULT_ATTENUATION, dataset_class=None) -> np.ndarray:
     """float32 (1, a0, a1, a2) in [-1, 1]: the case's DRR on the preprocessed grid, size 1 on the projection axis."""
     check_view(view, attenuation)
-    shape, pre_props = _load_preprocessed(prepared, case)
+    shape, pre_props = _load_preprocessed(prepared, case, dataset_class)
     try:
         images, props = prepared.plans_manager.image_reader_writer_class().read_images(list(image_files))
     except Exception as e:  # readers raise anything from RuntimeError to ITK exceptions
@@ -123,69 +142,107 @@ def _save_npy(array: np.ndarray, path: str) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def _write_case(job) -> str:
-    prepared, case, files, view, attenuation, path = job
-    _save_npy(case_drr(prepared, case, files, view, attenuation), path)
-    return case
+def _write_case(job) -> Tuple[str, int]:
+    prepared, case, files, view, attenuation, path, dataset_class = job
+    drr = case_drr(prepared, case, files, view, attenuation, dataset_class)
+    _save_npy(drr, path)
+    return case, drr_projection_axis(drr.shape)
 
 
-def _is_current(path: str, pkl_file: str) -> bool:
-    """An existing, readable DRR written after the case was (last) preprocessed."""
-    if not isfile(path) or not isfile(pkl_file) or os.path.getmtime(path) < os.path.getmtime(pkl_file):
-        return False
+def _legacy_axis(path: str, pkl_file: str) -> Optional[int]:
+    """The projection axis of a DRR without a record (written by an older version), if it is a readable DRR written
+    after the case was (last) preprocessed; else None."""
     try:
+        if os.path.getmtime(path) < os.path.getmtime(pkl_file):
+            return None
         drr = np.load(path, mmap_mode='r', allow_pickle=False)
     except Exception:
-        return False
-    return drr.ndim == 4 and drr.shape[0] == 1 and 1 in drr.shape[1:]
+        return None
+    if drr.ndim != 4 or drr.shape[0] != 1 or 1 not in drr.shape[1:]:
+        return None
+    return drr_projection_axis(drr.shape)
 
 
 def write_drrs(prepared, view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_ATTENUATION,
-               num_processes: int = 1, raw=None) -> Dict[str, str]:
-    """Writes the missing DRRs of every case of `prepared` (existing ones are reused); returns {case: path}.
-    ``raw``: the raw dataset as already read."""
+               num_processes: int = 1, raw=None, part: int = 0, parts: int = 1) -> Dict[str, str]:
+    """Writes the missing DRRs of the share ``part`` of ``parts`` of the cases of `prepared` (current ones are
+    reused); returns {case: path} for every case. ``raw``: the raw dataset as already read."""
     from nnunetv2_desd.data.raw import read_raw_dataset
     require_ct(prepared.dataset_json['channel_names'], prepared.dataset_name)
     check_view(view, attenuation)
+    check_share(part, parts)
     raw_cases = (raw if raw is not None else read_raw_dataset(prepared.dataset_name)).cases
     missing = [c for c in prepared.identifiers if c not in raw_cases]
     if missing:
         raise DesdError(f'{prepared.dataset_name}: no raw images for case(s) {", ".join(missing[:5])} in nnUNet_raw; '
                         f'DRRs are cast from the raw HU images.')
-    paths = {case: drr_path(prepared.data_folder, case, view, attenuation) for case in prepared.identifiers}
-    todo = [case for case in prepared.identifiers
-            if not _is_current(paths[case], join(prepared.data_folder, case + '.pkl'))]
-    jobs = [(prepared, case, raw_cases[case], view, attenuation, paths[case]) for case in todo]
-    desc = f'DRRs ({view}, {attenuation})'
-    processes = min(num_processes, len(jobs) // MIN_CASES_PER_PROCESS)
-    if processes > 1:
-        with get_context('spawn').Pool(processes) as pool:
-            for _ in tqdm(pool.imap_unordered(_write_case, jobs), total=len(jobs), desc=desc):
-                pass
-    else:
-        for job in tqdm(jobs, desc=desc):
-            _write_case(job)
+    folder = prepared.data_folder
+    paths = {case: drr_path(folder, case, view, attenuation) for case in prepared.identifiers}
+    ledger = drr_ledger(folder, view, attenuation)
+    try:
+        records = ledger.read()
+        todo = []
+        for case in prepared.identifiers:
+            if not in_share(case, part, parts):
+                continue
+            files = [paths[case], join(folder, case + '.pkl')]
+            if current(records.get(case), files):
+                continue
+            axis = _legacy_axis(*files) if case not in records else None
+            if axis is None:
+                todo.append(case)
+            else:  # an older version's DRR: validated once, recorded
+                ledger.append(case, {'axis': axis, 'files': file_signature(files)})
+        if todo:
+            dataset_class = _dataset_class(folder)  # once: it lists the whole folder
+            job_prepared = copy.copy(prepared)  # each job gets this without the (long) case lists
+            job_prepared.identifiers, job_prepared.drr_files = [], None
+            jobs = [(job_prepared, case, raw_cases[case], view, attenuation, paths[case], dataset_class)
+                    for case in todo]
+            processes = min(default_processes(num_processes), len(jobs) // MIN_CASES_PER_PROCESS)
+            for case, axis in run_in_processes(_write_case, jobs, processes, f'DRRs ({view}, {attenuation})'):
+                ledger.append(case, {'axis': axis,
+                                     'files': file_signature([paths[case], join(folder, case + '.pkl')])})
+    finally:
+        ledger.close()
     return paths
+
+
+def drr_axes(prepared, view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_ATTENUATION) -> Dict[str, int]:
+    """{case: projection axis} of every case's DRR, read from the ledger; a case without a record (an older
+    version's DRR) has its file opened."""
+    records = drr_ledger(prepared.data_folder, view, attenuation).read()
+    axes = {}
+    for case in prepared.identifiers:
+        record = records.get(case)
+        if record is not None and isinstance(record.get('axis'), int):
+            axes[case] = record['axis']
+        else:
+            axes[case] = drr_projection_axis(load_drr(drr_path(prepared.data_folder, case, view, attenuation),
+                                                      mmap=True).shape)
+    return axes
 
 
 def prepare_and_write_drrs(dataset: str, configuration: str = '3d_fullres', plans: Optional[str] = None,
                            planner: str = 'ExperimentPlanner', plans_from: Optional[str] = None,
-                           view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_ATTENUATION, num_processes: int = 1):
+                           view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_ATTENUATION,
+                           num_processes: Optional[int] = None, part: int = 0, parts: int = 1):
     """``desd_drr``'s work: refuses a dataset that is not CT before any planning work, plans and preprocesses it
-    where that is not done yet (as desd_pretrain does), then writes its missing DRRs. -> (the prepared data,
-    {case: path})."""
-    from nnunetv2_desd.data.planning import prepare_pretraining_data
+    where that is not done yet (as desd_pretrain does), then writes its missing DRRs (of share ``part`` of
+    ``parts``). -> (the prepared data, {case: path})."""
+    from nnunetv2_desd.data.planning import prepare_pool
     from nnunetv2_desd.data.raw import read_raw_dataset
     raw = read_raw_dataset(dataset)
     require_ct(raw.dataset_json['channel_names'], raw.name)
-    prepared = prepare_pretraining_data(dataset, configuration, plans, planner, plans_from, num_processes, raw=raw)
-    return prepared, write_drrs(prepared, view, attenuation, num_processes, raw=raw)
+    prepared = prepare_pool([dataset], configuration, plans, planner, plans_from, num_processes, [raw], part,
+                            parts).members[0]
+    return prepared, write_drrs(prepared, view, attenuation, num_processes, raw=raw, part=part, parts=parts)
 
 
-def load_drr(path: str) -> np.ndarray:
-    """float32 (1, a0, a1, a2) DRR written by write_drrs."""
+def load_drr(path: str, mmap: bool = False) -> np.ndarray:
+    """float32 (1, a0, a1, a2) DRR written by write_drrs (``mmap``: mapped read-only, not read)."""
     try:
-        drr = np.load(path, allow_pickle=False)
+        drr = np.load(path, mmap_mode='r' if mmap else None, allow_pickle=False)
     except Exception as e:
         raise DesdError(f'cannot read the DRR {path} ({type(e).__name__}: {e}); delete it and run desd_drr again.') \
             from None
@@ -251,9 +308,10 @@ def write_drr_pngs(prepared, paths: Dict[str, str], out_dir: str) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     spacing = prepared.configuration_manager.spacing
     transpose = prepared.plans_manager.transpose_forward
+    dataset_class = _dataset_class(prepared.data_folder)
     written = []
     for case, path in tqdm(paths.items(), desc='DRR pictures'):
-        _, properties = _load_preprocessed(prepared, case)
+        _, properties = _load_preprocessed(prepared, case, dataset_class)
         png = join(out_dir, case + '.png')
         save_drr_png(load_drr(path), spacing, png, axes_lps(direction_from_properties(properties), transpose))
         written.append(png)

@@ -40,8 +40,8 @@ def read_pool_record(preprocessed_dataset_folder: str, data_identifier: str) -> 
     folder, record_file = pool_paths(preprocessed_dataset_folder, data_identifier)
     if not os.path.isfile(record_file):
         if os.path.isdir(folder):
-            raise DesdError(f'{folder} has no record {record_file}: it was not made by desd_preprocess_unlabelled '
-                            f'(or that run was interrupted). Remove the folder and run desd_preprocess_unlabelled.')
+            raise DesdError(f'{folder} has no record {record_file}: its preparation by desd_preprocess_unlabelled '
+                            f'has not finished. Run the same desd_preprocess_unlabelled command again to finish it.')
         return None
     try:
         with open(record_file) as f:
@@ -93,8 +93,10 @@ class PoolDataset:
     """nnU-Net's dataset interface (``identifiers``, ``load_case``) over cases from several preprocessed folders,
     each read by nnU-Net's own dataset class for that folder; what nnUNetDataLoader needs."""
 
-    def __init__(self, members: Dict[str, Tuple[str, str]]):
-        """members: pool key -> (preprocessed folder, case identifier in that folder)."""
+    def __init__(self, members: Dict[str, Tuple[str, str]], repair_command: str = 'the command that prepared it'):
+        """members: pool key -> (preprocessed folder, case identifier in that folder); ``repair_command``: what
+        prepares a damaged case again, once its .pkl is removed."""
+        self.repair_command = repair_command
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         by_folder: Dict[str, List[str]] = {}
         for folder, identifier in members.values():
@@ -107,5 +109,13 @@ class PoolDataset:
         return len(self.identifiers)
 
     def load_case(self, key: str):
+        """nnU-Net's (data, seg, seg_prev, properties); a case that cannot be read raises DesdError naming it and
+        the command that prepares it again."""
         dataset, identifier = self._members[key]
-        return dataset.load_case(identifier)
+        try:
+            return dataset.load_case(identifier)
+        except Exception as e:
+            folder = dataset.source_folder
+            raise DesdError(f'the prepared case {identifier} in {folder} is damaged ({type(e).__name__}: '
+                            f'{str(e).strip().splitlines()[-1] if str(e).strip() else ""}). Prepare it again: '
+                            f'rm {os.path.join(folder, identifier)}.pkl && {self.repair_command}') from None

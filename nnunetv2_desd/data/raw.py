@@ -3,26 +3,25 @@
 nnU-Net's raw layout is kept as it is: ``imagesTr/CASE_XXXX<file_ending>`` and a ``dataset.json`` with
 ``channel_names`` and ``file_ending``. ``labels`` and ``labelsTr`` are optional here.
 
-Every image is read once, before anything is written, so a corrupt file, a missing channel or a
-NaN voxel ends the run with one clear message and leaves nothing half-made. The same pass writes
-the body masks that stand in for labels in nnU-Net's fingerprint (CT: voxels above -500 HU; other
+Every image is read once, in one pass that checks it and writes its body mask; the pass names every bad case
+(a corrupt file, a missing channel, a NaN voxel) and resumes where it stopped. The body masks that stand in for labels in nnU-Net's fingerprint (CT: voxels above -500 HU; other
 modalities: non-zero voxels), so CT normalisation statistics are taken over the body.
 """
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
-from tqdm import tqdm
 
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.workers import run_in_processes
+from nnunetv2_desd.data.ledger import Ledger, current, file_signature, in_share
 
 BODY_THRESHOLD_HU = -500.0
+CHECK_LEDGER = 'desd_checks'
 
 
 @dataclass
@@ -102,19 +101,6 @@ def body_mask(images: np.ndarray, is_ct: bool) -> np.ndarray:
     return mask[None].astype(np.uint8)
 
 
-def _stored_nonfinite(file: str) -> int:
-    """NaN/inf voxels as stored in a NIfTI file (0 for other formats); raises if the file is truncated.
-
-    Needed because SimpleITK's NIfTI reader (niftilib) silently turns NaN/inf into 0 and reads a truncated
-    .nii.gz as zeros; nibabel reads the stored bytes and raises on a short file.
-    """
-    if not file.endswith(('.nii', '.nii.gz')):
-        return 0
-    import nibabel
-    voxels = nibabel.load(file).dataobj.get_unscaled()
-    return int(voxels.size - np.count_nonzero(np.isfinite(voxels))) if voxels.dtype.kind in 'fc' else 0
-
-
 def _header(file: str) -> Optional[dict]:
     """Dimension, size, spacing, direction, origin, pixel type and components from the file's header (SimpleITK
     reads it without the voxels); None for a format SimpleITK does not read (nnU-Net's own reader decides)."""
@@ -191,76 +177,102 @@ def geometry_problem(case: str, files: List[str]) -> Optional[str]:
     return None
 
 
-def _check_case(case: str, files: List[str], reader_writer_class, is_ct: bool,
-                mask_file: Optional[str]) -> Tuple[str, Optional[str]]:
-    """Returns (case, error message or None). Writes the body mask when mask_file is given."""
+def _reader_for(files: List[str], reader_writer_class):
+    """The reader that decodes each voxel once and shows NaN/inf as stored: nibabel for NIfTI (SimpleITK's NIfTI
+    reader turns NaN into 0 and reads a truncated .nii.gz as zeros; nibabel raises), else nnU-Net's reader."""
+    if all(f.endswith(('.nii', '.nii.gz')) for f in files):
+        from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+        return NibabelIO
+    return reader_writer_class
+
+
+def check_case(case: str, files: List[str], reader_writer_class, is_ct: bool,
+               mask_file: Optional[str]) -> Tuple[str, Optional[str]]:
+    """Reads a case once; returns (case, problem or None). Writes its body mask (atomically) when mask_file is
+    given and the case is fine."""
     problem = geometry_problem(case, files)
     if problem is not None:
         return case, problem
+    reader = _reader_for(files, reader_writer_class)
     try:
-        images, properties = reader_writer_class().read_images(files)
-        stored_bad = [_stored_nonfinite(f) for f in files]
+        images, properties = reader().read_images(files)
     except Exception as e:  # readers raise anything from RuntimeError to ITK exceptions
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        return case, f'corrupt or unreadable image in case {case} ({", ".join(files)}): {type(e).__name__}: ' \
+        return case, f'corrupt or unreadable image ({", ".join(files)}): {type(e).__name__}: ' \
                      f'{lines[-1] if lines else ""}'
     spacing = [float(v) for v in properties.get('spacing', ())]
     if images.ndim != 4 or len(images) != len(files) or min(images.shape[1:]) < 2 or len(spacing) != 3 or \
             not all(math.isfinite(v) and v > 0 for v in spacing):
-        return case, f'case {case} ({", ".join(files)}) reads as shape {tuple(images.shape)} with spacing ' \
-                     f'{tuple(spacing)}; expected {len(files)} 3D channel(s) with finite positive spacing'
+        return case, f'reads as shape {tuple(images.shape)} with spacing {tuple(spacing)} ({", ".join(files)}); ' \
+                     f'expected {len(files)} 3D channel(s) with finite positive spacing'
     bad = ~np.isfinite(images)
-    channels = sorted({int(c) for c in np.nonzero(bad.reshape(len(images), -1).any(1))[0]} |
-                      {c for c, n in enumerate(stored_bad) if n})
-    if channels:
-        return case, f'case {case} has {max(int(bad.sum()), sum(stored_bad))} NaN/inf voxels (channel(s) ' \
-                     f'{channels}); fix or remove {", ".join(files[c] for c in channels)}.'
+    if bad.any():
+        channels = [int(c) for c in np.nonzero(bad.reshape(len(images), -1).any(1))[0]]
+        return case, f'{int(bad.sum())} NaN/inf voxels in channel(s) {channels} ' \
+                     f'({", ".join(files[c] for c in channels)})'
     if mask_file is not None:
         mask = body_mask(images, is_ct)
         if not mask.any():
-            hint = f' above {BODY_THRESHOLD_HU:g} HU: is it in Hounsfield units?' if is_ct else ' that is non-zero.'
-            return case, f'case {case} has no voxel{hint}'
-        reader_writer_class().write_seg(mask[0], mask_file, properties)
+            return case, (f'no voxel above {BODY_THRESHOLD_HU:g} HU: is it in Hounsfield units?' if is_ct else
+                          'no voxel is non-zero')
+        staged = os.path.join(os.path.dirname(mask_file), f'.partial-{os.getpid()}-' + os.path.basename(mask_file))
+        reader().write_seg(mask[0], staged, properties)
+        os.replace(staged, mask_file)
     return case, None
 
 
-def check_images_and_write_body_masks(raw: RawDataset, mask_folder: Optional[str],
-                                      num_processes: int = 1) -> None:
-    """Reads every image; raises DesdError on the first bad case. Masks appear in mask_folder only if all are fine."""
+def _check_job(job) -> Tuple[str, Optional[str], list]:
+    case, files = job[0], job[1]
+    case, problem = check_case(*job)
+    return case, problem, file_signature(files)
+
+
+def check_cases(raw: RawDataset, mask_folder: Optional[str], num_processes: int = 1, part: int = 0,
+                parts: int = 1) -> Dict[str, str]:
+    """Checks every case of the share ``part`` of ``parts`` that is not checked yet (writing its body mask into
+    ``mask_folder`` when given); returns {case: problem} of every bad case of the share, old and new.
+
+    Results are kept in a ledger (``desd_checks`` in the dataset's preprocessed folder): a case is read again only
+    when its files changed or its mask is missing, so an interrupted check goes on where it stopped.
+    """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.paths import nnUNet_preprocessed
     first = next(iter(raw.cases.values()))[0]
     try:
         rw_class = determine_reader_writer_from_dataset_json(raw.dataset_json, first, verbose=False)
     except Exception as e:
         raise DesdError(f'nnU-Net has no reader for {first}: {e}') from None
-    tmp_folder = None if mask_folder is None else mask_folder + '.partial'
-    if tmp_folder is not None:
-        shutil.rmtree(tmp_folder, ignore_errors=True)
-        os.makedirs(tmp_folder)
+    ledger = Ledger(join(nnUNet_preprocessed, raw.name, CHECK_LEDGER))
+    records = ledger.read()
     ending = raw.dataset_json['file_ending']
-    jobs = [(case, files, rw_class, raw.is_ct, None if tmp_folder is None else join(tmp_folder, case + ending))
-            for case, files in raw.cases.items()]
-    try:
-        if num_processes > 1:
-            with get_context('spawn').Pool(num_processes) as pool:
-                results = pool.imap_unordered(_check_case_star, jobs)
-                _raise_first_error(tqdm(results, total=len(jobs), desc='Checking images'))
-        else:
-            _raise_first_error(tqdm((_check_case(*j) for j in jobs), total=len(jobs), desc='Checking images'))
-    except BaseException:
-        if tmp_folder is not None:
-            shutil.rmtree(tmp_folder, ignore_errors=True)
-        raise
     if mask_folder is not None:
-        shutil.rmtree(mask_folder, ignore_errors=True)
-        os.replace(tmp_folder, mask_folder)
+        os.makedirs(mask_folder, exist_ok=True)
+    problems, jobs = {}, []
+    for case, files in raw.cases.items():
+        if not in_share(case, part, parts):
+            continue
+        mask_file = None if mask_folder is None else join(mask_folder, case + ending)
+        record = records.get(case)
+        if current(record, files):
+            if record['problem'] is not None:
+                problems[case] = record['problem']
+                continue
+            if mask_file is None or isfile(mask_file):
+                continue
+        jobs.append((case, files, rw_class, raw.is_ct, mask_file))
+    try:
+        for case, problem, signature in run_in_processes(_check_job, jobs, num_processes,
+                                                         f'Checking images of {raw.name}'):
+            ledger.append(case, {'files': signature, 'problem': problem})
+            if problem is not None:
+                problems[case] = problem
+    finally:
+        ledger.close()
+    return problems
 
 
-def _check_case_star(job):
-    return _check_case(*job)
-
-
-def _raise_first_error(results) -> None:
-    for _, error in results:
-        if error is not None:
-            raise DesdError(error)
+def bad_cases_message(raw: RawDataset, problems: Dict[str, str], option: str) -> str:
+    """One line naming every bad case, the count, and the option that leaves them out."""
+    listed = '; '.join(f'{case}: {problem}' for case, problem in sorted(problems.items()))
+    return (f'{len(problems)} of {len(raw.cases)} cases of {raw.name} cannot be used: {listed}. Fix or remove them, '
+            f'or leave them out with {option}.')

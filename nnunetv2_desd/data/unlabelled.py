@@ -4,13 +4,19 @@
 anything is written, how the cases are preprocessed, and why one call writes the whole pool.
 """
 import os
-import shutil
-from multiprocessing import get_context
 from typing import List, Optional, Sequence
 
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import DesdError
-from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
+from nnunetv2_desd.data.locks import folder_lock
+from nnunetv2_desd.data.planning import wait_for_checks
 from nnunetv2_desd.data.pool import CASE_SEPARATOR, POOL_FORMAT, POOL_VERSION, pool_paths
+from nnunetv2_desd.data.preparation import missing_cases, prepare_cases
+from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
+from nnunetv2_desd.data.raw import bad_cases_message, check_cases, read_raw_dataset, resolve_dataset_name
 
 
 def _same_names(a: dict, b: dict) -> bool:
@@ -37,41 +43,13 @@ def _check_source(raw, labelled_name: str, labelled_json: dict, reader_class, al
                         f'({reader_class.__name__}) does not read ({", ".join(reader_class.supported_file_endings)}).')
 
 
-def _preprocess_case(job) -> str:
-    """One case through the plans' preprocessor, saved as nnU-Net blosc2; no labels, so no class locations."""
-    from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
-    preprocessor, output_truncated, files, plans_manager, configuration_manager, dataset_json = job
-    preprocessor.run_case_save(output_truncated, files, None, plans_manager, configuration_manager, dataset_json)
-    properties = load_pickle(output_truncated + '.pkl')
-    properties['class_locations'] = {}  # read by nnUNetDataLoader; empty: no foreground oversampling possible
-    write_pickle(properties, output_truncated + '.pkl')
-    return output_truncated
-
-
-def _run_jobs(jobs: list, num_processes: int, description: str) -> None:
-    from tqdm import tqdm
-    if num_processes > 1 and len(jobs) > 1:
-        with get_context('spawn').Pool(min(num_processes, len(jobs))) as pool:
-            for _ in tqdm(pool.imap_unordered(_preprocess_case, jobs), total=len(jobs), desc=description):
-                pass
-    else:
-        for job in tqdm(jobs, desc=description):
-            _preprocess_case(job)
-
-
 def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: str = 'nnUNetPlans',
                           configurations: Sequence[str] = ('3d_fullres',), num_processes: Optional[int] = None,
-                          allow_other_channel_names: bool = False) -> List[str]:
-    """Writes the pool of every configuration (see ``desd_preprocess_unlabelled -h``); returns the record files."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.configuration import default_num_processes
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_desd.data.raw import (check_images_and_write_body_masks, read_raw_dataset,
-                                        resolve_dataset_name)
-    from nnunetv2_desd.common.checkpoint import atomic_write_json
-
-    num_processes = default_num_processes if num_processes is None else max(1, num_processes)
+                          allow_other_channel_names: bool = False, exclude_bad_cases: bool = False, part: int = 0,
+                          parts: int = 1) -> List[str]:
+    """Writes the pool of every configuration (see ``desd_preprocess_unlabelled -h``); returns the record files
+    (none while other parts' cases are missing)."""
+    from nnunetv2.paths import nnUNet_preprocessed  # read from the environment at its first import
     name = resolve_dataset_name(dataset)
     folder = os.path.join(os.fspath(nnUNet_preprocessed), name)
     plans_file = os.path.join(folder, plans_name + '.json')
@@ -91,8 +69,14 @@ def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: s
         raw = read_raw_dataset(source)
         _check_source(raw, name, labelled_json, reader_class, allow_other_channel_names)
         sources.append(raw)
-    for raw in sources:
-        check_images_and_write_body_masks(raw, None, num_processes)  # corrupt / NaN / missing channel -> DesdError
+    problems = {raw.name: check_cases(raw, None, num_processes, part, parts) for raw in sources}
+    if any(problems.values()) and not exclude_bad_cases:
+        raise DesdError(' '.join(bad_cases_message(raw, problems[raw.name], '--exclude-bad-cases')
+                                 for raw in sources if problems[raw.name]))
+    if parts > 1:
+        problems = {raw.name: wait_for_checks(raw) for raw in sources}
+    cases = {f'{raw.name}{CASE_SEPARATOR}{case}': (files, None) for raw in sources
+             for case, files in raw.cases.items() if case not in problems[raw.name]}
 
     records = []
     for configuration in configurations:
@@ -101,37 +85,25 @@ def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: s
             raise DesdError(f'{configuration} is a cascade stage: it needs predictions of the previous stage for '
                             f'every case, which unlabelled cases lack. Use a configuration without a previous stage.')
         pool_folder, record_file = pool_paths(folder, configuration_manager.data_identifier)
-        partial = pool_folder + '.partial'
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-        preprocessor = configuration_manager.preprocessor_class(verbose=False)
-        jobs, identifiers = [], []
-        for raw in sources:
-            for case, files in raw.cases.items():
-                identifiers.append(f'{raw.name}{CASE_SEPARATOR}{case}')
-                jobs.append((preprocessor, os.path.join(partial, identifiers[-1]), files, plans_manager,
-                             configuration_manager, labelled_json))
-        try:
-            _run_jobs(jobs, num_processes, f'Preprocessing unlabelled cases ({configuration})')
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        # the record last: a pool folder without record is refused as incomplete
-        if os.path.isfile(record_file):
-            os.remove(record_file)
-        shutil.rmtree(pool_folder, ignore_errors=True)
-        os.replace(partial, pool_folder)
-        atomic_write_json({
-            'format': POOL_FORMAT, 'version': POOL_VERSION, 'labelled_dataset': name, 'plans_name': plans_name,
-            'configuration': configuration, 'data_identifier': configuration_manager.data_identifier,
-            'preprocessing': preprocessing_plans(plans, configuration),
-            'num_channels': len(labelled_json['channel_names']), 'channel_names': labelled_json['channel_names'],
-            'source_channel_names': {raw.name: raw.dataset_json['channel_names'] for raw in sources},
-            'sources': [{'dataset': raw.name, 'raw_folder': raw.folder, 'num_cases': len(raw.cases)}
-                        for raw in sources],
-            'identifiers': sorted(identifiers),
-        }, record_file)
+        with folder_lock(os.path.dirname(pool_folder)):
+            prepare_cases(pool_folder, cases, plans, configuration, labelled_json, num_processes,
+                          f'Preprocessing unlabelled cases ({configuration})', part, parts)
+            missing = missing_cases(pool_folder, list(cases))
+            if missing:  # other parts' shares
+                print(f'{configuration}: this part is done; {len(missing)} of {len(cases)} cases belong to other '
+                      f'parts. The pool is complete once every part has run.')
+                continue
+            atomic_write_json({
+                'format': POOL_FORMAT, 'version': POOL_VERSION, 'labelled_dataset': name, 'plans_name': plans_name,
+                'configuration': configuration, 'data_identifier': configuration_manager.data_identifier,
+                'preprocessing': preprocessing_plans(plans, configuration),
+                'num_channels': len(labelled_json['channel_names']), 'channel_names': labelled_json['channel_names'],
+                'source_channel_names': {raw.name: raw.dataset_json['channel_names'] for raw in sources},
+                'sources': [{'dataset': raw.name, 'raw_folder': raw.folder, 'num_cases': len(raw.cases),
+                             'excluded_cases': sorted(problems[raw.name])} for raw in sources],
+                'identifiers': sorted(cases),
+            }, record_file)
         records.append(record_file)
-        print(f'{len(identifiers)} unlabelled cases of {", ".join(r.name for r in sources)} preprocessed with '
+        print(f'{len(cases)} unlabelled cases of {", ".join(r.name for r in sources)} preprocessed with '
               f'{name}\'s {plans_name} ({configuration}): {pool_folder}')
     return records

@@ -18,7 +18,7 @@ data fit the network as they are.
 """
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from nnunetv2_desd.pretraining.methods.registry import METHODS
 
@@ -102,7 +102,7 @@ def limit_problem(name: str, value) -> Optional[str]:
 
 @dataclass
 class PretrainConfig:
-    dataset: str
+    dataset: Union[str, List[str]]         # one dataset, or the datasets of a pool (ids or names)
     method: str = 'desd'
     recipe: str = 'small-batch'            # see RECIPES
     configuration: str = '3d_fullres'
@@ -156,8 +156,15 @@ class PretrainConfig:
     reference_batch_size: Optional[int] = None  # default: batch_size
     # engine
     num_workers: Optional[int] = None      # augmentation processes; default nnU-Net's get_allowed_n_proc_DA()
-    num_preprocessing_processes: int = 2
+    num_preprocessing_processes: Optional[int] = None  # default: nnU-Net's default_num_processes
     seed: int = 12345
+    # the pool
+    dataset_weights: Optional[List[float]] = None  # sampling weight per dataset; None: uniform over cases
+    exclude_bad_cases: bool = False        # leave the cases the image check names out (recorded) instead of stopping
+
+    @property
+    def datasets(self) -> List[str]:
+        return [self.dataset] if isinstance(self.dataset, str) else [str(d) for d in self.dataset]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,12 +178,25 @@ class PretrainConfig:
         problems += [f'{option_name(name)} is an option of -m {other}, not of -m {self.method}'
                      for other, method in METHODS.items() if other != self.method
                      for name in method.exclusive_options if getattr(self, name) is not None]
+        problems.append(self._pool_problem())
         if self.recipe not in RECIPES:
             problems.append(f'--recipe {self.recipe!r}: choose one of {", ".join(RECIPES)}')
         problems = [p for p in problems if p]
         if problems:
             raise DesdError(problems[0] + '.')
         return self
+
+    def _pool_problem(self) -> Optional[str]:
+        if len(set(self.datasets)) != len(self.datasets):
+            return f'-d {" ".join(self.datasets)}: a dataset is given twice'
+        weights = self.dataset_weights
+        if weights is None:
+            return None
+        if len(weights) != len(self.datasets):
+            return f'--dataset-weights needs one weight per dataset of -d ({len(self.datasets)}), got {len(weights)}'
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
+            return f'--dataset-weights {list(weights)}: every weight must be a finite number above 0'
+        return None
 
     @classmethod
     def create(cls, dataset: str, method: str = 'desd', **given) -> 'PretrainConfig':

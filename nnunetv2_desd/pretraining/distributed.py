@@ -2,7 +2,6 @@
 import math
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Dict, Sequence
 
 import torch
@@ -29,7 +28,8 @@ class DistContext:
 
 
 def init_distributed(device: str) -> DistContext:
-    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK. The long timeout covers preprocessing done by rank 0.
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (global rank and size; the local rank picks the GPU). Collectives
+    keep torch's default timeout: no rank waits in one while rank 0 prepares the data (``run.prepare_data``).
 
     Under torchrun the process group is made even for one process (``--nproc_per_node 1``), so that path (nccl's
     collectives included) runs as it does on more GPUs; a plain ``desd_pretrain`` is a single process without one."""
@@ -43,7 +43,7 @@ def init_distributed(device: str) -> DistContext:
     if device == 'cuda':
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if device == 'cuda' else 'gloo', timeout=timedelta(hours=4))
+        dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
     return DistContext(dist.get_rank(), dist.get_world_size(),
                        torch.device('cuda', local_rank) if device == 'cuda' else torch.device('cpu'))
 

@@ -4,7 +4,7 @@ import copy
 import math
 import os
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from nnunetv2_desd.common.checkpoint import (atomic_save, capture_rng_state, cpu
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.nnssl import PLAN_KEY, adaptation_plan, citations
 from nnunetv2_desd.common.pretrained_weights import PretrainedExport, initialise_encoder
-from nnunetv2_desd.data.planning import PreparedData
+from nnunetv2_desd.data.planning import PreparedData, PreparedPool, as_pool
 from nnunetv2_desd.pretraining.config import PretrainConfig
 from nnunetv2_desd.pretraining.distributed import DistContext, all_reduce_mean, gather_objects
 from nnunetv2_desd.pretraining.engine.ema import ema_update
@@ -28,6 +28,7 @@ from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
 from nnunetv2_desd.pretraining.methods.registry import METHODS
 from nnunetv2_desd.pretraining.network import (MultiStageDistillationNetwork, build_planned_network, planned_encoder,
                                                planned_patch, resolve_stages)
+from nnunetv2_desd.pretraining.views.loader import LOADER_ERROR
 
 EXPORT_FILE = 'pretrained_export.pth'
 # a resumed run must build the same modules as the checkpoint
@@ -35,19 +36,23 @@ ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'sinkhorn_queue', 'stages', 'he
                      'reference')
 
 
-def output_folder_for(prepared: PreparedData, method: str) -> str:
+def output_folder_for(prepared: Union[PreparedPool, PreparedData], method: str) -> str:
+    """``<nnUNet_results>/<first dataset>/<method>__<plans>__<configuration>[__pool_<ids of the others>]``."""
     from nnunetv2.paths import nnUNet_results
     if not nnUNet_results:
         raise DesdError('nnUNet_results must be set: checkpoints and the export are written there.')
+    names = as_pool(prepared).dataset_names
+    pool = '' if len(names) == 1 else '__pool_' + '_'.join(n[7:10] for n in names[1:])
     return os.path.join(nnUNet_results, prepared.dataset_name,
-                        f'{method}__{prepared.plans_identifier}__{prepared.configuration}')
+                        f'{method}__{prepared.plans_identifier}__{prepared.configuration}{pool}')
 
 
 class Pretrainer:
-    def __init__(self, cfg: PretrainConfig, prepared: PreparedData, dist_ctx: DistContext, output_folder: str,
+    def __init__(self, cfg: PretrainConfig, prepared: Union[PreparedPool, PreparedData], dist_ctx: DistContext, output_folder: str,
                  init: Optional[PretrainedExport] = None):
         """``init``: a PretrainedExport (``--init``) whose encoder starts student and teacher."""
-        self.cfg, self.prepared, self.dist, self.output_folder = cfg, prepared, dist_ctx, output_folder
+        self.cfg, self.prepared, self.dist, self.output_folder = cfg, as_pool(prepared), dist_ctx, output_folder
+        prepared = self.prepared
         self.initialised_from = None
         self.device = dist_ctx.device
         torch.manual_seed(cfg.seed)
@@ -151,6 +156,8 @@ class Pretrainer:
     def train_step(self, batch: dict) -> torch.Tensor:
         """One iteration on a view-loader batch ({'data': (B, 2C, *patch)[, 'drr': ...][, 'reference': ...]});
         returns the (all-reduced) loss."""
+        if LOADER_ERROR in batch:
+            raise DesdError(batch[LOADER_ERROR])
         for group in self.optimizer.param_groups:
             group['lr'] = self.lr()
             if not group.get('no_decay'):
@@ -183,7 +190,11 @@ class Pretrainer:
     def run(self, loader: Iterator[dict]) -> None:
         cfg = self.cfg
         if self.dist.is_main:
-            self.progress.log(f'{cfg.method} pre-training of {self.prepared.dataset_name}: network '
+            self.progress.log('pool: ' + '; '.join(
+                f'{d["dataset"]} {d["cases"]} cases' + (f' (weight {d["weight"]:g})' if d['weight'] else '') +
+                (f', {len(d["excluded_cases"])} bad cases left out: {", ".join(d["excluded_cases"])}'
+                 if d['excluded_cases'] else '') for d in self.prepared.summary()))
+            self.progress.log(f'{cfg.method} pre-training of {", ".join(self.prepared.dataset_names)}: network '
                               f'{self.prepared.configuration_manager.network_arch_class_name}, distilled stages '
                               f'{self.stages}, patch {self.patch_size}, batch {cfg.batch_size} x '
                               f'{self.dist.world_size} process(es), peak lr {self.peak_lr:.3g}, device {self.device}')
@@ -276,6 +287,7 @@ class Pretrainer:
         metadata = {
             'format': 'nnunetv2_desd.export', 'version': 1, 'method': self.cfg.method,
             'source_dataset': self.prepared.dataset_name, 'plans_source': self.prepared.plans_source,
+            'pool': self.prepared.summary(),
             'plans_name': self.prepared.plans_identifier, 'configuration': self.prepared.configuration,
             'architecture': {'network_class_name': cm.network_arch_class_name,
                              'arch_kwargs': cm.network_arch_init_kwargs,
@@ -291,7 +303,7 @@ class Pretrainer:
             'content_sha256': tensor_digest(weights),
         }
         plan = adaptation_plan(pm, cm, self.network, self.prepared.num_input_channels, self.patch_size,
-                               self.prepared.dataset_name)
+                               '+'.join(self.prepared.dataset_names))
         return {'network_weights': weights, 'desd_export': metadata, 'citations': citations(self.cfg.method),
                 **({PLAN_KEY: plan} if plan is not None else {})}
 

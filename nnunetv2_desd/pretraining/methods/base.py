@@ -31,8 +31,9 @@ class PretrainingMethod:
         preprocessing writes anything."""
 
     @classmethod
-    def prepare(cls, cfg, prepared, raw) -> None:
-        """Writes the method's own data next to nnU-Net's preprocessed data (rank 0 first, then the others)."""
+    def prepare(cls, cfg, prepared, raw, share: Tuple[int, int] = (0, 1)) -> None:
+        """Writes the method's own data next to nnU-Net's preprocessed data of one dataset (rank 0 first, then the
+        others); ``share``: (part, parts), the cases of this job."""
 
     @classmethod
     def build(cls, cfg, prepared, patch_size: Sequence[int]) -> 'PretrainingMethod':

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from nnunetv2_desd.common.errors import DesdError
-from nnunetv2_desd.data.drrs import drr_projection_axis, require_ct, write_drrs
+from nnunetv2_desd.data.drrs import drr_axes, require_ct, write_drrs
 from nnunetv2_desd.pretraining.methods.base import PretrainingMethod
 from nnunetv2_desd.pretraining.views.augmentation import split_views
 from nnunetv2_desd.pretraining.views.masking import block_for_ratio, check_maskable, packed_masking
@@ -55,14 +55,16 @@ class CADS(PretrainingMethod):
         require_ct(raw.dataset_json['channel_names'], raw.name)
 
     @classmethod
-    def prepare(cls, cfg, prepared, raw) -> None:
+    def prepare(cls, cfg, prepared, raw, share: Tuple[int, int] = (0, 1)) -> None:
         prepared.drr_files = write_drrs(prepared, cfg.drr_view, cfg.drr_attenuation, cfg.num_preprocessing_processes,
-                                        raw)
+                                        raw, *share)
 
     @classmethod
     def build(cls, cfg, prepared, patch_size: Sequence[int]) -> 'CADS':
         method = cls(cfg.mask_ratio, cfg.mask_patch)
-        axes = {drr_projection_axis(np.load(f, mmap_mode='r').shape) for f in (prepared.drr_files or {}).values()}
+        axes = set()  # from the DRR ledgers of the pool's datasets (or of one prepared dataset): no DRR is opened
+        for member in getattr(prepared, 'members', [prepared]):
+            axes.update(drr_axes(member, cfg.drr_view, cfg.drr_attenuation).values())
         method.check(patch_size, prepared.configuration_manager.pool_op_kernel_sizes, sorted(axes))
         return method
 

@@ -1,5 +1,5 @@
 """Two-view batches from nnU-Net's preprocessed data: its dataset class, data loader and multi-process augmenter."""
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -7,8 +7,12 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch.nn import functional as F
 
-from nnunetv2_desd.data.planning import PreparedData
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.planning import PreparedData, PreparedPool, as_pool
+from nnunetv2_desd.data.pool import PoolDataset
 from nnunetv2_desd.pretraining.views.augmentation import TwoViews, context_patch_size, desd_view_pipeline
+
+LOADER_ERROR = 'desd_error'
 
 
 def resize_drr(drr: torch.Tensor, patch_size: Sequence[int], channels: int) -> torch.Tensor:
@@ -25,41 +29,62 @@ def resize_drr(drr: torch.Tensor, patch_size: Sequence[int], channels: int) -> t
     return image.unsqueeze(1 + axis).expand(channels, *[1 if i == axis else p for i, p in enumerate(patch_size)])
 
 
-class ViewsAndDrrLoader(nnUNetDataLoader):
+class PoolLoader(nnUNetDataLoader):
+    """nnU-Net's loader whose batch becomes ``{LOADER_ERROR: message}`` when a case cannot be read, so the message
+    reaches the training process through the batch queue (the engine raises it) instead of a worker's traceback."""
+
+    def generate_train_batch(self):
+        try:
+            return super().generate_train_batch()
+        except DesdError as e:
+            return {LOADER_ERROR: str(e)}
+
+
+class ViewsAndDrrLoader(PoolLoader):
     """nnU-Net's loader with each case's DRR added to the batch: ``batch['drr']`` (B, C, *patch), size 1 on the
-    projection axis. DRRs are read once per worker process and kept (a few KiB each)."""
+    projection axis. DRRs are read from disk (memory-mapped) when needed; each worker keeps only the last
+    ``cache_size`` resized ones, so its memory does not grow with the number of cases."""
+    cache_size = 256  # resized DRRs kept per worker process (one patch-sized 2D image each)
 
     def __init__(self, *args, drr_files: Dict[str, str], **kwargs):
         super().__init__(*args, **kwargs)
         self.drr_files = drr_files
-        self._drrs: Dict[str, torch.Tensor] = {}
+        self._drrs: Dict[tuple, torch.Tensor] = {}  # (case, channels) -> resized DRR, least recently used first
 
     def _drr(self, key: str, channels: int) -> torch.Tensor:
-        if key not in self._drrs:
-            from nnunetv2_desd.data.drrs import load_drr
-            drr = torch.from_numpy(load_drr(self.drr_files[key]))
-            self._drrs[key] = resize_drr(drr, self.final_patch_size, channels)
-        return self._drrs[key]
+        if (key, channels) in self._drrs:
+            self._drrs[key, channels] = self._drrs.pop((key, channels))  # now the most recently used
+            return self._drrs[key, channels]
+        from nnunetv2_desd.data.drrs import load_drr
+        drr = torch.tensor(load_drr(self.drr_files[key], mmap=True))  # a copy of the mapped file
+        self._drrs[key, channels] = resize_drr(drr, self.final_patch_size, channels)
+        while len(self._drrs) > self.cache_size:
+            del self._drrs[next(iter(self._drrs))]
+        return self._drrs[key, channels]
 
     def generate_train_batch(self):
         batch = super().generate_train_batch()
+        if LOADER_ERROR in batch:
+            return batch
         channels = batch['data'].shape[1] // 2  # two views on the channel axis
-        batch['drr'] = torch.stack([self._drr(k, channels) for k in batch['keys']])
+        try:
+            batch['drr'] = torch.stack([self._drr(k, channels) for k in batch['keys']])
+        except DesdError as e:
+            return {LOADER_ERROR: str(e)}
         return batch
 
 
-def build_view_loader(prepared: PreparedData, patch_size: Sequence[int], batch_size: int, num_workers: int,
-                      pin_memory: bool = False, drr_files: Optional[Dict[str, str]] = None):
-    """Infinite iterator of {'data': (B, 2C, *patch), 'keys': ...} (plus 'drr' given ``drr_files``);
-    random locations, no foreground oversampling."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    dataset = infer_dataset_class(prepared.data_folder)(prepared.data_folder, prepared.identifiers)
-    label_manager = prepared.label_manager
-    loader_class, extra = (nnUNetDataLoader, {}) if drr_files is None else (ViewsAndDrrLoader,
-                                                                            {'drr_files': drr_files})
-    loader = loader_class(dataset, batch_size, context_patch_size(patch_size), patch_size, label_manager,
-                          oversample_foreground_percent=0.0, transforms=TwoViews(desd_view_pipeline(patch_size)),
-                          **extra)
+def build_view_loader(prepared: Union[PreparedPool, PreparedData], patch_size: Sequence[int], batch_size: int,
+                      num_workers: int, pin_memory: bool = False, drr_files: Optional[Dict[str, str]] = None):
+    """Infinite iterator of {'data': (B, 2C, *patch), 'keys': ...} (plus 'drr' given ``drr_files``) over every case
+    of the pool (``dataset_weights``: per-dataset sampling); random locations, no foreground oversampling."""
+    prepared = as_pool(prepared)
+    dataset = PoolDataset(prepared.cases(), prepared.preparation_command)
+    loader_class, extra = (PoolLoader, {}) if drr_files is None else (ViewsAndDrrLoader, {'drr_files': drr_files})
+    loader = loader_class(dataset, batch_size, context_patch_size(patch_size), patch_size, prepared.label_manager,
+                          oversample_foreground_percent=0.0,
+                          sampling_probabilities=prepared.sampling_probabilities(dataset.identifiers),
+                          transforms=TwoViews(desd_view_pipeline(patch_size)), **extra)
     if num_workers == 0:
         return SingleThreadedAugmenter(loader, None)
     return NonDetMultiThreadedAugmenter(loader, None, num_workers, 6, None, pin_memory=pin_memory)
