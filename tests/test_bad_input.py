@@ -13,6 +13,7 @@ import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import TINY, nnunet_env, run_command
 from nnunetv2_desd.data.sources import write_synthetic_dataset
@@ -132,7 +133,7 @@ def test_plans_from_unplanned_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# resume failures: one dataset, preprocessed by the refused --c, then trained once
+# resume: one dataset, trained once by a first launch with --c
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def pool(tmp_path_factory):
@@ -143,41 +144,38 @@ def pool(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def never_trained(pool):
-    """`--c` before any training: preprocessing happens, then the run is refused."""
+def trained(pool):
+    """The first launch of a job line with --c: nothing to continue, so a new run (K = 64); its files and sha256."""
     root, env, name = pool
-    message = _fails(env, '-d', '900', '--c', *SHORT, *TINY)
-    return message, _files(root / 'results')
-
-
-@pytest.fixture(scope='module')
-def trained(pool, never_trained):
-    """One tiny successful run (K = 64); its files and their sha256."""
-    root, env, name = pool
-    run_command(['desd_pretrain', '-d', '900', *SHORT, *TINY], env, timeout=300)
+    proc = run_command(['desd_pretrain', '-d', '900', '--c', *SHORT, *TINY], env, timeout=300)
     folder = root / 'results' / name / RUN
     checkpoints = {f: _sha256(folder / f) for f in ('checkpoint_latest.pth', 'checkpoint_final.pth',
                                                     'pretrained_export.pth')}
-    return env, folder, checkpoints
+    return env, folder, checkpoints, proc
 
 
 def _non_log_files(folder: Path) -> list:
-    # a refused --c currently leaves an empty training_log_*.txt (ProgressLog is made before the check); tolerated
     return [f for f in _files(folder) if not f.startswith('training_log_')]
 
 
-def test_continue_with_nothing_to_continue(pool, never_trained):
-    root, _, name = pool
-    message, results_files = never_trained
-    assert '--c' in message and re.search(r'nothing to continue|does not exist|no checkpoint', message)
-    assert str(root / 'results' / name / RUN / 'checkpoint_latest.pth') in message
-    assert results_files == []  # no checkpoint, no export, not even the run folder's log
-    plans = root / 'preprocessed' / name / 'nnUNetPlans.json'
-    assert plans.is_file()  # the refusal came after preparing the data, which is kept for the next run
+def test_continue_with_nothing_to_continue_starts_a_new_run(trained):
+    env, folder, checkpoints, proc = trained
+    log = next(folder.glob('training_log_*.txt')).read_text()
+    assert f'--c: nothing to continue in {folder}; starting a new run.' in log
+    assert torch.load(folder / 'checkpoint_final.pth', weights_only=True)['step'] == 1
+
+
+def test_a_run_over_an_existing_run_is_refused_and_keeps_it(trained):
+    env, folder, checkpoints, _ = trained
+    before = _non_log_files(folder)
+    message = _fails(env, '-d', '900', *SHORT, *TINY)  # the same command without --c: it must not start over
+    assert str(folder) in message and '--c' in message and '--overwrite' in message
+    assert {f: _sha256(folder / f) for f in checkpoints} == checkpoints
+    assert _non_log_files(folder) == before
 
 
 def test_continue_with_other_architecture_keeps_checkpoint(trained):
-    env, folder, checkpoints = trained
+    env, folder, checkpoints, _ = trained
     before = _non_log_files(folder)
     message = _fails(env, '-d', '900', '--c', '--epochs', '2', '--iters-per-epoch', '1', *TINY, '--out-dim', '32')
     assert re.search(r'out_dim\D+64\D+32', message), message
@@ -187,7 +185,7 @@ def test_continue_with_other_architecture_keeps_checkpoint(trained):
 
 
 def test_continue_from_truncated_checkpoint(trained):
-    env, folder, checkpoints = trained
+    env, folder, checkpoints, _ = trained
     latest = folder / 'checkpoint_latest.pth'
     intact = latest.read_bytes()
     truncated = intact[:len(intact) // 3]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,9 @@ def _argv(command: str, args, slow: bool) -> list:
 def _start(command: str, args, env: dict, log: Path, delay: float = 0.0) -> subprocess.Popen:
     """Starts a command in its own session (killable as a group), stdout+stderr into files ``log``.out/.err."""
     env = dict(env, DESD_TEST_CASE_DELAY=str(delay))
-    proc = subprocess.Popen(_argv(command, args, delay > 0), env=env, stdout=open(f'{log}.out', 'w'),
-                            stderr=open(f'{log}.err', 'w'), start_new_session=True)
+    with open(f'{log}.out', 'w') as out, open(f'{log}.err', 'w') as err:  # the child keeps its own copies
+        proc = subprocess.Popen(_argv(command, args, delay > 0), env=env, stdout=out, stderr=err,
+                                start_new_session=True)
     proc.log = log
     return proc
 
@@ -209,6 +211,27 @@ def test_added_cases_are_prepared_alone(tmp_path):
     assert _bar_totals(second.stderr, 'Preparing') == ['2'], second.stderr[-3000:]
 
 
+def test_replaced_images_are_prepared_again(tmp_path):
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 958, n_cases=3, shape=(20, 20, 20))
+    images = tmp_path / 'raw' / name / 'imagesTr'
+    data = tmp_path / 'preprocessed' / name / DATA
+    args = ['desd_pretrain', '-d', '958', *PREP, '-np', '1']
+    run_command(args, env)
+    before = _files(data)
+    # synthetic_000 replaced by a plain copy (new mtime), synthetic_001 by a copy that keeps an older mtime
+    shutil.copy(images / 'synthetic_002_0000.nii.gz', images / 'synthetic_000_0000.nii.gz')
+    shutil.copy(images / 'synthetic_002_0000.nii.gz', images / 'synthetic_001_0000.nii.gz')
+    old = time.time() - 86400
+    os.utime(images / 'synthetic_001_0000.nii.gz', (old, old))
+    run_command(args, env)
+    after = _files(data)
+    assert after['synthetic_002.pkl'] == before['synthetic_002.pkl']
+    assert after['synthetic_000.pkl'] != before['synthetic_000.pkl'], 'a replaced (newer) image was not prepared again'
+    assert after['synthetic_001.pkl'] != before['synthetic_001.pkl'], \
+        'an image replaced by a copy with an older mtime (cp -p, rsync -a) was not prepared again' 
+
+
 def _kill_first_worker(proc: subprocess.Popen, ready=lambda: True, timeout: float = 240) -> int:
     """SIGKILLs the first pool worker of ``proc`` that appears once ``ready()`` is true (workers seen before
     are left alone); returns its pid."""
@@ -290,9 +313,13 @@ def _ledger_cases(pre: Path, pid: int) -> set:
     return {json.loads(line)['key'] for line in files[0].read_text().splitlines() if line.strip()}
 
 
+def _share(cases, part: int, parts: int = 2) -> set:
+    """The cases of share ``part``, by the documented rule: crc32 of the case id modulo the number of parts."""
+    return {c for c in cases if zlib.crc32(c.encode()) % parts == part}
+
+
 def test_parts_run_at_once_split_the_cases(tmp_path):
-    """Each part checks and prepares its own share. A part waits for the other parts' checks before planning, so
-    the parts must run at the same time (part 0 run alone to its end never ends: see the xfail below)."""
+    """Each part checks and prepares its own share, at the same time as the other part."""
     env = nnunet_env(tmp_path)
     name = write_synthetic_dataset(env['nnUNet_raw'], 954, n_cases=8, shape=(20, 20, 20))
     cases = _cases(tmp_path / 'raw' / name)
@@ -304,16 +331,13 @@ def test_parts_run_at_once_split_the_cases(tmp_path):
     for code, _, err in results:
         assert code == 0 and 'Traceback' not in err, err[-3000:]
 
-    shares = [_ledger_cases(pre, proc.pid) for proc in procs]
-    assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(cases)
-    for share, (_, _, err) in zip(shares, results):  # each part prepared its own share, no more
+    shares = [_share(cases, i) for i in range(2)]
+    assert shares[0] and shares[1] and shares[0] | shares[1] == set(cases)
+    for proc, share, (_, _, err) in zip(procs, shares, results):  # each part checked and prepared its own share
+        assert share <= _ledger_cases(pre, proc.pid)
         assert _bar_totals(err, 'Preparing') == [str(len(share))], err[-3000:]
     _assert_complete_and_loadable(data, cases)
-    # one part held the lock and prepared its whole share before the other prepared any of its share
     made = _files(data)
-    times = [sorted(made[c + '.pkl'] for c in share) for share in shares]
-    first, second = sorted(times, key=lambda t: t[0])
-    assert first[-1] < second[0], 'the two shares were prepared interleaved'
 
     # a later run without parts prepares nothing and checks nothing
     ledger = _ledger(pre)
@@ -322,17 +346,29 @@ def test_parts_run_at_once_split_the_cases(tmp_path):
     assert _bar_totals(later.stderr, 'Checking images of') in NOTHING_TO_DO and 'Preparing' not in later.stderr
 
 
-@pytest.mark.xfail(strict=True, reason='--help says the parts may run "in any order"; run alone, part 0 waits for '
-                                       'part 1\'s checks for ever (planning.wait_for_checks)')
-def test_part_run_alone_finishes(tmp_path):
+def test_parts_refuse_a_bad_case_of_another_share(tmp_path):
     env = nnunet_env(tmp_path)
-    name = write_synthetic_dataset(env['nnUNet_raw'], 955, n_cases=4, shape=(20, 20, 20))
+    name = write_synthetic_dataset(env['nnUNet_raw'], 959, n_cases=8, shape=(20, 20, 20))
+    bad = tmp_path / 'raw' / name / 'imagesTr' / 'synthetic_005_0000.nii.gz'  # share 1 of 2 (crc32)
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    args = ['-d', '959', *PREP, '-np', '1', '--parts', '2']
+    procs = [_start('desd_pretrain', [*args, '--part', str(i)], env, tmp_path / f'part{i}') for i in range(2)]
+    results = [_finish(proc, timeout=300) for proc in procs]
+    for code, _, err in results:
+        assert code == 2 and 'Traceback' not in err, f'exit {code}: {err[-1500:]}'
+        assert 'synthetic_005: corrupt or unreadable image' in _one_error_line(err)
+
+
+def test_part_run_alone_finishes(tmp_path):
+    """Parts may also run one after another: part 0 alone checks what planning needs, then prepares its share."""
+    env = nnunet_env(tmp_path)
+    name = write_synthetic_dataset(env['nnUNet_raw'], 955, n_cases=6, shape=(20, 20, 20))
+    cases = set(_cases(tmp_path / 'raw' / name))
     proc = _start('desd_pretrain', ['-d', '955', *PREP, '-np', '1', '--part', '0', '--parts', '2'], env,
                   tmp_path / 'part0')
-    code, _, err = _finish(proc, timeout=45)
+    code, _, err = _finish(proc, timeout=300)
     assert code == 0, err[-3000:]
-    prepared = _pkls(tmp_path / 'preprocessed' / name / DATA)
-    assert prepared and prepared < set(_cases(tmp_path / 'raw' / name))
+    assert _pkls(tmp_path / 'preprocessed' / name / DATA) == _share(cases, 0)
 
 
 def test_unlabelled_pool_resumes_after_sigkill(tmp_path):

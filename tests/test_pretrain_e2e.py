@@ -50,9 +50,11 @@ def test_unlabelled_pool_plans_by_body_masks_and_exports(tmp_path):
     assert any(not torch.equal(teacher_encoder[k], student_encoder[k]) for k in teacher_encoder)
     assert state['step'] == 4 and state['loss']['center'].abs().sum() > 0
 
-    # a second run reuses the preprocessed data instead of redoing it
-    proc = run_command(['desd_pretrain', '-d', '900', '--epochs', '1', '--iters-per-epoch', '1', *TINY], env)
-    assert 'Preprocessing cases' not in proc.stderr + proc.stdout
+    # a second run over it, --overwrite: starts over (one step now) and reuses the prepared data
+    proc = run_command(['desd_pretrain', '-d', '900', '--epochs', '1', '--iters-per-epoch', '1', '--overwrite', *TINY],
+                       env)
+    assert 'Preparing' not in proc.stderr + proc.stdout and 'Checking images' not in proc.stderr
+    assert _load(out / 'checkpoint_final.pth')['step'] == 1
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):

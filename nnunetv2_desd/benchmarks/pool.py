@@ -422,6 +422,8 @@ def draw(results: List[PoolResult], title: str, f) -> None:
         ax.axhline(values[0] * m.target, color='tab:red', linestyle='--', linewidth=1,
                    label=f'limit: N = {sizes[0]} x {m.target}')
         ax.set_xscale('log')
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_ylim(0, 1.3 * max(max(values), values[0] * m.target))
         ax.set_xlabel('cases in the pool (N)')
         ax.set_ylabel(m.unit)

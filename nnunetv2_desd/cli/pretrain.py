@@ -47,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                 + _default('planner'))
     p.add_argument('--plans-from', help='use the plans nnU-Net made for this (labelled) dataset, so the encoder '
                                         'transfers 1:1 (-m refs: default --reference)')
-    p.add_argument('--c', dest='continue_training', action='store_true', help='continue from checkpoint_latest')
+    p.add_argument('--c', dest='continue_training', action='store_true',
+                   help='continue from checkpoint_latest, or start a new run where there is none (one job line '
+                        'serves the first launch, a requeue and torchrun\'s restarts)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start over, replacing the run in the output folder (without it, and without --c, an '
+                        'existing run is refused)')
+    p.add_argument('--allow-schedule-change', action='store_true',
+                   help='--c with other --epochs or --iters-per-epoch (the lr, teacher and weight-decay schedules '
+                        'change mid-run)')
     p.add_argument('--init', help='start student and teacher encoder from this checkpoint: a nnunetv2_desd export or '
                                   'an nnssl checkpoint (network_weights + nnssl_adaptation_plan) whose encoder the '
                                   'plans build; e.g. DeSD on top of an MAE-pretrained ResEnc-L')

@@ -8,6 +8,13 @@ class DesdError(Exception):
     """A problem with the user's input. Command-line tools print its message alone and exit with code 2."""
 
 
+class RunInterrupted(Exception):
+    """A run stopped by a signal after writing its checkpoint; commands exit with ``EXIT_INTERRUPTED``."""
+
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (with --c); a job script requeues on it
+
+
 @contextmanager
 def command_errors(prog: str):
     """The body of a command: a DesdError ends it with ``PROG: error: MESSAGE`` on one line and exit code 2."""
@@ -17,6 +24,9 @@ def command_errors(prog: str):
         message = ' '.join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f'{prog}: error: {message}', file=sys.stderr)
         sys.exit(2)
+    except RunInterrupted as e:
+        print(f'{prog}: interrupted: {e}', file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -12,7 +12,6 @@ Images are checked once (``raw.check_cases``) and preprocessed case by case (``p
 """
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +24,7 @@ from nnunetv2_desd.common.workers import default_processes
 from nnunetv2_desd.data.locks import folder_lock
 from nnunetv2_desd.data.pool import CASE_SEPARATOR
 from nnunetv2_desd.data.preparation import missing_cases, prepare_cases
-from nnunetv2_desd.data.raw import (CHECK_LEDGER, RawDataset, bad_cases_message, check_cases, read_raw_dataset,
+from nnunetv2_desd.data.raw import (RawDataset, bad_cases_message, check_cases, read_raw_dataset,
                                     resolve_dataset_name)
 
 BODY_MASK_FOLDER = 'desd_body_masks'
@@ -147,18 +146,18 @@ def prepare_pool(datasets: Sequence[str], configuration: str = '3d_fullres', pla
         _require_plans(source, source_plans, configuration)
 
     problems = {raw.name: check_cases(raw, _mask_folder(raw), num_processes, part, parts) for raw in raws}
-    bad = {name: p for name, p in problems.items() if p}
-    if bad and not exclude_bad_cases:
-        raise DesdError(' '.join(bad_cases_message(raw, bad[raw.name], '--exclude-bad-cases')
-                                 for raw in raws if raw.name in bad))
-    if parts > 1:  # the other shares' checks: planning needs them, and so does the list of bad cases
-        for raw in raws:
-            problems[raw.name] = wait_for_checks(raw)
+    _refuse_bad_cases(raws, problems, exclude_bad_cases)
+    root_of = {raw.name: join(_preprocessed(), raw.name) for raw in raws}
+    if parts > 1 and source in root_of and not isfile(join(root_of[source], source_plans + '.json')):
+        # planning reads every case of the planned dataset: check the ones no part has checked yet
+        planned = next(raw for raw in raws if raw.name == source)
+        problems[source] = check_cases(planned, _mask_folder(planned), num_processes)
+        _refuse_bad_cases(raws, problems, exclude_bad_cases)
 
     members = []
     for raw in raws:
         excluded = sorted(problems[raw.name]) if exclude_bad_cases else []
-        root = join(_preprocessed(), raw.name)
+        root = root_of[raw.name]
         with folder_lock(root):
             if raw.name != source:
                 identifier = _copy_plans_from(source, raw, source_plans, configuration)
@@ -167,15 +166,21 @@ def prepare_pool(datasets: Sequence[str], configuration: str = '3d_fullres', pla
                 if plans_from is None and not isfile(join(root, identifier + '.json')):
                     _fingerprint_and_plan(raw, root, planner, identifier, num_processes, excluded)
             dataset_json = _write_preprocessed_dataset_json(raw, root, excluded)
-            plans_dict = _load_plans(join(root, identifier + '.json'), configuration)
-            data_folder = join(root, plans_dict['configurations'][configuration]['data_identifier'])
-            cases = {case: (files, _seg_file(raw, root, case)) for case, files in raw.cases.items()
-                     if case not in excluded}
-            prepare_cases(data_folder, cases, plans_dict, configuration, dataset_json, num_processes,
-                          f'Preparing {raw.name}', part, parts)
+        plans_dict = _load_plans(join(root, identifier + '.json'), configuration)
+        data_folder = join(root, plans_dict['configurations'][configuration]['data_identifier'])
+        cases = {case: (files, _seg_file(raw, root, case)) for case, files in raw.cases.items()
+                 if case not in excluded}
+        prepare_cases(data_folder, cases, plans_dict, configuration, dataset_json, num_processes,
+                      f'Preparing {raw.name}', part, parts)
         members.append(PreparedData(raw.name, identifier, configuration, plans_dict, dataset_json, data_folder,
                                     sorted(cases), source, excluded=excluded))
     return PreparedPool(members, list(dataset_weights) if dataset_weights is not None else None)
+
+
+def _refuse_bad_cases(raws: Sequence[RawDataset], problems: Dict[str, Dict[str, str]], exclude: bool) -> None:
+    if not exclude and any(problems.values()):
+        raise DesdError(' '.join(bad_cases_message(raw, problems[raw.name], '--exclude-bad-cases')
+                                 for raw in raws if problems[raw.name]))
 
 
 def prepare_pretraining_data(dataset: str, configuration: str = '3d_fullres', plans: Optional[str] = None,
@@ -190,24 +195,6 @@ def missing_preparation(pool: PreparedPool) -> List[str]:
     """'DATASET: N of M cases' for every member with cases not prepared (empty when all are)."""
     return [f'{m.dataset_name}: {len(missing)} of {len(m.identifiers)} cases' for m in pool.members
             for missing in [missing_cases(m.data_folder, m.identifiers)] if missing]
-
-
-def wait_for_checks(raw: RawDataset, poll_seconds: float = 10.0) -> Dict[str, str]:
-    """Waits until the check ledger covers every case of ``raw`` (other jobs check their shares); returns the
-    problems of all cases."""
-    from nnunetv2_desd.data.ledger import Ledger, current
-    ledger = Ledger(join(_preprocessed(), raw.name, CHECK_LEDGER))
-    said = 0.0
-    while True:
-        records = ledger.read()
-        unchecked = [c for c, files in raw.cases.items() if not current(records.get(c), files)]
-        if not unchecked:
-            return {c: records[c]['problem'] for c in raw.cases if records[c]['problem'] is not None}
-        if time.time() - said > 120:
-            print(f'{raw.name}: waiting for the other parts to check {len(unchecked)} of {len(raw.cases)} cases '
-                  f'(e.g. {unchecked[0]}).', flush=True)
-            said = time.time()
-        time.sleep(poll_seconds)
 
 
 def _preprocessed() -> str:

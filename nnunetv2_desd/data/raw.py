@@ -7,6 +7,7 @@ Every image is read once, in one pass that checks it and writes its body mask; t
 (a corrupt file, a missing channel, a NaN voxel) and resumes where it stopped. The body masks that stand in for labels in nnU-Net's fingerprint (CT: voxels above -500 HU; other
 modalities: non-zero voxels), so CT normalisation statistics are taken over the body.
 """
+import json
 import math
 import os
 import re
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.workers import run_in_processes
@@ -67,11 +68,48 @@ def read_raw_dataset(dataset: str) -> RawDataset:
         raise DesdError(f'{name} has no raw folder {folder}: pre-training reads images from nnUNet_raw.')
     if not isfile(join(folder, 'dataset.json')):
         raise DesdError(f'{folder} has no dataset.json.')
-    dataset_json = load_json(join(folder, 'dataset.json'))
-    for key in ('channel_names', 'file_ending'):
-        if key not in dataset_json:
-            raise DesdError(f'{join(folder, "dataset.json")} lacks "{key}".')
+    dataset_json = read_dataset_json(join(folder, 'dataset.json'))
     return RawDataset(name, folder, dataset_json, _find_cases(folder, dataset_json))
+
+
+def _channel_names_ok(value) -> bool:
+    return isinstance(value, dict) and len(value) > 0 and \
+        sorted(value) == [str(i) for i in range(len(value))] and all(isinstance(v, str) for v in value.values())
+
+
+def _labels_ok(value) -> bool:
+    def label(v):
+        return (isinstance(v, int) and not isinstance(v, bool)) or \
+            (isinstance(v, list) and len(v) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+    return isinstance(value, dict) and all(isinstance(k, str) and label(v) for k, v in value.items())
+
+
+# dataset.json field -> (required, check, what it must be): every field pre-training reads, checked in one place
+DATASET_JSON_FIELDS = {
+    'channel_names': (True, _channel_names_ok, 'an object {"0": "CT", "1": ...} with keys "0".."N-1" and string names'),
+    'file_ending': (True, lambda v: isinstance(v, str) and v.startswith('.') and len(v) > 1,
+                    'a string such as ".nii.gz"'),
+    'labels': (False, _labels_ok, 'an object {"background": 0, "name": 1, ...} of integer labels (or lists of '
+                                  'them, for regions)'),
+}
+
+
+def read_dataset_json(file: str) -> dict:
+    """A raw dataset.json, read and checked against DATASET_JSON_FIELDS; DesdError (one line) for the first problem."""
+    try:
+        with open(file) as f:
+            content = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DesdError(f'{file} is not valid JSON ({type(e).__name__}: {e}).') from None
+    if not isinstance(content, dict):
+        raise DesdError(f'{file} holds a {type(content).__name__}, not a JSON object.')
+    for key, (required, ok, what) in DATASET_JSON_FIELDS.items():
+        if key not in content:
+            if required:
+                raise DesdError(f'{file} lacks "{key}": it must be {what}.')
+        elif not ok(content[key]):
+            raise DesdError(f'{file}: "{key}" is {json.dumps(content[key])[:120]}; it must be {what}.')
+    return content
 
 
 def _find_cases(folder: str, dataset_json: dict) -> Dict[str, List[str]]:
@@ -230,7 +268,8 @@ def _check_job(job) -> Tuple[str, Optional[str], list]:
 def check_cases(raw: RawDataset, mask_folder: Optional[str], num_processes: int = 1, part: int = 0,
                 parts: int = 1) -> Dict[str, str]:
     """Checks every case of the share ``part`` of ``parts`` that is not checked yet (writing its body mask into
-    ``mask_folder`` when given); returns {case: problem} of every bad case of the share, old and new.
+    ``mask_folder`` when given); returns {case: problem} of every bad case known: of the share, and of the other
+    shares' cases checked already.
 
     Results are kept in a ledger (``desd_checks`` in the dataset's preprocessed folder): a case is read again only
     when its files changed or its mask is missing, so an interrupted check goes on where it stopped.
@@ -249,10 +288,12 @@ def check_cases(raw: RawDataset, mask_folder: Optional[str], num_processes: int 
         os.makedirs(mask_folder, exist_ok=True)
     problems, jobs = {}, []
     for case, files in raw.cases.items():
+        record = records.get(case)
         if not in_share(case, part, parts):
+            if current(record, files) and record['problem'] is not None:
+                problems[case] = record['problem']
             continue
         mask_file = None if mask_folder is None else join(mask_folder, case + ending)
-        record = records.get(case)
         if current(record, files):
             if record['problem'] is not None:
                 problems[case] = record['problem']

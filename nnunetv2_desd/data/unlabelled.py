@@ -12,7 +12,6 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.locks import folder_lock
-from nnunetv2_desd.data.planning import wait_for_checks
 from nnunetv2_desd.data.pool import CASE_SEPARATOR, POOL_FORMAT, POOL_VERSION, pool_paths
 from nnunetv2_desd.data.preparation import missing_cases, prepare_cases
 from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
@@ -73,8 +72,6 @@ def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: s
     if any(problems.values()) and not exclude_bad_cases:
         raise DesdError(' '.join(bad_cases_message(raw, problems[raw.name], '--exclude-bad-cases')
                                  for raw in sources if problems[raw.name]))
-    if parts > 1:
-        problems = {raw.name: wait_for_checks(raw) for raw in sources}
     cases = {f'{raw.name}{CASE_SEPARATOR}{case}': (files, None) for raw in sources
              for case, files in raw.cases.items() if case not in problems[raw.name]}
 
@@ -85,9 +82,9 @@ def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: s
             raise DesdError(f'{configuration} is a cascade stage: it needs predictions of the previous stage for '
                             f'every case, which unlabelled cases lack. Use a configuration without a previous stage.')
         pool_folder, record_file = pool_paths(folder, configuration_manager.data_identifier)
+        prepare_cases(pool_folder, cases, plans, configuration, labelled_json, num_processes,
+                      f'Preprocessing unlabelled cases ({configuration})', part, parts)
         with folder_lock(os.path.dirname(pool_folder)):
-            prepare_cases(pool_folder, cases, plans, configuration, labelled_json, num_processes,
-                          f'Preprocessing unlabelled cases ({configuration})', part, parts)
             missing = missing_cases(pool_folder, list(cases))
             if missing:  # other parts' shares
                 print(f'{configuration}: this part is done; {len(missing)} of {len(cases)} cases belong to other '

@@ -109,7 +109,9 @@ class PretrainConfig:
     plans: Optional[str] = None            # default: the planner's own plans name (nnUNetPlans)
     planner: str = 'ExperimentPlanner'
     plans_from: Optional[str] = None
-    continue_training: bool = False
+    continue_training: bool = False        # --c: continue this run's checkpoint_latest (a new run where none)
+    overwrite: bool = False                # replace an existing run instead of refusing to
+    allow_schedule_change: bool = False    # --c with other --epochs/--iters-per-epoch
     init: Optional[str] = None             # start the encoder from this export or nnssl checkpoint
     device: str = 'cuda'
     amp: Optional[bool] = None             # mixed precision (autocast + GradScaler); None: on for CUDA only

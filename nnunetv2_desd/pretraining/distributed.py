@@ -1,9 +1,11 @@
 """torch.distributed set-up for torchrun: nccl on GPU, gloo on CPU. Single process when not under torchrun."""
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Dict, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,6 +48,13 @@ def init_distributed(device: str) -> DistContext:
         dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
     return DistContext(dist.get_rank(), dist.get_world_size(),
                        torch.device('cuda', local_rank) if device == 'cuda' else torch.device('cpu'))
+
+
+def derived_seed(seed: int, *keys) -> int:
+    """A 32-bit seed from ``seed`` and ``keys`` (process rank, worker, step, names), by numpy's SeedSequence: distinct
+    keys give independent streams, the same keys the same one."""
+    words = [int(seed)] + [k if isinstance(k, int) else zlib.crc32(str(k).encode()) for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

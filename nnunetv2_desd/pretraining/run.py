@@ -84,6 +84,21 @@ def _wait_for(marker: str, rank: int) -> None:
         time.sleep(READY_POLL_SECONDS)
 
 
+RUN_FILES = ('checkpoint_latest.pth', 'checkpoint_final.pth', EXPORT_FILE)
+
+
+def start_or_resume(cfg: PretrainConfig, folder: str, checkpoint: str) -> bool:
+    """Whether to continue ``checkpoint``. ``--c`` continues it where it exists and starts a new run where not;
+    without ``--c`` a run already in ``folder`` is refused unless ``--overwrite``."""
+    if cfg.continue_training:
+        return os.path.isfile(checkpoint)
+    existing = [f for f in RUN_FILES if os.path.isfile(os.path.join(folder, f))]
+    if existing and not cfg.overwrite:
+        raise DesdError(f'{folder} holds a run already ({", ".join(existing)}): continue it with --c, or start over '
+                        f'with --overwrite, which replaces it.')
+    return False
+
+
 def run(cfg: PretrainConfig, preprocess_only: bool = False, share: Tuple[int, int] = (0, 1)) -> Optional[str]:
     """Checks, prepares the data (rank 0), pre-trains, and returns the export path."""
     init = read_export(cfg.init) if cfg.init is not None else None  # its structure is checked before any work
@@ -97,20 +112,22 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False, share: Tuple[int, in
         return None
     folder = output_folder_for(prepared, cfg.method)
     checkpoint = os.path.join(folder, 'checkpoint_latest.pth')
-    if cfg.continue_training and not os.path.isfile(checkpoint):
-        raise DesdError(f'--c: nothing to continue, {checkpoint} does not exist.')
+    resume = start_or_resume(cfg, folder, checkpoint)
     os.makedirs(folder, exist_ok=True)
 
     trainer = Pretrainer(cfg, prepared, ctx, folder, init=init)
-    if cfg.continue_training:
+    if resume:
         trainer.load_checkpoint(checkpoint)
+    elif cfg.continue_training:
+        trainer.progress.log(f'--c: nothing to continue in {folder}; starting a new run.')
     if trainer.epoch >= cfg.epochs:
         trainer.progress.log(f'nothing to do: {checkpoint} has finished {trainer.epoch} epochs.')
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
     workers = get_allowed_n_proc_DA() if cfg.num_workers is None else cfg.num_workers
     loader = trainer.method_loader(build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
                                                      pin_memory=ctx.device.type == 'cuda',
-                                                     drr_files=prepared.drr_files), workers)
+                                                     drr_files=prepared.drr_files,
+                                                     seeds=trainer.worker_seeds(workers)), workers)
     try:
         trainer.run(loader)
     finally:

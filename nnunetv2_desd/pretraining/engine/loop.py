@@ -14,15 +14,15 @@ from tqdm import tqdm
 
 from nnunetv2_desd.common.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict, load_checkpoint,
                                              restore_rng_state, rng_state_of_process, tensor_digest)
-from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.errors import DesdError, RunInterrupted
 from nnunetv2_desd.common.nnssl import PLAN_KEY, adaptation_plan, citations
 from nnunetv2_desd.common.pretrained_weights import PretrainedExport, initialise_encoder
 from nnunetv2_desd.data.planning import PreparedData, PreparedPool, as_pool
-from nnunetv2_desd.pretraining.config import PretrainConfig
-from nnunetv2_desd.pretraining.distributed import DistContext, all_reduce_mean, gather_objects
+from nnunetv2_desd.pretraining.config import PretrainConfig, option_name
+from nnunetv2_desd.pretraining.distributed import DistContext, derived_seed, gather_objects
 from nnunetv2_desd.pretraining.engine.ema import ema_update
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
-from nnunetv2_desd.pretraining.engine.progress import ProgressLog
+from nnunetv2_desd.pretraining.engine.progress import ProgressLog, RunningMeans, stop_on_signals
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
 from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
 from nnunetv2_desd.pretraining.methods.registry import METHODS
@@ -31,6 +31,9 @@ from nnunetv2_desd.pretraining.network import (MultiStageDistillationNetwork, bu
 from nnunetv2_desd.pretraining.views.loader import LOADER_ERROR
 
 EXPORT_FILE = 'pretrained_export.pth'
+LOG_EVERY_STEPS = 25     # the progress bar's loss is read (one host sync) this often
+STOP_CHECK_STEPS = 10    # under DDP the processes agree on a stop signal this often (one all-reduce)
+SCHEDULE_KEYS = ('epochs', 'iters_per_epoch')  # a change moves every schedule: refused on resume unless allowed
 # a resumed run must build the same modules as the checkpoint
 ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'sinkhorn_queue', 'stages', 'head_hidden_dim', 'head_bottleneck_dim', 'head_norm',
                      'reference')
@@ -56,7 +59,6 @@ class Pretrainer:
         self.initialised_from = None
         self.device = dist_ctx.device
         torch.manual_seed(cfg.seed)
-        np.random.seed((cfg.seed + dist_ctx.rank) % 2 ** 32)
 
         cm = prepared.configuration_manager
         self.patch_size = planned_patch(cfg.patch_size, cm)
@@ -71,25 +73,32 @@ class Pretrainer:
         encoder = planned_encoder(self.network, drr_path=self.method.drr_path)
         self.stages = resolve_stages(len(encoder.output_channels), cfg.stages)
         head_args = (cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_norm)
-        self.student = MultiStageDistillationNetwork(encoder, self.stages, *head_args).to(self.device)
+        self.student = MultiStageDistillationNetwork(encoder, self.stages, *head_args)
         self.teacher = MultiStageDistillationNetwork(copy.deepcopy(encoder), self.stages[-1:], *head_args)
         self.teacher.heads[0].load_state_dict(self.student.heads[-1].state_dict())
-        self.teacher.to(self.device).requires_grad_(False)
+        self.teacher.requires_grad_(False)
         self.loss = DeepSelfDistillationLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum,
-                                             cfg.sinkhorn_queue).to(self.device)
+                                             cfg.sinkhorn_queue)
+        self.to(self.device)
+        # the networks start alike on every process (the same seed above); from here each process draws its own
+        torch.manual_seed(derived_seed(cfg.seed, dist_ctx.rank))
+        np.random.seed(derived_seed(cfg.seed, dist_ctx.rank, 'numpy'))
 
         self.student_forward: nn.Module = self.student
         if dist_ctx.enabled:
-            # global batch statistics in the heads (SyncBN is CUDA-only in torch)
+            # global batch statistics in the heads of student and teacher alike (SyncBN is CUDA-only in torch)
             if self.device.type == 'cuda' and self.method.sync_batchnorm():
                 self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
             if self.method.ddp_wrapper:
                 self.student_forward = DDP(self.student, device_ids=[self.device.index]
                                            if self.device.type == 'cuda' else None)
         self.method.attach(self)
 
         self.global_batch = cfg.batch_size * dist_ctx.world_size
-        self.peak_lr = cfg.lr * self.global_batch / 256
+        self.peak_lr = cfg.lr * self.global_batch / 256  # a resumed run keeps its own (load_checkpoint)
+        self.epoch_sums = RunningMeans(self.device)  # the current epoch's per-step values, summed on the device
+        self.stop_signal: Optional[str] = None
         self.total_steps = cfg.epochs * cfg.iters_per_epoch
         self.optimizer = self._build_optimizer()
         # autocast: float16 on CUDA, bfloat16 on CPU; the GradScaler works on either
@@ -100,6 +109,17 @@ class Pretrainer:
         self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method,
                                     reference_lines={'loss': (math.log(cfg.out_dim), 'ln K (uniform student)'),
                                                      'entropy': (math.log(cfg.out_dim), 'ln K')})
+
+    def to(self, target) -> 'Pretrainer':
+        """Moves (or casts) every module the engine runs: the whole planned network (the decoder too, which ReFs
+        trains), the student's heads, the teacher and the loss's state."""
+        for module in (self.network, self.student, self.teacher, self.loss):
+            module.to(target)
+        return self
+
+    def worker_seeds(self, num_workers: int) -> list:
+        """A seed per loader worker, distinct per process and worker and per start (step), from --seed."""
+        return [derived_seed(self.cfg.seed, self.dist.rank, 'worker', worker, self.step) for worker in range(num_workers)]
 
     def method_loader(self, views, num_workers: int):
         """The training batches of the method: ``views`` (the view loader's batches), or more."""
@@ -125,20 +145,22 @@ class Pretrainer:
     def epoch(self) -> int:
         return self.step // self.cfg.iters_per_epoch
 
-    def lr(self) -> float:
-        return warmup_cosine(self.step, self.total_steps, self.cfg.warmup_epochs * self.cfg.iters_per_epoch,
+    def lr(self, step: Optional[int] = None) -> float:
+        return warmup_cosine(self.step if step is None else step, self.total_steps, self.cfg.warmup_epochs * self.cfg.iters_per_epoch,
                              self.peak_lr, self.cfg.min_lr)
 
-    def teacher_momentum(self) -> float:
-        return cosine(self.step, self.total_steps, self.cfg.teacher_momentum, self.cfg.teacher_momentum_end)
+    def teacher_momentum(self, step: Optional[int] = None) -> float:
+        return cosine(self.step if step is None else step, self.total_steps, self.cfg.teacher_momentum, self.cfg.teacher_momentum_end)
 
-    def weight_decay(self) -> float:
+    def weight_decay(self, step: Optional[int] = None) -> float:
         if self.cfg.weight_decay_end is None:
             return self.cfg.weight_decay
-        return cosine(self.step, self.total_steps, self.cfg.weight_decay, self.cfg.weight_decay_end)
+        return cosine(self.step if step is None else step, self.total_steps, self.cfg.weight_decay,
+                      self.cfg.weight_decay_end)
 
-    def teacher_temp(self) -> float:
-        return linear_warmup_constant(self.epoch, self.cfg.warmup_teacher_temp_epochs,
+    def teacher_temp(self, step: Optional[int] = None) -> float:
+        epoch = (self.step if step is None else step) // self.cfg.iters_per_epoch
+        return linear_warmup_constant(epoch, self.cfg.warmup_teacher_temp_epochs,
                                       self.cfg.warmup_teacher_temp, self.cfg.teacher_temp)
 
     def ssl_loss(self, batch: dict, student=None) -> torch.Tensor:
@@ -164,7 +186,7 @@ class Pretrainer:
                 group['weight_decay'] = self.weight_decay()
         self.optimizer.zero_grad(set_to_none=True)
         loss, method_metrics = self.method.compute_gradients(self, batch)  # fills .grad
-        self.metrics = {**method_metrics, **{k: float(v) for k, v in self.loss.diagnostics.items()}}
+        self.metrics = {**method_metrics, **self.loss.diagnostics}  # tensors: read at logging time
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.epoch < self.cfg.freeze_last_layer_epochs:
@@ -182,10 +204,7 @@ class Pretrainer:
         ema_update(self.teacher.encoder, self.student.encoder, momentum)
         ema_update(self.teacher.heads[0], self.student.heads[-1], momentum)
         self.step += 1
-        if self.metrics and self.dist.enabled:
-            values = all_reduce_mean(torch.tensor(list(self.metrics.values()), device=self.device))
-            self.metrics = dict(zip(self.metrics, values.tolist()))
-        return all_reduce_mean(loss.detach().to(self.device))
+        return loss.detach()
 
     def run(self, loader: Iterator[dict]) -> None:
         cfg = self.cfg
@@ -202,25 +221,9 @@ class Pretrainer:
                 origin = self.initialised_from
                 self.progress.log(f'encoder initialised from {origin["file"]} ({origin["method"]}, sha256 '
                                   f'{origin["file_sha256"][:12]}): {origin["loaded_encoder_tensors"]} tensors')
-        while self.epoch < cfg.epochs:
-            epoch, start, losses, metrics = self.epoch, time.time(), [], {}
-            lr, temp = self.lr(), self.teacher_temp()
-            bar = tqdm(range(cfg.iters_per_epoch), desc=f'epoch {epoch + 1}/{cfg.epochs}',
-                       disable=not self.dist.is_main, leave=False)
-            for _ in bar:
-                losses.append(self.train_step(next(loader)).item())
-                for key, value in self.metrics.items():
-                    metrics.setdefault(key, []).append(value)
-                bar.set_postfix(loss=f'{losses[-1]:.4f}')
-            if self.dist.is_main:
-                values = dict(loss=_mean(losses), teacher_temp=temp, teacher_momentum=self.teacher_momentum(),
-                              lr=lr, weight_decay=self.weight_decay(), epoch_time=time.time() - start,
-                              **{key: _mean(v) for key, v in metrics.items()})
-                self.progress.record(epoch, **values)
-                self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' + ', '.join(f'{k} {v:.4g}'
-                                                                                 for k, v in values.items()))
-                self.progress.plot()
-            self.save_checkpoint('checkpoint_latest.pth')  # every process: the RNG states are gathered
+        with stop_on_signals(self):
+            while self.epoch < cfg.epochs:
+                self.train_epoch(loader)
         if self.step == 0:  # the same on every process: all of them stop here
             raise DesdError('no training step was taken (0 epochs or iterations): nothing learnt, so no export is '
                             'written.')
@@ -229,6 +232,58 @@ class Pretrainer:
             path = self.save_export()
             self.progress.log(f'export written: {path}')
         self.dist.barrier()
+
+    def train_epoch(self, loader: Iterator[dict]) -> None:
+        """The rest of the current epoch (all of it, unless resumed mid-epoch), its log line and checkpoint; stops
+        at a step boundary on every process when a stop signal arrived (``stop_on_signals``)."""
+        cfg, epoch = self.cfg, self.epoch
+        first = epoch * cfg.iters_per_epoch
+        start = time.time() - float(self.epoch_sums.seconds)
+        bar = tqdm(total=cfg.iters_per_epoch, initial=self.step - first, desc=f'epoch {epoch + 1}/{cfg.epochs}',
+                   disable=not self.dist.is_main, leave=False)
+        while self.step < first + cfg.iters_per_epoch:
+            self.epoch_sums.add(loss=self.train_step(next(loader)), **self.metrics)
+            bar.update()
+            if self.dist.is_main and self.step % LOG_EVERY_STEPS == 0:  # one host sync per interval
+                bar.set_postfix(loss=f'{self.epoch_sums.local_mean("loss"):.4f}')
+            if self.stop_requested():
+                self.epoch_sums.seconds = time.time() - start
+                bar.close()
+                self.stop()
+        bar.close()
+        means = self.epoch_sums.means()  # every process: one all-reduce, one host sync
+        if self.dist.is_main:
+            values = dict(loss=means.pop('loss'), teacher_temp=self.teacher_temp(first),
+                          teacher_momentum=self.teacher_momentum(first + cfg.iters_per_epoch),
+                          lr=self.lr(first), weight_decay=self.weight_decay(first), epoch_time=time.time() - start,
+                          **means)
+            self.progress.record(epoch, **values)
+            self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' + ', '.join(f'{k} {v:.4g}' for k, v in values.items()))
+            self.progress.plot()
+        self.epoch_sums = RunningMeans(self.device)
+        self.save_checkpoint('checkpoint_latest.pth')  # every process: the RNG states are gathered
+        if self.stop_requested(every_step=True):
+            self.stop()
+
+    def stop_requested(self, every_step: bool = False) -> bool:
+        """Whether a stop signal reached any process: agreed by one all-reduce every STOP_CHECK_STEPS steps under
+        DDP (a host sync), read from this process's flag alone otherwise."""
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        if not every_step and self.step % STOP_CHECK_STEPS:
+            return False
+        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop(self) -> None:
+        """Writes checkpoint_latest at this step (every process) and ends the run with RunInterrupted."""
+        self.save_checkpoint('checkpoint_latest.pth')
+        message = (f'{self.stop_signal or "a stop signal on another process"} received: checkpoint_latest.pth written '
+                   f'at step {self.step} (epoch {self.epoch + 1}, step {self.step % self.cfg.iters_per_epoch} of '
+                   f'{self.cfg.iters_per_epoch}); continue with the same command and --c.')
+        self.progress.log(message)
+        raise RunInterrupted(message)
 
     # checkpoints
     def state_dict(self, rng_states: Optional[list] = None) -> dict:
@@ -239,6 +294,7 @@ class Pretrainer:
                 'optimizer': self.optimizer.state_dict(),
                 'scaler': self.scaler.state_dict() if self.scaler is not None else None,
                 'step': self.step, 'rng': rng_states or [capture_rng_state()],
+                'world_size': self.dist.world_size, 'peak_lr': self.peak_lr, 'epoch_sums': self.epoch_sums.state_dict(),
                 'initialised_from': self.initialised_from,
                 'progress': self.progress.state_dict()}
 
@@ -257,6 +313,11 @@ class Pretrainer:
         if changed:
             raise DesdError(f'--c: {path} was made with other settings ({"; ".join(changed)}); '
                             f'continue with the original ones.')
+        schedule = [f'{option_name(k)} {saved.get(k)} -> {now[k]}' for k in SCHEDULE_KEYS if saved.get(k) != now[k]]
+        if schedule and not self.cfg.allow_schedule_change:
+            raise DesdError(f'--c: {path} was made with {"; ".join(schedule)}: that changes the lr, teacher and '
+                            f'weight-decay schedules mid-run. Continue with the original values, or add '
+                            f'--allow-schedule-change.')
         try:
             self.network.load_state_dict(ckpt['network'])
             self.student.heads.load_state_dict(ckpt['student_heads'])
@@ -271,11 +332,21 @@ class Pretrainer:
         self.step = ckpt['step']
         self.initialised_from = ckpt.get('initialised_from')
         self.progress.load_state_dict(ckpt['progress'])
+        self.epoch_sums.load_state_dict(ckpt.get('epoch_sums'))
+        notes = [f'schedule changed ({"; ".join(schedule)}), allowed by --allow-schedule-change'] if schedule else []
+        saved_world = ckpt.get('world_size', self.dist.world_size)
+        if saved_world != self.dist.world_size and 'peak_lr' in ckpt:
+            self.peak_lr = float(ckpt['peak_lr'])
+            notes.append(f'{saved_world} process(es) before, {self.dist.world_size} now: the global batch is '
+                         f'{self.global_batch} instead of {ckpt["peak_lr"] * 256 / self.cfg.lr:.0f}; the run keeps its '
+                         f'peak lr {self.peak_lr:.3g}')
         state = rng_state_of_process(ckpt['rng'], self.dist.rank)
         if state is not None:
             restore_rng_state(state)
-        self.progress.log(f'continuing from {path} at epoch {self.epoch}' +
-                          ('' if state is not None else f'; no saved RNG state for process {self.dist.rank}'))
+        if state is None:
+            notes.append(f'no saved RNG state for process {self.dist.rank}')
+        self.progress.log(f'continuing from {path} at step {self.step} (epoch {self.epoch + 1})' +
+                          ''.join(f'; {note}' for note in notes))
 
     def export(self) -> dict:
         """nnU-Net's pretrained-weights format: the whole planned network with the teacher encoder (then what the
@@ -312,8 +383,3 @@ class Pretrainer:
         atomic_save(self.export(), path)
         return path
 
-
-def _mean(values) -> float:
-    """Mean over the finite values (a step whose AMP scaler skipped it may report none), NaN if there are none."""
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float('nan')

@@ -1,7 +1,13 @@
-"""nnU-Net-style training log file and progress.png for pre-training runs."""
+"""nnU-Net-style training log file and progress.png for pre-training runs; per-step values summed on the device;
+the stop signals of a cluster."""
 import os
+import signal
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -85,3 +91,70 @@ class ProgressLog:
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: {'epoch': [int(e) for e in v['epoch']], 'value': [float(x) for x in v['value']]}
                         for k, v in state.items()}
+
+
+class RunningMeans:
+    """Per-step values (tensors or numbers) summed on the device, finite values only (a step skipped by AMP's scaler
+    may have none); ``means`` reads them with one all-reduce and one host sync, as DINO's logger does."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list = []
+        self.sums: Optional[torch.Tensor] = None    # (2, n): sums of finite values, counts of finite values
+        self.seconds = 0.0  # time spent in the epoch before an interruption
+
+    def add(self, **values) -> None:
+        for name in values:
+            if name not in self.names:
+                self.names.append(name)
+                grown = torch.zeros(2, len(self.names), dtype=torch.float64, device=self.device)
+                if self.sums is not None:
+                    grown[:, :self.sums.shape[1]] = self.sums
+                self.sums = grown
+        row = torch.stack([torch.as_tensor(values[n], dtype=torch.float64, device=self.device).reshape(())
+                           if n in values else torch.tensor(float('nan'), dtype=torch.float64, device=self.device)
+                           for n in self.names])
+        finite = torch.isfinite(row)
+        self.sums += torch.stack([torch.where(finite, row, torch.zeros_like(row)), finite.double()])
+
+    def local_mean(self, name: str) -> float:
+        """This process's mean of ``name`` so far (one host sync)."""
+        total, count = self.sums[:, self.names.index(name)].tolist()
+        return total / count if count else float('nan')
+
+    def means(self) -> Dict[str, float]:
+        """{name: mean over the steps and processes}; every process must call it at the same point."""
+        if self.sums is None:
+            return {}
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        totals, counts = sums.tolist()
+        return {n: t / c if c else float('nan') for n, t, c in zip(self.names, totals, counts)}
+
+    def state_dict(self) -> dict:
+        return {'names': list(self.names), 'sums': None if self.sums is None else self.sums.cpu(),
+                'seconds': float(self.seconds)}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state and state.get('sums') is not None:
+            self.names, self.sums = list(state['names']), state['sums'].to(self.device)
+            self.seconds = float(state.get('seconds', 0.0))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption / scancel, and sbatch --signal's warning
+
+
+@contextmanager
+def stop_on_signals(trainer):
+    """While in the block, SIGTERM and SIGUSR1 set ``trainer.stop_signal`` instead of killing the process; the
+    training loop then stops at a step boundary (``Pretrainer.stop``). The previous handlers come back after."""
+    def handler(signum, frame):
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -75,9 +75,11 @@ class ViewsAndDrrLoader(PoolLoader):
 
 
 def build_view_loader(prepared: Union[PreparedPool, PreparedData], patch_size: Sequence[int], batch_size: int,
-                      num_workers: int, pin_memory: bool = False, drr_files: Optional[Dict[str, str]] = None):
+                      num_workers: int, pin_memory: bool = False, drr_files: Optional[Dict[str, str]] = None,
+                      seeds: Optional[Sequence[int]] = None):
     """Infinite iterator of {'data': (B, 2C, *patch), 'keys': ...} (plus 'drr' given ``drr_files``) over every case
-    of the pool (``dataset_weights``: per-dataset sampling); random locations, no foreground oversampling."""
+    of the pool (``dataset_weights``: per-dataset sampling); random locations, no foreground oversampling. Without
+    workers the loader draws from this process's RNGs."""
     prepared = as_pool(prepared)
     dataset = PoolDataset(prepared.cases(), prepared.preparation_command)
     loader_class, extra = (PoolLoader, {}) if drr_files is None else (ViewsAndDrrLoader, {'drr_files': drr_files})
@@ -87,7 +89,8 @@ def build_view_loader(prepared: Union[PreparedPool, PreparedData], patch_size: S
                           transforms=TwoViews(desd_view_pipeline(patch_size)), **extra)
     if num_workers == 0:
         return SingleThreadedAugmenter(loader, None)
-    return NonDetMultiThreadedAugmenter(loader, None, num_workers, 6, None, pin_memory=pin_memory)
+    # ``seeds``: one per worker, which seeds its numpy and torch (batchgeneratorsv2 draws augmentations with torch)
+    return NonDetMultiThreadedAugmenter(loader, None, num_workers, 6, seeds, pin_memory=pin_memory)
 
 
 def finish_loader(loader) -> None:
