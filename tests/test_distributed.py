@@ -31,7 +31,7 @@ def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from nnunetv2_desd.pretraining.config import PretrainConfig
     from nnunetv2_desd.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.pretraining.distributed import init_distributed
+    from nnunetv2_desd.pretraining.distributed import all_reduce_mean, init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
 
     ctx = init_distributed('cpu')
@@ -40,7 +40,7 @@ def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -
                          head_norm='none', freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0)
     trainer = Pretrainer(cfg, prepare_pretraining_data('900'), ctx, env['nnUNet_results'])
     local = data.chunk(world_size, dim=1)[rank]  # (STEPS, BATCH / world, 2, *patch)
-    losses = [trainer.train_step({'data': local[i]}).item() for i in range(STEPS)]
+    losses = [all_reduce_mean(trainer.train_step({'data': local[i]})).item() for i in range(STEPS)]  # mean over processes
     if rank == 0:
         results[world_size] = {'losses': losses, 'center': trainer.loss.center.clone(),
                                'teacher': {k: v.clone() for k, v in trainer.teacher.state_dict().items()}}

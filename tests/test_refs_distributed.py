@@ -44,7 +44,7 @@ def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: t
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from nnunetv2_desd.pretraining.config import PretrainConfig
     from nnunetv2_desd.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.pretraining.distributed import init_distributed
+    from nnunetv2_desd.pretraining.distributed import all_reduce_mean, init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
 
     ctx = init_distributed('cpu')
@@ -57,9 +57,10 @@ def _steps(rank: int, world_size: int, env: dict, views: torch.Tensor, images: t
     losses = []
     for i in range(STEPS):
         batch = {'data': views[i, half], 'reference': {'data': images[i, half], 'target': [t[i, half] for t in targets]}}
-        losses.append(trainer.train_step(batch).item())
+        losses.append(all_reduce_mean(trainer.train_step(batch)).item())  # the step returns this process's loss
+    metrics = {k: all_reduce_mean(torch.as_tensor(v)).item() for k, v in trainer.metrics.items()}  # every process
     if rank == 0:
-        results[world_size] = {'losses': losses, 'metrics': dict(trainer.metrics),
+        results[world_size] = {'losses': losses, 'metrics': metrics,
                                'network': {k: v.clone() for k, v in trainer.network.state_dict().items()}}
     if ctx.enabled:
         torch.distributed.destroy_process_group()

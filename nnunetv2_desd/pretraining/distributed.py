@@ -3,7 +3,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,29 +65,38 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def check_finite_everywhere(values: Dict[str, float], step: int, device: torch.device,
-                            skippable: Sequence[str] = ()) -> bool:
-    """Every process calls this once per step with the same names: one all_gather of ``values``. A non-finite
-    value on any process raises the same DesdError on every process (naming the processes), so no process is left
-    waiting in a collective; where only ``skippable`` values are non-finite (AMP: the scaler skips the step
-    everywhere), returns False. True where all values are finite everywhere."""
+def check_finite_everywhere(values: Dict[str, torch.Tensor], step: int, device: torch.device,
+                            skippable: Sequence[str] = ()) -> None:
+    """Every process calls this once per step with the same names (0-d tensors of this step): one all_gather and
+    one host read of ``values``. A non-finite value on any process raises the same DesdError on every process
+    (naming the processes), so no process is left waiting in a collective. Where every value is ``skippable``
+    (AMP: the non-finite value reaches the gradients, ``nan_unless_finite``, and the scaler skips the step on
+    every process) nothing is gathered or read."""
     from nnunetv2_desd.common.errors import DesdError
-    mine = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    if all(name in skippable for name in values):
+        return
+    mine = torch.stack([torch.as_tensor(v, device=device).detach().reshape(()).double() for v in values.values()])
     if dist.is_available() and dist.is_initialized():
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, mine)
-        table = torch.stack(gathered).cpu()
+        table = torch.stack(gathered).tolist()  # the one host sync
     else:
-        table = mine.cpu()[None]
-    bad = {name: [r for r in range(table.shape[0]) if not math.isfinite(table[r, i].item())]
-           for i, name in enumerate(values)}
+        table = [mine.tolist()]
+    names = list(values)
+    bad = {name: [r for r, row in enumerate(table) if not math.isfinite(row[i])] for i, name in enumerate(names)}
     fatal = {name: ranks for name, ranks in bad.items() if ranks and name not in skippable}
     if fatal:
-        where = '; '.join(f'{name} is {", ".join(str(table[r, list(values).index(name)].item()) for r in ranks)} '
+        where = '; '.join(f'{name} is {", ".join(str(table[r][names.index(name)]) for r in ranks)} '
                           f'on process{"es" if len(ranks) > 1 else ""} {", ".join(map(str, ranks))}'
                           for name, ranks in fatal.items())
         raise DesdError(f'{where} at step {step}; lower --lr or check the data.')
-    return not any(bad.values())
+
+
+def nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, or ``loss`` times NaN where it is not finite (no host sync): its backward then leaves NaN in every
+    gradient it reaches, even where a non-finite loss has finite gradients (0 * inf), so AMP's scaler skips the
+    step (on every process, once the gradients are averaged). A finite loss and its gradients are unchanged."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan).to(loss.dtype)
 
 
 def gather_objects(value) -> list:
@@ -100,17 +109,26 @@ def gather_objects(value) -> list:
     return gathered
 
 
-def average_gradients(parameters) -> None:
-    """Averages ``.grad`` over the processes, as DDP does for a plain backward: one all-reduce of all gradients
-    (a parameter without gradient counts as zeros where another process has one; None where none has)."""
+def average_gradients(parameters, patterns: Optional[dict] = None) -> None:
+    """Averages ``.grad`` over the processes, as DDP does for a plain backward: one all-reduce of all gradients and
+    of which parameters have one (a parameter without gradient counts as zeros where another process has one; None
+    where none has). ``patterns``: a dict the caller keeps across steps; which parameters have a gradient anywhere
+    is then read (one host sync) only the first time this process has a given set of gradients (a method's graph
+    gives the same set at every step); without it, at every call."""
     params = list(parameters)
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    dist.all_reduce(has_grad)
-    params = [p for p, h in zip(params, has_grad.tolist()) if h > 0]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    local = tuple(p.grad is not None for p in params)
+    patterns = {} if patterns is None else patterns
+    if local not in patterns:  # [this process's pattern on the device, which parameters have a gradient anywhere]
+        patterns[local] = [torch.tensor(local, dtype=torch.float32, device=params[0].device), None]
+    entry = patterns[local]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] +
+                     [entry[0]])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    if entry[1] is None:
+        entry[1] = [count > 0 for count in flat[-len(params):].tolist()]
+    grads = flat[:-len(params)]
+    grads /= dist.get_world_size()
     offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+    for p, anywhere in zip(params, entry[1]):
+        p.grad = grads[offset:offset + p.numel()].view_as(p).clone() if anywhere else None
         offset += p.numel()

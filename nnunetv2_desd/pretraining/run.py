@@ -61,9 +61,14 @@ def prepare_data(cfg: PretrainConfig, ctx: DistContext, share: Tuple[int, int] =
     from nnunetv2.paths import nnUNet_preprocessed
     token = gather_objects(uuid.uuid4().hex)[0]  # every rank is here: rank 0's token names this launch
     marker = os.path.join(nnUNet_preprocessed, raws[0].name, READY_FOLDER, token)
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
     if ctx.is_main:
-        prepared = prepare(cfg, raws, share)
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        try:
+            prepared = prepare(cfg, raws, share)
+        except BaseException as e:  # the other ranks stop too, wherever they run
+            with open(marker + '.failed', 'w') as f:
+                f.write(str(e) or type(e).__name__)
+            raise
         open(marker, 'w').close()
     else:
         _wait_for(marker, ctx.rank)
@@ -77,6 +82,8 @@ def prepare_data(cfg: PretrainConfig, ctx: DistContext, share: Tuple[int, int] =
 def _wait_for(marker: str, rank: int) -> None:
     start = said = time.time()
     while not os.path.exists(marker):
+        if os.path.exists(marker + '.failed'):
+            raise DesdError('rank 0 could not prepare the data; its message says why.')
         if time.time() - said > 300:
             print(f'rank {rank}: waiting for rank 0 to prepare the data ({time.time() - start:.0f} s so far).',
                   file=sys.stderr, flush=True)

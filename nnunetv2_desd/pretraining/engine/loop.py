@@ -177,7 +177,7 @@ class Pretrainer:
 
     def train_step(self, batch: dict) -> torch.Tensor:
         """One iteration on a view-loader batch ({'data': (B, 2C, *patch)[, 'drr': ...][, 'reference': ...]});
-        returns the (all-reduced) loss."""
+        returns this process's loss, on the device (``train_epoch`` averages it over processes at logging time)."""
         if LOADER_ERROR in batch:
             raise DesdError(batch[LOADER_ERROR])
         for group in self.optimizer.param_groups:
@@ -301,8 +301,9 @@ class Pretrainer:
     def save_checkpoint(self, name: str) -> None:
         """Called by every process (one all_gather of the RNG states); process 0 writes."""
         rng_states = gather_objects(capture_rng_state())
+        state = self.state_dict(rng_states)  # every process: the epoch's sums are all-reduced
         if self.dist.is_main:
-            atomic_save(self.state_dict(rng_states), os.path.join(self.output_folder, name))
+            atomic_save(state, os.path.join(self.output_folder, name))
 
     def load_checkpoint(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -332,7 +333,7 @@ class Pretrainer:
         self.step = ckpt['step']
         self.initialised_from = ckpt.get('initialised_from')
         self.progress.load_state_dict(ckpt['progress'])
-        self.epoch_sums.load_state_dict(ckpt.get('epoch_sums'))
+        self.epoch_sums.load_state_dict(ckpt.get('epoch_sums'), self.dist.rank)
         notes = [f'schedule changed ({"; ".join(schedule)}), allowed by --allow-schedule-change'] if schedule else []
         saved_world = ckpt.get('world_size', self.dist.world_size)
         if saved_world != self.dist.world_size and 'peak_lr' in ckpt:

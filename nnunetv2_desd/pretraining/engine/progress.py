@@ -133,12 +133,18 @@ class RunningMeans:
         return {n: t / c if c else float('nan') for n, t, c in zip(self.names, totals, counts)}
 
     def state_dict(self) -> dict:
-        return {'names': list(self.names), 'sums': None if self.sums is None else self.sums.cpu(),
-                'seconds': float(self.seconds)}
+        """The sums over every process (an all-reduce: every process calls it), for process 0 to save."""
+        sums = None if self.sums is None else self.sums.clone()
+        if sums is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        return {'names': list(self.names), 'sums': None if sums is None else sums.cpu(), 'seconds': float(self.seconds)}
 
-    def load_state_dict(self, state: Optional[dict]) -> None:
+    def load_state_dict(self, state: Optional[dict], rank: int = 0) -> None:
+        """Process 0 takes the saved totals, the others start from zero, so the totals hold for any world size."""
         if state and state.get('sums') is not None:
             self.names, self.sums = list(state['names']), state['sums'].to(self.device)
+            if rank != 0:
+                self.sums = torch.zeros_like(self.sums)
             self.seconds = float(state.get('seconds', 0.0))
 
 

@@ -8,7 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from nnunetv2_desd.pretraining.distributed import check_finite_everywhere
+from nnunetv2_desd.pretraining.distributed import check_finite_everywhere, nan_unless_finite
 
 
 class PretrainingMethod:
@@ -64,11 +64,13 @@ class PretrainingMethod:
         """The training batches: the view loader's, or more."""
         return views
 
-    def compute_gradients(self, trainer, batch: dict) -> Tuple[Tensor, Dict[str, float]]:
-        """Leaves the step's gradient in ``.grad`` (scaled by AMP's loss scale, if any); returns (loss, metrics)."""
+    def compute_gradients(self, trainer, batch: dict) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Leaves the step's gradient in ``.grad`` (scaled by AMP's loss scale, if any); returns (loss, metrics), as
+        tensors read at logging time. A non-finite loss raises; under AMP it makes the scaler skip the step."""
         loss = trainer.ssl_loss(batch)
-        check_finite_everywhere({'loss': loss.item()}, trainer.step, trainer.device)
-        (trainer.scaler.scale(loss) if trainer.scaler is not None else loss).backward()
+        amp = trainer.scaler is not None
+        check_finite_everywhere({'loss': loss}, trainer.step, trainer.device, skippable=('loss',) if amp else ())
+        (trainer.scaler.scale(nan_unless_finite(loss)) if amp else loss).backward()
         return loss, {}
 
     # the export

@@ -68,7 +68,13 @@ class DeepSelfDistillationLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("queue", torch.zeros(queue_size, out_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.filled_rows = 0  # queue_filled on the host: it grows by the same rows every step (no read per step)
+        self.pair_index: Dict[tuple, Tuple[Tensor, Tensor]] = {}  # (pairs, device) -> teacher, student indices
         self.diagnostics: Dict[str, Tensor] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.filled_rows = int(self.queue_filled)  # once per load
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float,
                 pairs: Sequence[Tuple[int, int]]) -> Tensor:
@@ -87,8 +93,10 @@ class DeepSelfDistillationLoss(nn.Module):
         teacher = teacher_logits.detach().float()
         targets = self.teacher_targets(teacher, teacher_temp)                          # (T, B, K)
         log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # (D, S, B, K)
-        t_idx = torch.tensor([a for a, _ in pairs], device=teacher.device)
-        s_idx = torch.tensor([b for _, b in pairs], device=teacher.device)
+        key = (tuple(map(tuple, pairs)), teacher.device)
+        if key not in self.pair_index:  # copied to the device once, not every step
+            self.pair_index[key] = tuple(torch.tensor(idx, device=teacher.device) for idx in zip(*pairs))
+        t_idx, s_idx = self.pair_index[key]
         # (D, P, B): cross-entropy per depth, pair and sample; equal group sizes -> one mean
         cross_entropy = -(targets[t_idx].unsqueeze(0) * log_probs[:, s_idx]).sum(dim=-1)
         loss = cross_entropy.mean()
@@ -112,24 +120,32 @@ class DeepSelfDistillationLoss(nn.Module):
             dist.all_gather(gathered, local.contiguous())
             rows, offset = torch.cat(gathered), dist.get_rank() * local.shape[0]
         size, n = self.queue.shape[0], min(rows.shape[0], self.queue.shape[0])
-        queued = self.queue[size - int(self.queue_filled):]
+        queued = self.queue[size - self.filled_rows:]
         targets = sinkhorn_knopp(torch.cat([queued, rows]) / teacher_temp)[len(queued):]
         targets = targets[offset:offset + local.shape[0]]
+        # a non-finite row (AMP's overflow: the step is skipped) enters the queue as the centre instead
+        rows = torch.where(torch.isfinite(rows).all(dim=1, keepdim=True), rows, self.center)
         self.queue.copy_(torch.cat([self.queue[n:], rows[-n:]]) if n < size else rows[-size:])
-        if int(self.queue_filled) < size:  # the queue fills from its end: the newest rows are always last
-            self.queue_filled.fill_(min(size, int(self.queue_filled) + n))
+        if self.filled_rows < size:  # the queue fills from its end: the newest rows are always last
+            self.filled_rows = min(size, self.filled_rows + n)
+            self.queue_filled.fill_(self.filled_rows)
         return targets.view_as(teacher)
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
-        """c <- m c + (1 - m) * mean of all T*B teacher rows, summed over processes if distributed."""
+        """c <- m c + (1 - m) * mean of all T*B teacher rows, summed over processes if distributed. Non-finite rows
+        (AMP's overflow) are left out; without any finite row the centre stays."""
         rows = teacher_logits.detach().float().reshape(-1, self.center.shape[1])
-        total = rows.sum(dim=0, keepdim=True)
-        n_rows = rows.shape[0]
+        finite = torch.isfinite(rows).all(dim=1, keepdim=True)
+        # the rows' sum and their number in one tensor: one all_reduce
+        total = torch.cat([torch.where(finite, rows, 0.0).sum(dim=0, keepdim=True),
+                           finite.sum(dtype=rows.dtype).view(1, 1)], dim=1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
-            n_rows *= dist.get_world_size()
-        self.center.mul_(self.center_momentum).add_(total / n_rows, alpha=1 - self.center_momentum)
+        total, n_rows = total[:, :-1], total[:, -1:]
+        updated = self.center * self.center_momentum
+        updated.add_(total / n_rows.clamp_min(1), alpha=1 - self.center_momentum)
+        self.center.copy_(torch.where(n_rows > 0, updated, self.center))
 
 
 class DeSD(PretrainingMethod):

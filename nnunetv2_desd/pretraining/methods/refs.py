@@ -43,7 +43,7 @@ steps' gradients, on the whole encoder).
 """
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.planning import plans_copied_from
 from nnunetv2_desd.data.reference import WithReference, build_reference_loader, open_reference
-from nnunetv2_desd.pretraining.distributed import average_gradients, check_finite_everywhere
+from nnunetv2_desd.pretraining.distributed import (average_gradients, check_finite_everywhere, derived_seed,
+                                                   nan_unless_finite)
 from nnunetv2_desd.pretraining.methods.desd import DeSD
 
 MATCHING_FORMS = ('fish', 'cosine')
@@ -100,10 +101,24 @@ def fish_gradients(params: Dict[str, Tensor], losses: Sequence[Callable[[Dict[st
     ``match`` or after a non-finite gradient), whether every gradient was finite). Every loss is evaluated
     whatever happens, so that each process issues the same collectives (the SSL loss all-reduces its centre);
     after a non-finite gradient no further inner step is taken, G holds it, and AMP's scaler skips the step.
+    One host sync; ``fish_gradients_on_device`` is the same without it.
     """
+    total, cosine, finite = fish_gradients_on_device(params, losses, inner_lr, loss_scale, match)
+    if cosine is None:
+        return total, None, bool(finite)
+    flag, value = torch.stack([finite.to(cosine.dtype), cosine]).tolist()
+    return total, value if flag else None, bool(flag)
+
+
+def fish_gradients_on_device(params: Dict[str, Tensor], losses: Sequence[Callable[[Dict[str, Tensor]], Tensor]],
+                             inner_lr: float, loss_scale: Union[float, Tensor] = 1.0, match: Sequence[str] = ()
+                             ) -> Tuple[Dict[str, Tensor], Optional[Tensor], Tensor]:
+    """``fish_gradients`` with no host sync: the cosine is a 0-d tensor (NaN after a non-finite gradient; None
+    without ``match``), finiteness a 0-d bool tensor, and the inner steps after a non-finite gradient are taken
+    by ``torch.where`` (to the same point)."""
     current = dict(params)
     total: Dict[str, Tensor] = {}
-    cosine, all_finite = None, True
+    cosine, all_finite = None, None
     for k, loss_at in enumerate(losses):
         names = list(current)
         grads = torch.autograd.grad(loss_at(current), [current[n] for n in names], allow_unused=True)
@@ -114,15 +129,22 @@ def fish_gradients(params: Dict[str, Tensor], losses: Sequence[Callable[[Dict[st
                 dot = sum((_wide(total[n]) * _wide(grads[n])).sum() for n in common)
                 norms = torch.sqrt(sum(_wide(total[n]).pow(2).sum() for n in common)) * \
                     torch.sqrt(sum(_wide(grads[n]).pow(2).sum() for n in common))
-                cosine = float(dot / norms.clamp_min(1e-12))
-        all_finite = all_finite and all(bool(torch.isfinite(g).all()) for g in grads.values())
-        if all_finite and k < len(losses) - 1:
+                cosine = dot / norms.clamp_min(1e-12)
+        if grads:  # one flag over all gradients: the largest magnitudes are finite (NaN propagates)
+            finite = torch.isfinite(torch.stack([_wide(m) for m in torch._foreach_norm(list(grads.values()),
+                                                                                       math.inf)])).all()
+            all_finite = finite if all_finite is None else all_finite & finite
+        if all_finite is not None and k < len(losses) - 1:
             with torch.no_grad():
-                current = {n: (p - (inner_lr / loss_scale) * grads[n] if n in grads else p.detach()).requires_grad_()
-                           for n, p in current.items()}
+                current = {n: (torch.where(all_finite, p - (inner_lr / loss_scale) * grads[n], p) if n in grads
+                               else p.detach()).requires_grad_() for n, p in current.items()}
         for n, g in grads.items():  # fresh tensors from autograd: accumulated in place
             total[n] = total[n].add_(g) if n in total else g
-    return total, cosine if all_finite else None, all_finite
+    if all_finite is None:
+        all_finite = torch.ones((), dtype=torch.bool, device=next(iter(params.values())).device)
+    if cosine is not None:
+        cosine = torch.where(all_finite, cosine, math.nan)
+    return total, cosine, all_finite
 
 
 def encoder_stage_of(name: str) -> int:
@@ -205,6 +227,7 @@ class ReFs(DeSD):
         self.reference_batch_size = reference_batch_size
         self.reference_plans = None  # set by build once the reference is opened
         self.data = None  # the reference dataset (PreparedData), set by build
+        self.gradient_patterns = {}  # average_gradients' agreed gradient patterns (DDP)
 
     @classmethod
     def complete_settings(cls, values: dict) -> None:
@@ -305,25 +328,27 @@ class ReFs(DeSD):
                 'decoder': 'trained on the reference task; seg_layers freshly initialised for the pre-training '
                            'dataset\'s labels'}
 
-    def compute_gradients(self, trainer, batch: dict) -> Tuple[Tensor, Dict[str, float]]:
+    def compute_gradients(self, trainer, batch: dict) -> Tuple[Tensor, Dict[str, Tensor]]:
         reference = batch['reference']
         x = reference['data'].to(trainer.device, non_blocking=True)
         y = [t.to(trainer.device, non_blocking=True) for t in reference['target']]
         # the losses are scaled here, not by scaler.scale(loss); scaling a one makes the scaler set up its scale
         # tensor (lazily created there), which unscale_ and step need
-        scale = float(trainer.scaler.scale(torch.ones((), device=trainer.device))) if trainer.scaler is not None \
-            else 1.0
+        scale = trainer.scaler.scale(torch.ones((), device=trainer.device)).reshape(()) \
+            if trainer.scaler is not None else 1.0  # a tensor: the scale is not read on the host
         if self.matching == 'fish':
             loss, metrics = self._fish(trainer, batch, x, y, scale)
         else:
             loss, metrics = self._cosine(trainer, batch, x, y, scale)
         if trainer.dist.enabled:
-            average_gradients(trainer.optimized_parameters())
+            average_gradients(trainer.optimized_parameters(), self.gradient_patterns)
         return loss, metrics
 
     def _fish(self, trainer, batch, x, y, scale):
         from torch.func import functional_call as call
         params, values = self.trainable_parameters, {}
+        amp = trainer.scaler is not None
+        guard = nan_unless_finite if amp else (lambda loss: loss)  # AMP: a non-finite loss skips the step
         # nnU-Net's blocks reach one module under two names (conv and all_modules.0), and the decoder reaches the
         # encoder: tie_weights=True would restore one name with the other's swapped-in tensor; every parameter is
         # given once, under its module's name, so no tying is needed
@@ -332,35 +357,42 @@ class ReFs(DeSD):
         def ssl(theta):
             student = {n: theta[n] for n in self.student_parameter_names}
             values['ssl'] = trainer.ssl_loss(batch, lambda *inputs: functional_call(trainer.student, student, inputs))
-            return values['ssl'] * scale
+            return guard(values['ssl']) * scale
 
         def ref(theta):
             network = {n: theta[n] for n in self.network_parameter_names}
             with torch.autocast(trainer.device.type, enabled=trainer.amp):
                 values['reference'] = self.reference_loss(functional_call(trainer.network, network, (x,)), y)
-            return values['reference'] * (scale * self.reference_weight)
+            return guard(values['reference']) * (scale * self.reference_weight)
 
-        order = [ssl, ref] if torch.randint(2, ()).item() == 0 else [ref, ssl]
-        grads, cosine, finite = fish_gradients(params, order, self.fish_inner_lr, scale, self.encoder_names)
-        metrics = {'ssl_loss': values['ssl'].item(), 'reference_loss': values['reference'].item()}
-        # AMP: an overflowing gradient anywhere skips the step everywhere (the averaged gradients carry it)
+        # the order from this process's seed and the step: no draw on the device, and the same after a resume
+        ssl_first = derived_seed(trainer.cfg.seed, trainer.dist.rank, 'fish order', trainer.step) % 2 == 0
+        grads, cosine, finite = fish_gradients_on_device(params, [ssl, ref] if ssl_first else [ref, ssl],
+                                                         self.fish_inner_lr, scale, self.encoder_names)
+        metrics = {'ssl_loss': values['ssl'].detach(), 'reference_loss': values['reference'].detach()}
+        # AMP: a non-finite loss or gradient anywhere skips the step everywhere (the averaged gradients carry it)
         check_finite_everywhere({'SSL loss': metrics['ssl_loss'], 'reference loss': metrics['reference_loss'],
-                                 'fish gradient': 0.0 if finite else math.nan}, trainer.step, trainer.device,
-                                skippable=('fish gradient',) if trainer.scaler is not None else ())
+                                 'fish gradient': torch.where(finite, 0.0, math.nan)}, trainer.step, trainer.device,
+                                skippable=('SSL loss', 'reference loss', 'fish gradient') if amp else ())
         for name, p in params.items():
             p.grad = grads.get(name)
         loss = (values['ssl'] + self.reference_weight * values['reference']).detach()
-        return loss, {**metrics, 'gradient_cosine': float('nan') if cosine is None else cosine}
+        if cosine is None:
+            cosine = torch.full((), math.nan, device=trainer.device)
+        return loss, {**metrics, 'gradient_cosine': cosine}
 
     def _cosine(self, trainer, batch, x, y, scale):
+        amp = trainer.scaler is not None
         ssl = trainer.ssl_loss(batch, trainer.student)
         with torch.autocast(trainer.device.type, enabled=trainer.amp):
             ref = self.reference_loss(trainer.network(x), y)
-        check_finite_everywhere({'SSL loss': ssl.item(), 'reference loss': ref.item()}, trainer.step, trainer.device)
         matched = [self.trainable_parameters[n] for n in self.matched_names]
         cosine = gradient_cosine(ssl * scale, ref * scale, matched, create_graph=self.matching_weight > 0)
+        # AMP: a non-finite value skips the step (its NaN reaches every gradient); otherwise it raises
+        check_finite_everywhere({'SSL loss': ssl, 'reference loss': ref, 'gradient cosine': cosine}, trainer.step,
+                                trainer.device,
+                                skippable=('SSL loss', 'reference loss', 'gradient cosine') if amp else ())
         loss = ssl + self.reference_weight * ref + self.matching_weight * (1 - cosine)
-        (loss * scale).backward()
-        metrics = {'ssl_loss': ssl.item(), 'reference_loss': ref.item(), 'gradient_cosine': cosine.item()}
+        ((nan_unless_finite(loss) if amp else loss) * scale).backward()
+        metrics = {'ssl_loss': ssl.detach(), 'reference_loss': ref.detach(), 'gradient_cosine': cosine.detach()}
         return loss.detach(), metrics
-

@@ -1,0 +1,164 @@
+"""Host synchronisations per pre-training step on CUDA, counted by torch's sync debug mode.
+
+    python -m nnunetv2_desd.benchmarks.host_syncs -d 500 --plans-from 501 -device cuda --steps 5 --out desd.json
+    python -m nnunetv2_desd.benchmarks.host_syncs -d 500 -m refs --reference 501 --plans-from 501 -device cuda \\
+        --steps 5 --out refs.json
+
+desd_pretrain's options, plus --warmup-steps, --steps and --out. The run is built as desd_pretrain builds it (data
+prepared, ``Pretrainer``, the view loader through the method's loader). After the warm-up steps,
+``torch.cuda.set_sync_debug_mode('warn')`` makes every synchronising CUDA call warn while each counted step runs:
+``Pretrainer.train_step`` and the per-step sums, the body of ``train_epoch`` on a step that does not log (its batch
+is fetched before). The JSON holds the count per step and the distinct sources (the Python line that made the call,
+the warning's first line, how often). CUDA only: without a CUDA device it exits 2.
+"""
+import argparse
+import dataclasses
+import json
+import linecache
+import os
+import tempfile
+import warnings
+from typing import Callable, Iterable, List, Optional, Tuple
+
+from nnunetv2_desd.cli import pretrain
+from nnunetv2_desd.common.errors import DesdError, command_errors
+from nnunetv2_desd.pretraining.config import PretrainConfig
+
+PROG = 'python -m nnunetv2_desd.benchmarks.host_syncs'
+SYNC_WARNING = 'called a synchronizing CUDA operation'  # torch's message in sync debug mode 'warn'
+OWN_OPTIONS = ('warmup_steps', 'steps', 'out')
+
+
+def record_warnings(call: Callable[[], object]) -> Tuple[object, list]:
+    """``call()``'s result and every warning it emitted (none filtered out, none shown once only)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        result = call()
+    return result, list(caught)
+
+
+def _where(filename: str) -> str:
+    """A warning's file, short: from site-packages on, or relative to the working folder."""
+    marker = 'site-packages' + os.sep
+    if marker in filename:
+        return filename.split(marker, 1)[1]
+    relative = os.path.relpath(filename) if os.path.isabs(filename) else filename
+    return filename if relative.startswith('..') else relative
+
+
+def count_warnings(calls: Iterable[Callable[[], object]], match: str = SYNC_WARNING) -> Tuple[List[int], List[dict]]:
+    """(warnings whose message holds ``match``, per call; the distinct sources of every warning: where, code, the
+    message's first line, whether it matched, count), the sources most frequent first."""
+    per_call, sources = [], {}
+    for call in calls:
+        _, caught = record_warnings(call)
+        per_call.append(sum(match in str(w.message) for w in caught))
+        for w in caught:
+            message = (str(w.message).strip().splitlines() or [''])[0]
+            key = (_where(w.filename), w.lineno, message)
+            if key not in sources:
+                sources[key] = {'where': f'{key[0]}:{w.lineno}', 'message': message, 'sync': match in str(w.message),
+                                'code': linecache.getline(w.filename, w.lineno).strip(), 'count': 0}
+            sources[key]['count'] += 1
+    return per_call, sorted(sources.values(), key=lambda s: (-s['count'], s['where']))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``desd_pretrain``'s arguments plus the count's own."""
+    p = pretrain.build_parser()
+    p.prog = PROG
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    g = p.add_argument_group('host synchronisations')
+    g.add_argument('--warmup-steps', type=int, default=3, help='steps before counting (default: %(default)s)')
+    g.add_argument('--steps', type=int, default=5, help='counted steps (default: %(default)s)')
+    g.add_argument('--out', required=True, help='the JSON file to write')
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, dict]:
+    """(PretrainConfig, the count's options); desd_pretrain options that are no PretrainConfig field are refused
+    unless at their defaults."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    options = {k: args.pop(k) for k in OWN_OPTIONS}
+    if options['steps'] < 1:
+        parser.error(f'--steps {options["steps"]}: count 1 step or more')
+    if options['warmup_steps'] < 0:
+        parser.error(f'--warmup-steps {options["warmup_steps"]}: 0 or more')
+    config_keys = {f.name for f in dataclasses.fields(PretrainConfig)}
+    for key in [k for k in args if k not in config_keys]:
+        if args.pop(key) != parser.get_default(key):
+            parser.error(f'--{key.replace("_", "-")} is a desd_pretrain option the count does not use')
+    return pretrain.config_from_options(args), options
+
+
+def count_host_syncs(cfg: PretrainConfig, warmup_steps: int, steps: int) -> dict:
+    """Builds the run as desd_pretrain does, takes ``warmup_steps`` steps, then counts the synchronisation warnings
+    of ``steps`` more; returns what the JSON holds."""
+    import torch
+    if cfg.device != 'cuda':
+        raise DesdError(f'-device {cfg.device}: torch.cuda.set_sync_debug_mode counts the host synchronisations, '
+                        f'CUDA is needed (-device cuda).')
+    if not torch.cuda.is_available():
+        raise DesdError('no CUDA device is visible: torch.cuda.set_sync_debug_mode counts the host synchronisations, '
+                        'CUDA is needed.')
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+    from nnunetv2_desd.benchmarks.timing import device_name
+    from nnunetv2_desd.pretraining.distributed import init_distributed
+    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
+    from nnunetv2_desd.pretraining.run import prepare_data
+    from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
+    ctx = init_distributed(cfg.device)
+    torch.backends.cudnn.benchmark = True  # as desd_pretrain
+    prepared = prepare_data(cfg, ctx)
+    cfg.plans = prepared.plans_identifier
+    workers = get_allowed_n_proc_DA() if cfg.num_workers is None else cfg.num_workers
+    with tempfile.TemporaryDirectory(prefix='desd_host_syncs_') as folder:
+        trainer = Pretrainer(cfg, prepared, ctx, folder)
+        loader = trainer.method_loader(build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
+                                                         pin_memory=True, drr_files=prepared.drr_files,
+                                                         seeds=trainer.worker_seeds(workers)), workers)
+
+        def step(batch: dict) -> None:  # train_epoch's body on a step that does not log
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                trainer.epoch_sums.add(loss=trainer.train_step(batch), **trainer.metrics)
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+
+        def counted():
+            for _ in range(steps):
+                batch = next(loader)
+                torch.cuda.synchronize()  # the work queued before is not this step's
+                yield lambda: step(batch)
+        try:
+            for _ in range(warmup_steps):
+                trainer.train_step(next(loader))
+            per_step, sources = count_warnings(counted())
+        finally:
+            finish_loader(loader)
+    return {'method': cfg.method, 'matching': cfg.matching if cfg.method == 'refs' else None,
+            'dataset': prepared.dataset_name, 'reference': cfg.reference, 'device': device_name(ctx.device),
+            'amp': trainer.amp, 'batch_size': cfg.batch_size, 'patch': list(trainer.patch_size),
+            'warmup_steps': warmup_steps,
+            'counted': 'Pretrainer.train_step + epoch_sums.add (train_epoch\'s body on a step that does not log)',
+            'syncs_per_step': per_step, 'mean': sum(per_step) / len(per_step), 'max': max(per_step),
+            'sources': sources}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    with command_errors(PROG):
+        cfg, options = parse_args(argv)
+        result = count_host_syncs(cfg, options['warmup_steps'], options['steps'])
+        os.makedirs(os.path.dirname(os.path.abspath(options['out'])), exist_ok=True)
+        with open(options['out'], 'w') as f:
+            json.dump(result, f, indent=1)
+    print(f'{cfg.method}: host synchronisations per step {result["syncs_per_step"]} (mean {result["mean"]:.2f}, max '
+          f'{result["max"]}); written to {options["out"]}')
+    for source in result['sources']:
+        print(f'  {source["count"]:4d} x {source["where"]}: {source["code"]}  [{source["message"]}]')
+
+
+if __name__ == '__main__':
+    main()
