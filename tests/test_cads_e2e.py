@@ -45,7 +45,8 @@ def test_generated_ct_pretrains_and_resume_restores_the_centre(tmp_path, monkeyp
     from nnunetv2_desd.pretraining.views.loader import build_view_loader
     from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer
-    cfg, _ = parse_config(['-d', '910', '--epochs', '3', '--iters-per-epoch', '2', *CADS_TINY])
+    cfg, _ = parse_config(['-d', '910', '--epochs', '3', '--iters-per-epoch', '2', '--allow-schedule-change',
+                           *CADS_TINY])
     ctx = init_distributed('cpu')
     prepared = prepare_data(cfg, ctx)
     cfg.plans = prepared.plans_identifier

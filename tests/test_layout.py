@@ -139,7 +139,7 @@ def _console_scripts():
 
 def test_every_console_script_answers_help():
     scripts = _console_scripts()
-    assert {'desd_pretrain', 'desd_benchmark', 'desd_demo', 'desd_probe'} <= set(scripts) and len(scripts) == 15
+    assert {'desd_pretrain', 'desd_benchmark', 'desd_demo', 'desd_probe'} <= set(scripts) and len(scripts) == 16
     bin_dir = os.path.dirname(sys.executable)
 
     def help_of(name):

@@ -67,7 +67,7 @@ def test_a_pool_of_three_datasets_pretrains_one_encoder(tmp_path):
 
     # --init from the pool's export, with the same pool: starts from its encoder
     proc = run_command(['desd_pretrain', '-d', '940', '941', '942', '--init', out / 'pretrained_export.pth',
-                        '--epochs', '1', '--iters-per-epoch', '1', *TINY], env)
+                        '--epochs', '1', '--iters-per-epoch', '1', '--overwrite', *TINY], env)
     assert 'Preparing' not in proc.stderr  # everything was prepared already
     assert 'encoder initialised from' in next(out.glob('training_log_*.txt')).read_text() or \
         'encoder initialised from' in proc.stdout + proc.stderr

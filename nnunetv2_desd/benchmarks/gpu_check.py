@@ -1,4 +1,5 @@
-"""gpu_check.md, the summary ``scripts/gpu_check.sh`` writes: steps, exit codes, benchmark tables, batch in 24 GiB.
+"""gpu_check.md, the summary ``scripts/gpu_check.sh`` writes: steps, exit codes, benchmark tables, batch in 24 GiB,
+host synchronisations per step.
 
 ``python -m nnunetv2_desd.cli.gpu_check_report --steps STEPS.tsv -o gpu_check.md ...`` (the script's call), or
 ``report_markdown`` from Python. STEPS.tsv has one line per step: name, exit code, seconds, log path, command,
@@ -8,9 +9,13 @@ The largest batch in a memory budget is extrapolated linearly (proportionally) f
 ``floor(budget_MiB * measured_batch / peak_MiB)``, e.g. a 6 GiB peak at batch 2 gives floor(24 * 2 / 6) = 8 in
 24 GiB. Memory that does not grow with the batch (weights, optimizer state) makes it conservative; what
 ``torch.cuda.max_memory_allocated`` does not count (CUDA context, allocator cache, fragmentation) makes it optimistic.
+
+Host synchronisations: the JSON files of ``python -m nnunetv2_desd.cli.host_syncs`` (one per method), whose
+``syncs_per_step`` give the steps, mean and max.
 """
 import csv
 import dataclasses
+import json
 import math
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -52,6 +57,17 @@ def peak_rows(csv_path: str) -> List[Tuple[str, float, str]]:
                 if r['quantity'].endswith('_peak_memory') and r['unit'].startswith('MiB')]
 
 
+def read_syncs(path: str) -> dict:
+    """A host_syncs JSON: its method (with the ReFs matching form), per-step counts and sync sources."""
+    with open(path) as f:
+        data = json.load(f)
+    counts = [int(c) for c in data['syncs_per_step']]
+    if not counts:
+        raise ValueError('no counted step')
+    method = data['method'] + (f' ({data["matching"]})' if data.get('matching') else '')
+    return {'method': method, 'counts': counts, 'sources': [s for s in data.get('sources', []) if s.get('sync')]}
+
+
 def _cell(text: str) -> str:
     return str(text).replace('|', '\\|').replace('\n', ' ')
 
@@ -60,12 +76,42 @@ def _path(path: str, relative_to: Optional[str]) -> str:
     return os.path.relpath(path, relative_to) if relative_to and os.path.isabs(path) else path
 
 
+def syncs_lines(paths: Iterable[str], relative_to: Optional[str] = None) -> List[str]:
+    """The table of host synchronisations per step (method, steps, mean, max) of host_syncs JSON files, then where
+    the synchronisations came from; missing or unreadable files named as such."""
+    lines = ['## Host synchronisations per step', '',
+             'Counted on CUDA by `torch.cuda.set_sync_debug_mode(\'warn\')` after warm-up steps, on steps that do not '
+             'log (`python -m nnunetv2_desd.cli.host_syncs`).', '',
+             '| json | method | steps | mean syncs / step | max syncs / step |', '|---|---|---|---|---|']
+    sources = []
+    for path in paths:
+        shown = _cell(_path(path, relative_to))
+        if not os.path.isfile(path):
+            lines.append(f'| {shown} | _not written_ | | | |')
+            continue
+        try:
+            syncs = read_syncs(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            lines.append(f'| {shown} | _unreadable: {_cell(e)}_ | | | |')
+            continue
+        counts = syncs['counts']
+        lines.append(f'| {shown} | {_cell(syncs["method"])} | {len(counts)} | {sum(counts) / len(counts):.2f} | '
+                     f'{max(counts)} |')
+        for source in syncs['sources']:
+            code = f': `{source["code"]}`' if source.get('code') else ''
+            sources.append(f'- {syncs["method"]}: {source["count"]} x `{source["where"]}`{code}')
+    if sources:
+        lines += ['', 'Where, over all counted steps (the Python line that made the call):', '', *sources]
+    return lines
+
+
 def report_markdown(steps: Sequence[Step], benchmark_md: Iterable[str] = (), benchmark_csv: Iterable[str] = (),
                     batch: Optional[int] = None, gpu_info: str = '', budget_gib: float = BUDGET_GIB,
-                    relative_to: Optional[str] = None) -> str:
+                    relative_to: Optional[str] = None, syncs: Iterable[str] = ()) -> str:
     """The Markdown of gpu_check.md. ``batch``: the batch the benchmarks measured at (their csv files do not record
-    it); without it there is no extrapolation. Missing benchmark files are named as missing. Paths are shown relative
-    to ``relative_to`` (the report's folder) where given."""
+    it); without it there is no extrapolation. ``syncs``: host_syncs JSON files (no section without them). Missing
+    benchmark and JSON files are named as missing. Paths are shown relative to ``relative_to`` (the report's folder)
+    where given."""
     failed = [s.name for s in steps if s.exit_code != 0]
     lines = ['# GPU check', '']
     if gpu_info.strip():
@@ -107,20 +153,24 @@ def report_markdown(steps: Sequence[Step], benchmark_md: Iterable[str] = (), ben
                 fits = largest_batch(mib, batch, budget_gib) if 'CUDA' in unit and mib > 0 else \
                     f'n/a ({_cell(unit)} is no CUDA peak)'
                 lines.append(f'| {shown} | {quantity} | {mib:,.0f} | {fits} |')
+    syncs = list(syncs)
+    if syncs:
+        lines += ['', *syncs_lines(syncs, relative_to)]
     return '\n'.join(lines) + '\n'
 
 
 def write_gpu_check(out: str, steps_tsv: str, benchmark_md: Iterable[str] = (), benchmark_csv: Iterable[str] = (),
                     batch: Optional[int] = None, gpu_info_file: Optional[str] = None,
-                    budget_gib: float = BUDGET_GIB) -> str:
-    """Writes gpu_check.md to ``out`` from the steps in ``steps_tsv`` and the GPU lines in ``gpu_info_file`` (left
-    out where it is missing), paths shown relative to ``out``'s folder; returns the Markdown."""
+                    budget_gib: float = BUDGET_GIB, syncs: Iterable[str] = ()) -> str:
+    """Writes gpu_check.md to ``out`` from the steps in ``steps_tsv``, the GPU lines in ``gpu_info_file`` (left out
+    where it is missing) and the host_syncs JSON files ``syncs``, paths shown relative to ``out``'s folder; returns
+    the Markdown."""
     gpu_info = ''
     if gpu_info_file and os.path.isfile(gpu_info_file):
         with open(gpu_info_file) as f:
             gpu_info = f.read()
     text = report_markdown(read_steps(steps_tsv), benchmark_md, benchmark_csv, batch, gpu_info, budget_gib,
-                           relative_to=os.path.dirname(os.path.abspath(out)))
+                           relative_to=os.path.dirname(os.path.abspath(out)), syncs=syncs)
     with open(out, 'w') as f:
         f.write(text)
     return text

@@ -1,32 +1,23 @@
-"""Host synchronisations per pre-training step on CUDA, counted by torch's sync debug mode.
+"""Host synchronisations per pre-training step on CUDA, counted by torch's sync debug mode
+(``python -m nnunetv2_desd.cli.host_syncs``).
 
-    python -m nnunetv2_desd.benchmarks.host_syncs -d 500 --plans-from 501 -device cuda --steps 5 --out desd.json
-    python -m nnunetv2_desd.benchmarks.host_syncs -d 500 -m refs --reference 501 --plans-from 501 -device cuda \\
-        --steps 5 --out refs.json
-
-desd_pretrain's options, plus --warmup-steps, --steps and --out. The run is built as desd_pretrain builds it (data
+The run is built as desd_pretrain builds it (data
 prepared, ``Pretrainer``, the view loader through the method's loader). After the warm-up steps,
 ``torch.cuda.set_sync_debug_mode('warn')`` makes every synchronising CUDA call warn while each counted step runs:
 ``Pretrainer.train_step`` and the per-step sums, the body of ``train_epoch`` on a step that does not log (its batch
 is fetched before). The JSON holds the count per step and the distinct sources (the Python line that made the call,
 the warning's first line, how often). CUDA only: without a CUDA device it exits 2.
 """
-import argparse
-import dataclasses
-import json
 import linecache
 import os
 import tempfile
 import warnings
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Tuple
 
-from nnunetv2_desd.cli import pretrain
-from nnunetv2_desd.common.errors import DesdError, command_errors
+from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.pretraining.config import PretrainConfig
 
-PROG = 'python -m nnunetv2_desd.benchmarks.host_syncs'
 SYNC_WARNING = 'called a synchronizing CUDA operation'  # torch's message in sync debug mode 'warn'
-OWN_OPTIONS = ('warmup_steps', 'steps', 'out')
 
 
 def record_warnings(call: Callable[[], object]) -> Tuple[object, list]:
@@ -61,36 +52,6 @@ def count_warnings(calls: Iterable[Callable[[], object]], match: str = SYNC_WARN
                                 'code': linecache.getline(w.filename, w.lineno).strip(), 'count': 0}
             sources[key]['count'] += 1
     return per_call, sorted(sources.values(), key=lambda s: (-s['count'], s['where']))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """``desd_pretrain``'s arguments plus the count's own."""
-    p = pretrain.build_parser()
-    p.prog = PROG
-    p.description = __doc__
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    g = p.add_argument_group('host synchronisations')
-    g.add_argument('--warmup-steps', type=int, default=3, help='steps before counting (default: %(default)s)')
-    g.add_argument('--steps', type=int, default=5, help='counted steps (default: %(default)s)')
-    g.add_argument('--out', required=True, help='the JSON file to write')
-    return p
-
-
-def parse_args(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, dict]:
-    """(PretrainConfig, the count's options); desd_pretrain options that are no PretrainConfig field are refused
-    unless at their defaults."""
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    options = {k: args.pop(k) for k in OWN_OPTIONS}
-    if options['steps'] < 1:
-        parser.error(f'--steps {options["steps"]}: count 1 step or more')
-    if options['warmup_steps'] < 0:
-        parser.error(f'--warmup-steps {options["warmup_steps"]}: 0 or more')
-    config_keys = {f.name for f in dataclasses.fields(PretrainConfig)}
-    for key in [k for k in args if k not in config_keys]:
-        if args.pop(key) != parser.get_default(key):
-            parser.error(f'--{key.replace("_", "-")} is a desd_pretrain option the count does not use')
-    return pretrain.config_from_options(args), options
 
 
 def count_host_syncs(cfg: PretrainConfig, warmup_steps: int, steps: int) -> dict:
@@ -145,20 +106,3 @@ def count_host_syncs(cfg: PretrainConfig, warmup_steps: int, steps: int) -> dict
             'counted': 'Pretrainer.train_step + epoch_sums.add (train_epoch\'s body on a step that does not log)',
             'syncs_per_step': per_step, 'mean': sum(per_step) / len(per_step), 'max': max(per_step),
             'sources': sources}
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    with command_errors(PROG):
-        cfg, options = parse_args(argv)
-        result = count_host_syncs(cfg, options['warmup_steps'], options['steps'])
-        os.makedirs(os.path.dirname(os.path.abspath(options['out'])), exist_ok=True)
-        with open(options['out'], 'w') as f:
-            json.dump(result, f, indent=1)
-    print(f'{cfg.method}: host synchronisations per step {result["syncs_per_step"]} (mean {result["mean"]:.2f}, max '
-          f'{result["max"]}); written to {options["out"]}')
-    for source in result['sources']:
-        print(f'  {source["count"]:4d} x {source["where"]}: {source["code"]}  [{source["message"]}]')
-
-
-if __name__ == '__main__':
-    main()

@@ -6,7 +6,7 @@ of an existing dataset (symlinked). Measured per N:
 
 * preparation per case: wall time of ``desd_pretrain -d ID --preprocess-only -np K -c 3d_fullres --patch-size P P P
   -device D`` as a fresh process on the fresh pool (from just before it is started to its exit), divided by N;
-* start-up: in a worker process (``python -m nnunetv2_desd.benchmarks.pool --worker ...``, nnU-Net's folders in its
+* start-up: in a worker process (``python -m nnunetv2_desd.cli.pool_benchmark --worker ...``, nnU-Net's folders in its
   environment) that repeats what ``pretraining.run.run`` does before training, the data already prepared: the clock
   starts just before ``init_distributed`` (after the imports, which do not depend on N) and stops once the first
   batch is in hand (``prepare_data``, ``Pretrainer``, ``build_view_loader``, ``method_loader``, ``next(loader)``);
@@ -19,7 +19,6 @@ of an existing dataset (symlinked). Measured per N:
 Ratios: value at the largest N / value at the smallest; targets in ``MEASURES``. Report: pool_benchmark.md/.csv/.png
 (and .json with every raw number), written atomically.
 """
-import argparse
 import contextlib
 import csv
 import dataclasses
@@ -36,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_json, atomic_write_text
 from nnunetv2_desd.benchmarks.timing import setup_table
-from nnunetv2_desd.common.errors import DesdError, command_errors
+from nnunetv2_desd.common.errors import DesdError
 
 POOL_DATASET_ID = 990
 POOL_DATASET_NAME = 'PoolBench'
@@ -213,7 +212,7 @@ def measure_pool(settings: Settings, size: int, source=None, log=print) -> PoolR
         for method in METHODS:
             log(f'N = {size}: start-up and {settings.warmup_steps} + {settings.steps} steps of {method}')
             result = os.path.join(root, f'{method}_worker.json')
-            command = [sys.executable, '-m', 'nnunetv2_desd.benchmarks.pool', '--worker', result,
+            command = [sys.executable, '-m', 'nnunetv2_desd.cli.pool_benchmark', '--worker', result,
                        '--warmup-steps', str(settings.warmup_steps), '--steps', str(settings.steps),
                        '--', *training_args(settings, dataset, method)]
             run_logged(command, env, os.path.join(logs, f'N{size}_{method}.log'), f'N = {size}: the {method} run')
@@ -265,19 +264,17 @@ def peak_rss_mib(pid: int) -> float:
     raise DesdError(f'/proc/{pid}/status has no VmHWM line.')
 
 
-def measure_run(pretrain_argv: List[str], warmup_steps: int, steps: int) -> dict:
+def measure_run(cfg, warmup_steps: int, steps: int) -> dict:
     """Start-up, step times and the loader workers' peak RSS of one desd_pretrain run whose data are prepared,
     following ``pretraining.run.run`` call by call."""
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
     from nnunetv2_desd.benchmarks.timing import device_name, time_steps
-    from nnunetv2_desd.cli.pretrain import parse_config
     from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer, output_folder_for
     from nnunetv2_desd.pretraining.run import prepare_data
     from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
 
-    cfg, _ = parse_config(pretrain_argv)
     marks = [time.perf_counter()]
     ctx = init_distributed(cfg.device)
     prepared = prepare_data(cfg, ctx)  # finds everything prepared
@@ -312,21 +309,6 @@ def measure_run(pretrain_argv: List[str], warmup_steps: int, steps: int) -> dict
             'startup_parts': {part: b - a for part, a, b in zip(STARTUP_PARTS, marks, marks[1:])},
             'step_seconds': seconds, 'worker_pids': loader_pids, 'worker_peak_rss_mib': worker_peaks,
             'main_peak_rss_mib': peak_rss_mib(os.getpid())}
-
-
-def worker_main(argv: Sequence[str]) -> None:
-    """``python -m nnunetv2_desd.benchmarks.pool --worker RESULT.json [--warmup-steps W] [--steps S] -- <desd_pretrain
-    options>``: measures the run and writes the result as JSON."""
-    argv = list(argv)
-    split = argv.index('--') if '--' in argv else len(argv)
-    p = argparse.ArgumentParser(prog='python -m nnunetv2_desd.benchmarks.pool')
-    p.add_argument('--worker', required=True, help='the JSON file for the result')
-    p.add_argument('--warmup-steps', type=int, default=2)
-    p.add_argument('--steps', type=int, default=10)
-    args = p.parse_args(argv[:split])
-    with command_errors(p.prog):
-        result = measure_run(argv[split + 1:], args.warmup_steps, args.steps)
-    atomic_write_json(result, args.worker)
 
 
 # the report
@@ -447,7 +429,3 @@ def write_outputs(settings: Settings, results: List[PoolResult], command: str) -
     atomic_write_json({'command': command, 'environment': environment_line(), 'settings': dataclasses.asdict(settings),
                        'results': [dataclasses.asdict(r) for r in results]}, os.path.join(out, REPORT + '.json'))
     return text
-
-
-if __name__ == '__main__':
-    worker_main(sys.argv[1:])

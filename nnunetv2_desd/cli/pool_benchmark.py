@@ -47,8 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def worker_main(argv: List[str]) -> None:
+    """``python -m nnunetv2_desd.cli.pool_benchmark --worker RESULT.json [--warmup-steps W] [--steps S] --
+    <desd_pretrain options>``: measures one prepared run (``benchmarks.pool.measure_run``) and writes it as JSON."""
+    from nnunetv2_desd.benchmarks.pool import measure_run
+    from nnunetv2_desd.cli.pretrain import parse_config
+    from nnunetv2_desd.common.checkpoint import atomic_write_json
+    split = argv.index('--') if '--' in argv else len(argv)
+    p = ArgumentParser(prog=f'{PROG} --worker')
+    p.add_argument('--worker', required=True, help='the JSON file for the result')
+    p.add_argument('--warmup-steps', type=int, default=2)
+    p.add_argument('--steps', type=int, default=10)
+    args = p.parse_args(argv[:split])
+    with command_errors(p.prog):
+        cfg, _ = parse_config(argv[split + 1:])
+        result = measure_run(cfg, args.warmup_steps, args.steps)
+    atomic_write_json(result, args.worker)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if '--worker' in argv:
+        worker_main(argv)
+        return
     args = vars(build_parser().parse_args(argv))
     with command_errors(PROG):
         from nnunetv2_desd.benchmarks.pool import Settings, run_benchmark, write_outputs

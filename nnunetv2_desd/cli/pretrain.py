@@ -134,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_options(options: dict) -> PretrainConfig:
     """The run's configuration from the parsed options that are PretrainConfig fields (``--amp on|off`` read as a
-    switch; options left out take the method's and the recipe's defaults)."""
-    amp = options.get('amp')
-    return PretrainConfig.create(**{**options, 'amp': None if amp is None else amp == 'on'})
+    switch; one dataset as a name, several as a list; options left out take the method's and the recipe's
+    defaults)."""
+    amp, dataset = options.get('amp'), options['dataset']
+    if isinstance(dataset, list) and len(dataset) == 1:
+        dataset = dataset[0]
+    return PretrainConfig.create(**{**options, 'dataset': dataset, 'amp': None if amp is None else amp == 'on'})
 
 
 def parse_options(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, bool, Tuple[int, int]]:

@@ -55,8 +55,19 @@ def _in_pool(function: Callable, jobs: Iterable, processes: int, stage: str, bar
                 yield future.result()
                 bar.update()
     except BrokenProcessPool:
+        _end_processes(executor)
         raise DesdError(f'{stage}: a worker process died (killed by the system, e.g. out of memory?). The cases '
                         f'finished so far are kept; run the same command again to go on, with a smaller -np if memory '
                         f'is short.') from None
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _end_processes(executor: ProcessPoolExecutor) -> None:
+    """Ends the pool's remaining processes: after one died, the others may wait on queues left in a dirty state
+    (``_processes`` is the executor's own table of its processes)."""
+    processes = list((getattr(executor, '_processes', None) or {}).values())
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(5)

@@ -111,8 +111,8 @@ class Pretrainer:
                                                      'entropy': (math.log(cfg.out_dim), 'ln K')})
 
     def to(self, target) -> 'Pretrainer':
-        """Moves (or casts) every module the engine runs: the whole planned network (the decoder too, which ReFs
-        trains), the student's heads, the teacher and the loss's state."""
+        """Moves (or casts) every module the engine runs: the whole planned network (the decoder too, which a method
+        may train), the student's heads, the teacher and the loss's state."""
         for module in (self.network, self.student, self.teacher, self.loss):
             module.to(target)
         return self
