@@ -14,27 +14,10 @@ import pytest
 
 from conftest import nnunet_env, run_command
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.planning import PreparedData
 
 VIEW, ATTENUATION = 'lateral', 'linear'
 N_CASES = 6
-
-
-class Prepared:
-    """The parts of PreparedData that DRR writing and CADS.build use (module level: jobs pickle it)."""
-
-    def __init__(self, data_folder, identifiers, plans, dataset_json, dataset_name):
-        self.data_folder, self.identifiers, self.plans = data_folder, list(identifiers), plans
-        self.dataset_json, self.dataset_name, self.configuration, self.drr_files = (dataset_json, dataset_name,
-                                                                                   '3d_fullres', None)
-
-    @property
-    def plans_manager(self):
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-        return PlansManager(self.plans)
-
-    @property
-    def configuration_manager(self):
-        return self.plans_manager.get_configuration(self.configuration)
 
 
 def _die(job):
@@ -61,7 +44,7 @@ def drr_dataset(tmp_path_factory):
                            dataset_json=load_json(preprocessed / 'dataset.json'))
 
 
-def fresh(drr_dataset, tmp_path, cases=None, keep_drrs=False) -> Prepared:
+def fresh(drr_dataset, tmp_path, cases=None, keep_drrs=False) -> PreparedData:
     """A private copy of the preprocessed dataset, without DRRs (and ledger) unless ``keep_drrs``."""
     copy = tmp_path / drr_dataset.name
     shutil.copytree(drr_dataset.preprocessed, copy)
@@ -70,8 +53,8 @@ def fresh(drr_dataset, tmp_path, cases=None, keep_drrs=False) -> Prepared:
         for f in folder.glob('*_drr_*.npy'):
             f.unlink()
         shutil.rmtree(copy / 'desd_drrs', ignore_errors=True)
-    return Prepared(str(folder), cases or drr_dataset.cases, drr_dataset.plans, drr_dataset.dataset_json,
-                    drr_dataset.name)
+    return PreparedData(drr_dataset.name, 'nnUNetPlans', '3d_fullres', drr_dataset.plans, drr_dataset.dataset_json,
+                        str(folder), list(cases or drr_dataset.cases), drr_dataset.name)
 
 
 def drr_files(prepared) -> dict:

@@ -139,6 +139,15 @@ def _one_error_line(stderr: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- tests
 
+def _sigkill_once_prepared(proc, folder: Path, cases: int) -> None:
+    """SIGKILLs ``proc``'s process group once ``cases`` cases are complete in ``folder`` (or after 300 s)."""
+    deadline = time.time() + 300
+    while proc.poll() is None and len(_pkls(folder)) < cases and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_during_preparation_then_same_command_finishes_without_redoing(tmp_path):
     env = nnunet_env(tmp_path)
     name = write_synthetic_dataset(env['nnUNet_raw'], 950, n_cases=12, shape=(24, 24, 24))
@@ -147,11 +156,7 @@ def test_sigkill_during_preparation_then_same_command_finishes_without_redoing(t
     args = ['-d', '950', *PREP, '-np', '1']
 
     proc = _start('desd_pretrain', args, env, tmp_path / 'first', delay=0.5)
-    deadline = time.time() + 300
-    while proc.poll() is None and len(_pkls(data)) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _sigkill_once_prepared(proc, data, 2)
     first_err = _read(tmp_path / 'first', '.err')
     assert proc.returncode == -signal.SIGKILL, f'the first run ended before the kill:\n{first_err[-3000:]}'
     before = _files(data)
@@ -383,11 +388,7 @@ def test_unlabelled_pool_resumes_after_sigkill(tmp_path):
     keys = [f'{source}__{c}' for c in _cases(tmp_path / 'raw' / source)]
 
     proc = _start('desd_preprocess_unlabelled', args, env, tmp_path / 'first', delay=0.5)
-    deadline = time.time() + 300
-    while proc.poll() is None and len(_pkls(pool)) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _sigkill_once_prepared(proc, pool, 2)
     assert proc.returncode == -signal.SIGKILL, _read(tmp_path / 'first', '.err')[-3000:]
     before, done = _files(pool), _pkls(pool)
     assert 2 <= len(done) < len(keys) and not record.exists()
