@@ -40,7 +40,8 @@ def _steps(rank: int, world_size: int, env: dict, data: torch.Tensor, results) -
                          head_norm='none', freeze_last_layer_epochs=0, lr=30.0, warmup_epochs=0)
     trainer = Pretrainer(cfg, prepare_pretraining_data('900'), ctx, env['nnUNet_results'])
     local = data.chunk(world_size, dim=1)[rank]  # (STEPS, BATCH / world, 2, *patch)
-    losses = [all_reduce_mean(trainer.train_step({'data': local[i]})).item() for i in range(STEPS)]  # mean over processes
+    # the step returns this process's loss: the mean over processes is what one process on the whole batch gives
+    losses = [all_reduce_mean(trainer.train_step({'data': local[i]})).item() for i in range(STEPS)]
     if rank == 0:
         results[world_size] = {'losses': losses, 'center': trainer.loss.center.clone(),
                                'teacher': {k: v.clone() for k, v in trainer.teacher.state_dict().items()}}

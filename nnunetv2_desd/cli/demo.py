@@ -124,7 +124,7 @@ def _study_export(folders: dict) -> str:
     if found:
         return found[0]
     cfg, _ = parse_config(['-d', str(POOL_ID), '-m', 'desd', '--plans-from', str(LABELLED_ID), '-p', STUDY_PLANS,
-                           *CPU_SETTINGS, *CPU_LR['desd'], *STUDY_PRETRAIN])
+                           '--c', *CPU_SETTINGS, *CPU_LR['desd'], *STUDY_PRETRAIN])  # --c: an interrupted study goes on
     return run(cfg)
 
 
@@ -202,6 +202,7 @@ def main(argv=None) -> None:
         _plan_labelled_dataset()
         print(f'[2/5] {labelled} planned and preprocessed by nnU-Net')
         cfg, _ = parse_config(['-d', str(POOL_ID), '-m', args.method, '--plans-from', str(LABELLED_ID),
+                               '--overwrite',  # a re-run of the demo starts over in its own folders
                                *(GPU_SETTINGS if args.full else CPU_SETTINGS + CPU_LR[args.method])])
         export = run(cfg)
         loss_text = loss_against_ln_k(export)

@@ -23,7 +23,7 @@ from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.workers import default_processes
 from nnunetv2_desd.data.locks import folder_lock
 from nnunetv2_desd.data.pool import CASE_SEPARATOR
-from nnunetv2_desd.data.preparation import missing_cases, prepare_cases
+from nnunetv2_desd.data.preparation import prepare_cases
 from nnunetv2_desd.data.raw import (RawDataset, bad_cases_message, check_cases, read_raw_dataset,
                                     resolve_dataset_name)
 
@@ -117,7 +117,7 @@ def as_pool(prepared) -> PreparedPool:
 
 
 def check_channel_names(raws: Sequence[RawDataset]) -> None:
-    """Every dataset of a pool has the same channels (names compared case-insensitively) and file reader."""
+    """Every dataset of a pool has the same channels (names compared case-insensitively), in the same order."""
     groups: Dict[str, List[RawDataset]] = {}
     for raw in raws:
         names = {str(k): str(v).lower() for k, v in raw.dataset_json['channel_names'].items()}
@@ -189,12 +189,6 @@ def prepare_pretraining_data(dataset: str, configuration: str = '3d_fullres', pl
     """One dataset prepared as ``prepare_pool`` prepares a pool (bad cases refused)."""
     return prepare_pool([dataset], configuration, plans, planner, plans_from, num_processes,
                         None if raw is None else [raw]).members[0]
-
-
-def missing_preparation(pool: PreparedPool) -> List[str]:
-    """'DATASET: N of M cases' for every member with cases not prepared (empty when all are)."""
-    return [f'{m.dataset_name}: {len(missing)} of {len(m.identifiers)} cases' for m in pool.members
-            for missing in [missing_cases(m.data_folder, m.identifiers)] if missing]
 
 
 def _preprocessed() -> str:

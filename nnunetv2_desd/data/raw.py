@@ -4,8 +4,9 @@ nnU-Net's raw layout is kept as it is: ``imagesTr/CASE_XXXX<file_ending>`` and a
 ``channel_names`` and ``file_ending``. ``labels`` and ``labelsTr`` are optional here.
 
 Every image is read once, in one pass that checks it and writes its body mask; the pass names every bad case
-(a corrupt file, a missing channel, a NaN voxel) and resumes where it stopped. The body masks that stand in for labels in nnU-Net's fingerprint (CT: voxels above -500 HU; other
-modalities: non-zero voxels), so CT normalisation statistics are taken over the body.
+(a corrupt file, a missing channel, a NaN voxel) and resumes where it stopped. The body masks stand in for labels
+in nnU-Net's fingerprint (CT: voxels above -500 HU; other modalities: non-zero voxels), so CT normalisation
+statistics are taken over the body.
 """
 import json
 import math

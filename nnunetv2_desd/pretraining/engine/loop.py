@@ -51,8 +51,8 @@ def output_folder_for(prepared: Union[PreparedPool, PreparedData], method: str) 
 
 
 class Pretrainer:
-    def __init__(self, cfg: PretrainConfig, prepared: Union[PreparedPool, PreparedData], dist_ctx: DistContext, output_folder: str,
-                 init: Optional[PretrainedExport] = None):
+    def __init__(self, cfg: PretrainConfig, prepared: Union[PreparedPool, PreparedData], dist_ctx: DistContext,
+                 output_folder: str, init: Optional[PretrainedExport] = None):
         """``init``: a PretrainedExport (``--init``) whose encoder starts student and teacher."""
         self.cfg, self.prepared, self.dist, self.output_folder = cfg, as_pool(prepared), dist_ctx, output_folder
         prepared = self.prepared
@@ -119,7 +119,8 @@ class Pretrainer:
 
     def worker_seeds(self, num_workers: int) -> list:
         """A seed per loader worker, distinct per process and worker and per start (step), from --seed."""
-        return [derived_seed(self.cfg.seed, self.dist.rank, 'worker', worker, self.step) for worker in range(num_workers)]
+        return [derived_seed(self.cfg.seed, self.dist.rank, 'worker', worker, self.step)
+                for worker in range(num_workers)]
 
     def method_loader(self, views, num_workers: int):
         """The training batches of the method: ``views`` (the view loader's batches), or more."""
@@ -146,11 +147,12 @@ class Pretrainer:
         return self.step // self.cfg.iters_per_epoch
 
     def lr(self, step: Optional[int] = None) -> float:
-        return warmup_cosine(self.step if step is None else step, self.total_steps, self.cfg.warmup_epochs * self.cfg.iters_per_epoch,
-                             self.peak_lr, self.cfg.min_lr)
+        return warmup_cosine(self.step if step is None else step, self.total_steps,
+                             self.cfg.warmup_epochs * self.cfg.iters_per_epoch, self.peak_lr, self.cfg.min_lr)
 
     def teacher_momentum(self, step: Optional[int] = None) -> float:
-        return cosine(self.step if step is None else step, self.total_steps, self.cfg.teacher_momentum, self.cfg.teacher_momentum_end)
+        return cosine(self.step if step is None else step, self.total_steps, self.cfg.teacher_momentum,
+                      self.cfg.teacher_momentum_end)
 
     def weight_decay(self, step: Optional[int] = None) -> float:
         if self.cfg.weight_decay_end is None:
@@ -258,7 +260,8 @@ class Pretrainer:
                           lr=self.lr(first), weight_decay=self.weight_decay(first), epoch_time=time.time() - start,
                           **means)
             self.progress.record(epoch, **values)
-            self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' + ', '.join(f'{k} {v:.4g}' for k, v in values.items()))
+            self.progress.log(f'epoch {epoch + 1}/{cfg.epochs}: ' +
+                              ', '.join(f'{k} {v:.4g}' for k, v in values.items()))
             self.progress.plot()
         self.epoch_sums = RunningMeans(self.device)
         self.save_checkpoint('checkpoint_latest.pth')  # every process: the RNG states are gathered
