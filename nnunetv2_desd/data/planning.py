@@ -24,8 +24,7 @@ from nnunetv2_desd.common.workers import default_processes
 from nnunetv2_desd.data.locks import folder_lock
 from nnunetv2_desd.data.pool import CASE_SEPARATOR
 from nnunetv2_desd.data.preparation import prepare_cases
-from nnunetv2_desd.data.raw import (RawDataset, bad_cases_message, check_cases, read_raw_dataset,
-                                    resolve_dataset_name)
+from nnunetv2_desd.data.raw import RawDataset, check_cases, read_raw_dataset, refuse_bad_cases, resolve_dataset_name
 
 BODY_MASK_FOLDER = 'desd_body_masks'
 
@@ -146,13 +145,13 @@ def prepare_pool(datasets: Sequence[str], configuration: str = '3d_fullres', pla
         _require_plans(source, source_plans, configuration)
 
     problems = {raw.name: check_cases(raw, _mask_folder(raw), num_processes, part, parts) for raw in raws}
-    _refuse_bad_cases(raws, problems, exclude_bad_cases)
+    refuse_bad_cases(raws, problems, exclude_bad_cases)
     root_of = {raw.name: join(_preprocessed(), raw.name) for raw in raws}
     if parts > 1 and source in root_of and not isfile(join(root_of[source], source_plans + '.json')):
         # planning reads every case of the planned dataset: check the ones no part has checked yet
         planned = next(raw for raw in raws if raw.name == source)
         problems[source] = check_cases(planned, _mask_folder(planned), num_processes)
-        _refuse_bad_cases(raws, problems, exclude_bad_cases)
+        refuse_bad_cases(raws, problems, exclude_bad_cases)
 
     members = []
     for raw in raws:
@@ -175,12 +174,6 @@ def prepare_pool(datasets: Sequence[str], configuration: str = '3d_fullres', pla
         members.append(PreparedData(raw.name, identifier, configuration, plans_dict, dataset_json, data_folder,
                                     sorted(cases), source, excluded=excluded))
     return PreparedPool(members, list(dataset_weights) if dataset_weights is not None else None)
-
-
-def _refuse_bad_cases(raws: Sequence[RawDataset], problems: Dict[str, Dict[str, str]], exclude: bool) -> None:
-    if not exclude and any(problems.values()):
-        raise DesdError(' '.join(bad_cases_message(raw, problems[raw.name], '--exclude-bad-cases')
-                                 for raw in raws if problems[raw.name]))
 
 
 def prepare_pretraining_data(dataset: str, configuration: str = '3d_fullres', plans: Optional[str] = None,

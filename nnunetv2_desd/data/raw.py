@@ -313,6 +313,14 @@ def check_cases(raw: RawDataset, mask_folder: Optional[str], num_processes: int 
     return problems
 
 
+def refuse_bad_cases(raws: List[RawDataset], problems: Dict[str, Dict[str, str]], exclude: bool) -> None:
+    """One DesdError naming the bad cases of every dataset (``problems``: dataset name -> {case: problem}), unless
+    ``exclude`` (--exclude-bad-cases) leaves them out."""
+    if not exclude and any(problems.values()):
+        raise DesdError(' '.join(bad_cases_message(raw, problems[raw.name], '--exclude-bad-cases')
+                                 for raw in raws if problems.get(raw.name)))
+
+
 def bad_cases_message(raw: RawDataset, problems: Dict[str, str], option: str) -> str:
     """One line naming every bad case, the count, and the option that leaves them out."""
     listed = '; '.join(f'{case}: {problem}' for case, problem in sorted(problems.items()))

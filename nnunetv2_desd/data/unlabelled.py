@@ -15,7 +15,7 @@ from nnunetv2_desd.data.locks import folder_lock
 from nnunetv2_desd.data.pool import CASE_SEPARATOR, POOL_FORMAT, POOL_VERSION, pool_paths
 from nnunetv2_desd.data.preparation import missing_cases, prepare_cases
 from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
-from nnunetv2_desd.data.raw import bad_cases_message, check_cases, read_raw_dataset, resolve_dataset_name
+from nnunetv2_desd.data.raw import check_cases, read_raw_dataset, refuse_bad_cases, resolve_dataset_name
 
 
 def _same_names(a: dict, b: dict) -> bool:
@@ -69,9 +69,7 @@ def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: s
         _check_source(raw, name, labelled_json, reader_class, allow_other_channel_names)
         sources.append(raw)
     problems = {raw.name: check_cases(raw, None, num_processes, part, parts) for raw in sources}
-    if any(problems.values()) and not exclude_bad_cases:
-        raise DesdError(' '.join(bad_cases_message(raw, problems[raw.name], '--exclude-bad-cases')
-                                 for raw in sources if problems[raw.name]))
+    refuse_bad_cases(sources, problems, exclude_bad_cases)
     cases = {f'{raw.name}{CASE_SEPARATOR}{case}': (files, None) for raw in sources
              for case, files in raw.cases.items() if case not in problems[raw.name]}
 
