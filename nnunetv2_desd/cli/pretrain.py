@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='processes for checking, fingerprinting, preprocessing and DRRs (default: nnU-Net\'s '
                         'default_num_processes, nnUNet_def_n_proc)')
     p.add_argument('--seed', type=int, help=_default('seed'))
+    p.add_argument('--deterministic', action='store_true',
+                   help='reproducible pre-training: ordered loader workers and deterministic torch algorithms '
+                        '(slower); the same seed gives the same run on the same machine')
     p.add_argument('--preprocess-only', action='store_true',
                    help='check, plan and preprocess (and make the DRRs), then stop. Resumes where an interrupted '
                         'preparation stopped and prepares only cases not prepared yet')

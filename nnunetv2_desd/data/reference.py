@@ -11,8 +11,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.loading import WorkerSeeded, start_augmenter
 from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 from nnunetv2_desd.data.planning import PreparedData
 from nnunetv2_desd.data.raw import resolve_dataset_name
@@ -98,15 +100,16 @@ def augmentation_geometry(patch_size: Sequence[int]):
     return rotation, dummy_2d, initial, (0, 1, 2)
 
 
+class ReferenceLoader(WorkerSeeded, nnUNetDataLoader):
+    """nnU-Net's loader, its torch generator seeded in each worker."""
+
+
 def build_reference_loader(reference: PreparedData, patch_size: Sequence[int], batch_size: int,
                            deep_supervision_scales: Sequence[Sequence[float]], num_workers: int,
-                           pin_memory: bool = False):
+                           pin_memory: bool = False, seeds: Optional[Sequence[int]] = None, ordered: bool = False):
     """Infinite iterator of nnU-Net training batches of the reference: {'data': (B, C, *patch), 'target': one
     (B, 1, *patch * scale) label map per deep-supervision output, 'keys'}; nnU-Net's loader (a third of the
     samples around foreground), its training augmentation and its deep-supervision targets."""
-    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     lm, cm = reference.label_manager, reference.configuration_manager
@@ -116,12 +119,9 @@ def build_reference_loader(reference: PreparedData, patch_size: Sequence[int], b
         use_mask_for_norm=cm.use_mask_for_norm, is_cascaded=False, foreground_labels=lm.foreground_labels,
         regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
     dataset = infer_dataset_class(reference.data_folder)(reference.data_folder, reference.identifiers)
-    loader = nnUNetDataLoader(dataset, batch_size, initial_patch, [int(p) for p in patch_size], lm,
+    loader = ReferenceLoader(dataset, batch_size, initial_patch, [int(p) for p in patch_size], lm,
                               oversample_foreground_percent=REFERENCE_OVERSAMPLE_FOREGROUND, transforms=transforms)
-    if num_workers == 0:
-        return SingleThreadedAugmenter(loader, None)
-    return NonDetMultiThreadedAugmenter(loader, None, num_workers, max(6, num_workers // 2), None,
-                                        pin_memory=pin_memory)
+    return start_augmenter(loader, num_workers, seeds, pin_memory, ordered)
 
 
 class WithReference:

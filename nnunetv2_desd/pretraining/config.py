@@ -160,6 +160,7 @@ class PretrainConfig:
     num_workers: Optional[int] = None      # augmentation processes; default nnU-Net's get_allowed_n_proc_DA()
     num_preprocessing_processes: Optional[int] = None  # default: nnU-Net's default_num_processes
     seed: int = 12345
+    deterministic: bool = False            # ordered loader workers, deterministic torch algorithms
     # the pool
     dataset_weights: Optional[List[float]] = None  # sampling weight per dataset; None: uniform over cases
     exclude_bad_cases: bool = False        # leave the cases the image check names out (recorded) instead of stopping

@@ -4,6 +4,8 @@ import os
 import sys
 import time
 import uuid
+
+import torch
 from typing import List, Optional, Tuple
 
 from nnunetv2_desd.common.errors import DesdError
@@ -106,12 +108,22 @@ def start_or_resume(cfg: PretrainConfig, folder: str, checkpoint: str) -> bool:
     return False
 
 
+def use_deterministic_torch() -> None:
+    """torch's deterministic algorithms (a warning names an op that has none), cuDNN without autotuning, and the
+    cuBLAS workspace that deterministic CUDA matrix products need (read when cuBLAS starts)."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def run(cfg: PretrainConfig, preprocess_only: bool = False, share: Tuple[int, int] = (0, 1)) -> Optional[str]:
     """Checks, prepares the data (rank 0), pre-trains, and returns the export path."""
     init = read_export(cfg.init) if cfg.init is not None else None  # its structure is checked before any work
+    if cfg.deterministic:
+        use_deterministic_torch()
     ctx = init_distributed('cpu' if preprocess_only else cfg.device)  # preparation needs no GPU
-    if ctx.device.type == 'cuda':
-        import torch
+    if ctx.device.type == 'cuda' and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # as nnU-Net's trainer
     prepared = prepare_data(cfg, ctx, share)
     cfg.plans = prepared.plans_identifier
@@ -134,7 +146,8 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False, share: Tuple[int, in
     loader = trainer.method_loader(build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
                                                      pin_memory=ctx.device.type == 'cuda',
                                                      drr_files=prepared.drr_files,
-                                                     seeds=trainer.worker_seeds(workers)), workers)
+                                                     seeds=trainer.worker_seeds(workers),
+                                                     ordered=cfg.deterministic), workers)
     try:
         trainer.run(loader)
     finally:

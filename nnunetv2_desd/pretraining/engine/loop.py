@@ -117,9 +117,9 @@ class Pretrainer:
             module.to(target)
         return self
 
-    def worker_seeds(self, num_workers: int) -> list:
-        """A seed per loader worker, distinct per process and worker and per start (step), from --seed."""
-        return [derived_seed(self.cfg.seed, self.dist.rank, 'worker', worker, self.step)
+    def worker_seeds(self, num_workers: int, *loader: str) -> list:
+        """A seed per loader worker, distinct per process, loader, worker and start (step), from --seed."""
+        return [derived_seed(self.cfg.seed, self.dist.rank, 'worker', *loader, worker, self.step)
                 for worker in range(num_workers)]
 
     def method_loader(self, views, num_workers: int):

@@ -302,7 +302,9 @@ class ReFs(DeSD):
         """The view batches, each with a reference batch under 'reference'."""
         reference = build_reference_loader(self.data, trainer.patch_size, self.batch_size,
                                            self.deep_supervision_scales, num_workers,
-                                           pin_memory=trainer.device.type == 'cuda')
+                                           pin_memory=trainer.device.type == 'cuda',
+                                           seeds=trainer.worker_seeds(num_workers, 'reference'),
+                                           ordered=trainer.cfg.deterministic)
         return WithReference(views, reference)
 
     def export_weights(self, trainer, weights):

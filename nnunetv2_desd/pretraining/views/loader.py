@@ -2,12 +2,11 @@
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch.nn import functional as F
 
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.loading import WorkerSeeded, start_augmenter
 from nnunetv2_desd.data.planning import PreparedData, PreparedPool, as_pool
 from nnunetv2_desd.data.pool import PoolDataset
 from nnunetv2_desd.pretraining.views.augmentation import TwoViews, context_patch_size, desd_view_pipeline
@@ -29,7 +28,7 @@ def resize_drr(drr: torch.Tensor, patch_size: Sequence[int], channels: int) -> t
     return image.unsqueeze(1 + axis).expand(channels, *[1 if i == axis else p for i, p in enumerate(patch_size)])
 
 
-class PoolLoader(nnUNetDataLoader):
+class PoolLoader(WorkerSeeded, nnUNetDataLoader):
     """nnU-Net's loader whose batch becomes ``{LOADER_ERROR: message}`` when a case cannot be read, so the message
     reaches the training process through the batch queue (the engine raises it) instead of a worker's traceback."""
 
@@ -76,10 +75,11 @@ class ViewsAndDrrLoader(PoolLoader):
 
 def build_view_loader(prepared: Union[PreparedPool, PreparedData], patch_size: Sequence[int], batch_size: int,
                       num_workers: int, pin_memory: bool = False, drr_files: Optional[Dict[str, str]] = None,
-                      seeds: Optional[Sequence[int]] = None):
+                      seeds: Optional[Sequence[int]] = None, ordered: bool = False):
     """Infinite iterator of {'data': (B, 2C, *patch), 'keys': ...} (plus 'drr' given ``drr_files``) over every case
     of the pool (``dataset_weights``: per-dataset sampling); random locations, no foreground oversampling. Without
-    workers the loader draws from this process's RNGs."""
+    workers the loader draws from this process's RNGs; ``seeds`` (one per worker) and ``ordered``: see
+    ``start_augmenter``."""
     prepared = as_pool(prepared)
     dataset = PoolDataset(prepared.cases(), prepared.preparation_command)
     loader_class, extra = (PoolLoader, {}) if drr_files is None else (ViewsAndDrrLoader, {'drr_files': drr_files})
@@ -87,10 +87,7 @@ def build_view_loader(prepared: Union[PreparedPool, PreparedData], patch_size: S
                           oversample_foreground_percent=0.0,
                           sampling_probabilities=prepared.sampling_probabilities(dataset.identifiers),
                           transforms=TwoViews(desd_view_pipeline(patch_size)), **extra)
-    if num_workers == 0:
-        return SingleThreadedAugmenter(loader, None)
-    # ``seeds``: one per worker, which seeds its numpy and torch (batchgeneratorsv2 draws augmentations with torch)
-    return NonDetMultiThreadedAugmenter(loader, None, num_workers, 6, seeds, pin_memory=pin_memory)
+    return start_augmenter(loader, num_workers, seeds, pin_memory, ordered)
 
 
 def finish_loader(loader) -> None:
