@@ -17,7 +17,7 @@ METHOD_DEFAULTS = {name: dict(method.official_settings) for name, method in METH
 SCALED_EPOCH_COUNTS = ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs')
 # --recipe: 'official' is the method's published recipe (the dataclass defaults plus METHOD_DEFAULTS); 'small-batch'
 # (the default) changes what breaks at nnU-Net's batch of 2 volumes x 2 views per process, as measured with
-# desd_probe and the loss diagnostics (README, "Pre-training at nnU-Net's batch sizes"): running statistics instead of
+# desd_probe and the loss diagnostics (docs/methods.md, "Small batches"): running statistics instead of
 # batch statistics in the heads, Sinkhorn-Knopp targets over a queue instead of a centre, K scaled to that queue
 # (K <= 4 x queue keeps the targets sharp), a sharper teacher, a faster-moving teacher.
 RECIPES = {

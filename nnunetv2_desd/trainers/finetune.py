@@ -29,7 +29,7 @@ FINETUNE_RECIPES = {
     'pretrained': {'initial_lr': 1e-3, 'enable_deep_supervision': False},  # nnU-Net main's PretrainedTrainer
     'vanilla': {'initial_lr': 1e-2, 'enable_deep_supervision': True},  # nnUNetTrainer's own values
 }
-DEFAULT_FINETUNE_RECIPE = 'vanilla'  # measured: README, label-efficiency study
+DEFAULT_FINETUNE_RECIPE = 'vanilla'  # measured: docs/studies.md, label-efficiency study
 WARMUP_SHARE = 0.05  # nnU-Net main: 50 warm-up epochs of 1000
 
 
