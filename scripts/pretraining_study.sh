@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The pre-training study behind the README's "Pre-training at nnU-Net's batch sizes": on the demo's data (its pool of
+# The pre-training study of docs/studies.md ("The pre-training study"): on the demo's data (its pool of
 # 8 crops, its CPU settings), pre-trains each recipe variant and probes every export with desd_probe against 3 random
 # initialisations of the same network.
 #

@@ -1,5 +1,5 @@
 """nnssl interoperability: the nnssl_adaptation_plan of our exports, read back as nnU-Net main's route reads it; nnssl
-checkpoints (built here from the schema of METHODS §7, a small ResidualEncoderUNet) planned like, fine-tuned through
+checkpoints (built here from the schema in docs/nnssl.md, a small ResidualEncoderUNet) planned like, fine-tuned through
 stock nnUNetv2_train and predicted; --init from both kinds; bad checkpoints refused in one line."""
 import importlib
 import json
@@ -208,7 +208,7 @@ def test_the_resenc_l_preset_is_read_as_nnssls_architecture(tmp_path):
     meta = metadata_from_plan(plan, weights, 'BaseMAETrainer', 'x.pth')
     arch = meta['architecture']
     assert arch['network_class_name'] == 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'
-    kw = arch['arch_kwargs']  # METHODS §7: 6 stages, 32..320, 3x3x3, strides 1,2,2,2,2,2, blocks 1,3,4,6,6,6
+    kw = arch['arch_kwargs']  # docs/nnssl.md: 6 stages, 32..320, 3x3x3, strides 1,2,2,2,2,2, blocks 1,3,4,6,6,6
     assert kw['features_per_stage'] == [32, 64, 128, 256, 320, 320] and kw['n_blocks_per_stage'] == [1, 3, 4, 6, 6, 6]
     assert kw['strides'] == [[1, 1, 1]] + [[2, 2, 2]] * 5 and kw['kernel_sizes'] == [[3, 3, 3]] * 6
     assert kw['n_conv_per_stage_decoder'] == [1] * 5 and kw['norm_op'].endswith('InstanceNorm3d')

@@ -1,14 +1,9 @@
 """Training-memory estimates without a GPU: autograd's saved tensors of one forward pass on the meta device.
 
-nnU-Net sizes its U-Net's patch and batch with a calibrated proxy, ``compute_conv_feature_map_size`` (number of
-feature-map elements per sample): 560e6 elements for batch 2 fit its 8 GB target. A transformer has no such count,
-so the same budget is expressed in what both architectures share, the bytes autograd keeps for the backward pass:
-
-    kappa      = saved bytes / feature-map elements of nnU-Net's reference PlainConvUNet (patch 128^3, 6 stages)
-    equivalent = saved bytes of the network at its patch / kappa        (a count nnU-Net's reference applies to)
-    batch      = round(560e6 * (GB / 8) / equivalent * 2)               (nnU-Net's rule, then >= 2, <= 5 % of data)
-
-Meta tensors carry shapes only, so a forward of a full-size network takes well under a second on a CPU.
+nnU-Net sizes its U-Net's patch and batch by feature-map elements (``compute_conv_feature_map_size``); a transformer
+has no such count, so its saved bytes are converted to nnU-Net's units through its reference PlainConvUNet and then
+nnU-Net's batch rule applies. Meta tensors carry shapes only, so this takes well under a second on a CPU.
+The formulas: docs/pvt_unet.md.
 """
 import math
 from functools import lru_cache

@@ -1,49 +1,11 @@
 """PVT-UNet: a PVTv2-b1-style 3D pyramid vision transformer encoder with nnU-Net's U-Net decoder (CADS's
-downstream network, never released by the authors; built here from the paper's description).
+downstream network, never released by its authors; built here from the paper's description).
 
-nnU-Net builds it from plans like its own U-Nets (``get_network_from_plans``)::
-
-    "architecture": {"network_class_name": "nnunetv2_desd.architectures.pvt_unet.PVTUNet",
-                     "arch_kwargs": {<PVTUNet's keyword arguments>}, "_kw_requires_import": []}
-
-Encoder (``network.encoder``: ``output_channels``, ``strides``, ``return_skips`` as nnU-Net's encoders), default
-(PVTv2-b1, ``default_arch_kwargs()``), one stage per resolution:
-
-    stage  kind          stride    channels  blocks  heads  MLP ratio  SR ratio
-    0      2 convs       (1,1,1)   32        -
-    1      2 convs       (1,2,2)   64        -
-    2      transformer   (2,2,2)   64        2       1      8          8
-    3      transformer   (2,2,2)   128       2       2      8          4
-    4      transformer   (2,2,2)   320       2       5      4          2
-    5      transformer   (2,2,2)   512       2       8      4          1
-
-Stages 0-1 (3^3 conv, instance norm, leaky ReLU, as nnU-Net's) and stage 2's patch embedding form the
-convolutional stem of total stride (2, 4, 4); stages 0-1 also give the decoder its full- and half-resolution skips.
-A transformer stage is an overlapping patch embedding (3^3 convolution with the stage's stride, LayerNorm), PVTv2
-blocks, and a LayerNorm. A PVTv2 block on tokens x (B, N, C) of a grid (d, h, w):
-
-    x = x + DropPath(SRA(LN(x)))   SRA: multi-head attention, keys/values from the grid reduced by an r^3,
-                                   stride-r convolution + LN (spatial-reduction attention, r = SR ratio)
-    x = x + DropPath(MLP(LN(x)))   MLP: Linear -> 3^3 depth-wise convolution -> GELU -> Linear
-
-There is no position embedding (the depth-wise convolution carries position, as in PVTv2), so no parameter depends
-on the input size: the SR convolution replicate-pads any grid to a multiple of r, and ``PVTUNet`` pads its input to
-a multiple of the total stride and crops its outputs back.
-
-Decoder: nnU-Net's ``UNetDecoder`` (transposed convolutions, conv blocks, ``seg_layers``): deep supervision and
-parameter names (``decoder.seg_layers.*``, which ``-pretrained_weights`` skips) are nnU-Net's, and the plans'
-``strides`` (= ``pool_op_kernel_sizes``) are the scales of the deep-supervision outputs.
-
-2D path (CADS's radiographs). An input with exactly one spatial axis of size 1 -- a DRR (B, C, *patch) with size 1
-on the projection axis, or a 4D (B, C, H, W) image, taken as size 1 on the depth axis 0 -- goes through parallel 2D
-embeddings (``encoder.drr_path``: 2D conv stages and 2D patch embeddings, 3x3 kernels, with each stage's strides on
-the two remaining axes, so DRR tokens line up with the CT's tokens) and then through the SAME transformer blocks
-and norms as a 3D input (attention, MLP, SR and depth-wise convolution weights shared). Inside the shared blocks
-every operator treats the 2D input as a volume constant along the projection axis: the depth-wise and SR
-convolutions pad by replication, so on the singleton axis they apply their kernel summed over that axis, and a
-block's output for a 2D map equals its output for the map repeated along the projection axis. Features come back
-with the singleton axis kept (4D for a 4D input). The segmentation network never uses the 2D path and freezes it
-(no gradients, so DDP finds no unused parameters); pre-training unfreezes it (``set_drr_path_trainable``).
+``PVTUNet`` is named in plans (``network_class_name``, ``arch_kwargs``) and built by nnU-Net's
+``get_network_from_plans``; ``default_arch_kwargs()`` gives PVTv2-b1. Its encoder has nnU-Net's interface
+(``output_channels``, ``strides``, ``return_skips``); the decoder is nnU-Net's ``UNetDecoder``. A 2D input (a DRR)
+takes ``encoder.drr_path`` into the same transformer blocks (``set_drr_path_trainable``).
+Design (stages, blocks, the 2D path): docs/pvt_unet.md.
 """
 from typing import List, Optional, Sequence
 

@@ -1,18 +1,9 @@
 """The DMD benchmark: iteration time of a DMD trainer against nnU-Net's vanilla trainer on the same plans (a
 measurement, not a test).
 
-Run by ``desd_dmd_benchmark`` (``nnunetv2_desd.cli.dmd_benchmark``). Both trainers are built as nnUNetv2_train
-builds them (same plans, configuration and fold; their log folders go to a temporary nnUNet_results) and run their
-own ``train_step``:
-
-- compute: batches drawn from each trainer's own loaders beforehand, then ``train_step`` alone is timed (forward,
-  losses, backward, optimizer step);
-  also as CPU time of the main process (all its threads), which other processes' load does not inflate;
-- end to end: ``train_step(next(dataloader_train))`` as nnU-Net's training loop runs it, with live loaders
-  (nnUNet_n_proc_DA workers each; 0 runs augmentation in the main process).
-
-The trainers' steps alternate, so that load from other processes falls on both alike. The DMD fold needs
-unlabelled cases (a labelled-fraction fold or a desd_preprocess_unlabelled pool).
+Run by ``desd_dmd_benchmark`` (``nnunetv2_desd.cli.dmd_benchmark``). Both trainers are built as nnUNetv2_train builds
+them and run their own ``train_step``, alternating: on batches drawn beforehand (wall and CPU time) and end to end
+with live loaders. The DMD fold needs unlabelled cases. Details and measured results: docs/benchmark.md, docs/dmd.md.
 """
 import contextlib
 import os

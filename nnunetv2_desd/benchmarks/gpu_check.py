@@ -2,16 +2,9 @@
 host synchronisations per step.
 
 ``python -m nnunetv2_desd.cli.gpu_check_report --steps STEPS.tsv -o gpu_check.md ...`` (the script's call), or
-``report_markdown`` from Python. STEPS.tsv has one line per step: name, exit code, seconds, log path, command,
-tab-separated. Nothing here imports torch or nnU-Net.
-
-The largest batch in a memory budget is extrapolated linearly (proportionally) from one measurement:
-``floor(budget_MiB * measured_batch / peak_MiB)``, e.g. a 6 GiB peak at batch 2 gives floor(24 * 2 / 6) = 8 in
-24 GiB. Memory that does not grow with the batch (weights, optimizer state) makes it conservative; what
-``torch.cuda.max_memory_allocated`` does not count (CUDA context, allocator cache, fragmentation) makes it optimistic.
-
-Host synchronisations: the JSON files of ``python -m nnunetv2_desd.cli.host_syncs`` (one per method), whose
-``syncs_per_step`` give the steps, mean and max.
+``report_markdown`` from Python. STEPS.tsv: name, exit code, seconds, log path, command per line, tab-separated.
+The batch in a budget is extrapolated in proportion to one measurement: floor(budget_MiB * batch / peak_MiB).
+Nothing here imports torch or nnU-Net. Details: docs/benchmark.md.
 """
 import csv
 import dataclasses

@@ -1,23 +1,10 @@
 """The pool-size benchmark: how the cost of a pre-training run grows with the number of cases N in its pool.
 
 Run by ``desd_pool_benchmark`` (``nnunetv2_desd.cli.pool_benchmark``). Each N gets nnU-Net folders of its own
-(``<out>/pools/N<N>/{raw,preprocessed,results}``) holding a synthetic CT-like pool of N cases, or the first N cases
-of an existing dataset (symlinked). Measured per N:
-
-* preparation per case: wall time of ``desd_pretrain -d ID --preprocess-only -np K -c 3d_fullres --patch-size P P P
-  -device D`` as a fresh process on the fresh pool (from just before it is started to its exit), divided by N;
-* start-up: in a worker process (``python -m nnunetv2_desd.cli.pool_benchmark --worker ...``, nnU-Net's folders in its
-  environment) that repeats what ``pretraining.run.run`` does before training, the data already prepared: the clock
-  starts just before ``init_distributed`` (after the imports, which do not depend on N) and stops once the first
-  batch is in hand (``prepare_data``, ``Pretrainer``, ``build_view_loader``, ``method_loader``, ``next(loader)``);
-* loader workers' peak RSS, DeSD and CADS: the largest ``VmHWM`` in ``/proc/<pid>/status`` among the augmentation
-  processes the loader started (children of the worker that appear while the loader is built and started), read
-  after the timed steps;
-* seconds per step, DeSD and CADS: ``Pretrainer.train_step(next(loader))`` with the real loader, mean over the timed
-  steps after the warm-up steps (the first warm-up step trains on the start-up's batch).
-
-Ratios: value at the largest N / value at the smallest; targets in ``MEASURES``. Report: pool_benchmark.md/.csv/.png
-(and .json with every raw number), written atomically.
+(``<out>/pools/N<N>``) with a synthetic pool or the first N cases of a dataset. Measured per N: preparation per
+case, start-up to the first batch, the loader workers' peak RSS and seconds per step (DeSD and CADS); the ratio of
+the largest to the smallest N is compared with its target in ``MEASURES``. Report: pool_benchmark.md/.csv/.png/.json.
+How each measure is taken, and the measured results: docs/scale.md.
 """
 import contextlib
 import csv

@@ -1,18 +1,10 @@
 """The DeSD pre-training benchmark: speed and memory of DeSD's step next to nnU-Net's supervised step.
 
 Run by ``desd_pretrain_benchmark`` (``nnunetv2_desd.cli.pretrain_benchmark``) without ``-m`` or with ``-m desd``.
-One run, one planned network, one patch and one batch size, three timed loops:
-
-* DeSD, in memory: ``Pretrainer.train_step`` on a few view batches fetched beforehand and reused;
-* DeSD, real loading: the same steps fed by ``build_view_loader`` (nnU-Net's loader and augmentation workers);
-* nnU-Net supervised: ``nnUNetTrainer.train_step`` (nnU-Net's own network, Dice+CE deep-supervision loss,
-  SGD, AMP on CUDA, gradient clipping) on random images and deep-supervision targets.
-
-Reported (benchmark.md/.csv/.png): seconds per iteration, iterations/s, peak memory, and two ratios with their
-targets: DeSD step / supervised step (target <= 1.5) and real-loading / in-memory throughput (target >= 0.9).
-Warm-up iterations are not timed; on CUDA the clock is read after ``torch.cuda.synchronize``. Both real
-training loops wait for the GPU at the end of every step anyway (desd_pretrain reads ``loss.item()``, nnU-Net
-copies the loss to the CPU), so a clock per iteration changes nothing.
+Three timed loops on one planned network, patch and batch: DeSD in memory, DeSD with real loading, and nnU-Net's
+``nnUNetTrainer.train_step``. Reports (benchmark.md/.csv/.png) seconds per iteration, iterations/s, peak memory,
+DeSD / supervised step (target <= 1.5) and real-loading / in-memory throughput (target >= 0.9).
+Details: docs/benchmark.md.
 """
 import contextlib
 import dataclasses

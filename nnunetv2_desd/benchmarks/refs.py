@@ -1,17 +1,9 @@
 """The ReFs benchmark: one ReFs step against one DeSD step, and the memory of each matching form.
 
-Run by ``desd_pretrain_benchmark -m refs`` (``nnunetv2_desd.cli.pretrain_benchmark``). Same network, patch, batch
-and pre-fetched batches for every loop (made by a ReFs Pretrainer's method loader, so each carries its reference
-batch; DeSD ignores it):
-
-* DeSD: ``Pretrainer.train_step`` of ``-m desd``;
-* ReFs fish: the first-order form (the default);
-* ReFs cosine: the explicit cosine term over all encoder stages (or ``--matching-stages N``), and over the
-  deepest stage only, the cheapest setting of the memory bound.
-
-Reported (refs_vs_desd.md/.csv/.png): seconds per step, memory (CUDA: max allocated per loop; every device: the
-peak and the sum of what autograd keeps for backward during one step, parameters excluded) and ReFs (default form)
-step / DeSD step, target <= 2.5.
+Run by ``desd_pretrain_benchmark -m refs`` (``nnunetv2_desd.cli.pretrain_benchmark``). DeSD, ReFs fish and ReFs
+cosine (all matched stages, and the deepest only) on the same network, patch and pre-fetched batches. Reports
+(refs_vs_desd.md/.csv/.png) seconds per step, memory (CUDA maximum; autograd's saved bytes on every device) and
+ReFs / DeSD step, target <= 2.5. Details and measured results: docs/benchmark.md, docs/refs.md.
 """
 import dataclasses
 import itertools

@@ -3,24 +3,10 @@
     desd_benchmark -d 501 -w EXPORT.pth -tr nnUNetTrainerDeSD --fractions 0.1 0.25 1.0 --subset-seeds 3
     desd_benchmark -d 501 -tr nnUNetTrainerDMD --fractions 0.1 0.2      # semi-supervised DMD: no -w
 
-Baselines: ``--baseline`` (vanilla ``nnUNetTrainer``: what users compare with) and, for a pre-trained trainer T
-with ``-w``, ``--scratch-baseline`` (default ``T_scratch``: T's own recipe and schedule without the weights, which
-isolates the initialisation; ``none`` leaves it out). The report shows tested − scratch and tested − vanilla.
-
-One cell is one (trainer, fold, labelled fraction, subset seed). Each cell is a stock ``nnUNetv2_train`` run; a
-fraction below 1 is an extra entry of nnU-Net's splits_final.json (see ``fractions``), one per subset seed
-(``--seed``, ``--seed`` + 1, ... for ``--subset-seeds N``), so the validation cases of a fold never change. A cell
-whose ``validation/summary.json`` exists is reused, one with ``checkpoint_final.pth`` only validates (``--val``),
-one with ``checkpoint_latest.pth`` continues (``--c``); the others start fresh, the tested trainer with
-``-pretrained_weights EXPORT``. The report (Markdown, CSV, PNG; ``report``) pairs per-case Dice.
-
-A DMD trainer (``nnUNetTrainerDMD`` and its variants) trains on the labelled fraction plus an unlabelled pool: the
-fold's training cases left out of the fraction, and the ``desd_preprocess_unlabelled`` pool where one exists. Before
-the first run, every DMD cell to run is checked to have unlabelled cases (a fraction of 1 leaves none out) and a pool
-made with the tested plans; a DMD trainer with ``-w`` is refused (it starts from two random initialisations).
-
-For clusters: ``--only tested --folds 3 --fractions 0.25`` runs exactly one cell; ``--print-commands`` prints the
-stock command of every cell still to run; ``--collect-only`` then writes the report from what exists.
+Baselines: vanilla nnU-Net (``--baseline``) and, for a pre-trained trainer T, its from-scratch twin
+(``--scratch-baseline``, default T_scratch). Each (trainer, fold, fraction, subset seed) is one stock
+nnUNetv2_train run; finished runs are reused. Clusters: ``--only``, ``--print-commands``, ``--collect-only``.
+The report pairs per-case Dice (bootstrap CI, Wilcoxon). Details: docs/benchmark.md.
 """
 import argparse
 import sys

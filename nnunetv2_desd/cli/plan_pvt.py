@@ -3,20 +3,11 @@
     desd_plan_pvt -d 500 501                  # plans (and preprocesses, if not done yet) each dataset
     desd_pretrain -d 500 -m cads -p nnUNetPlans_pvt
     nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerCADS -p nnUNetPlans_pvt -pretrained_weights EXPORT
-    nnUNetv2_predict -i IN -o OUT -d 501 -c 3d_fullres -tr nnUNetTrainerCADS -p nnUNetPlans_pvt -f 0
 
-For each dataset the stock plans (``-s``, default nnUNetPlans; made with nnU-Net's planner and preprocessed first
-when missing, labels optional) are copied under the new name with one configuration (default 3d_fullres) changed:
-
-- architecture: ``nnunetv2_desd.architectures.pvt_unet.PVTUNet`` with PVTv2-b1 ``arch_kwargs`` (or the dimensions given);
-  ``strides`` (nnU-Net's ``pool_op_kernel_sizes``) are the decoder's scales, so deep-supervision targets match.
-- patch size: the stock patch rounded to a multiple of the total stride (16, 32, 32), then reduced like nnU-Net
-  reduces its own (one stride step on the axis largest relative to the median image) until batch 2 fits.
-- batch size: nnU-Net's rule for a ``--gpu-memory-gb`` GPU (default 24 GB), with PVT-UNet's training memory
-  expressed in nnU-Net's feature-map units (``nnunetv2_desd.architectures.memory``), capped at 5 % of the dataset.
-- spacing, normalisation and ``data_identifier`` stay the stock plans', so the preprocessed data are shared.
-
-No parameter of PVT-UNet depends on the patch size, so an export from one dataset's PVT plans loads into another's.
+The stock plans (``-s``) are copied with one configuration changed: PVT-UNet's architecture, the patch rounded to
+the total stride (16, 32, 32) and reduced until batch 2 fits, and nnU-Net's batch rule for a ``--gpu-memory-gb``
+GPU. Spacing, normalisation and data_identifier stay the stock plans', so nothing is preprocessed twice.
+Details: docs/pvt_unet.md.
 """
 import argparse
 from typing import List, Optional

@@ -4,11 +4,9 @@
     desd_pool_benchmark --sizes 20 60 -o /tmp/pool      # other sizes, another folder
     desd_pool_benchmark -d 500 --sizes 50 200           # the first 50 and 200 cases of an existing dataset
 
-Per pool size N, in nnU-Net folders of its own (<out>/pools/N<N>, removed afterwards unless --keep): preparation
-seconds per case (desd_pretrain --preprocess-only), start-up seconds to the first batch once prepared, the loader
-workers' peak RSS and the seconds per training step, of DeSD and CADS. Writes pool_benchmark.md/.csv/.png/.json in
---out (the ratio largest / smallest N per measure, against its target) and prints the table; every subprocess' output
-goes to <out>/logs. What is measured, and how: ``nnunetv2_desd.benchmarks.pool``.
+Per pool size N: preparation seconds per case, start-up seconds to the first batch, the loader workers' peak RSS
+and the seconds per training step, of DeSD and CADS. Writes pool_benchmark.md/.csv/.png/.json in --out and prints
+the table. What is measured, and how: docs/scale.md (``nnunetv2_desd.benchmarks.pool``).
 """
 import argparse
 import shlex

@@ -3,18 +3,10 @@
     nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres
     desd_preprocess_unlabelled -d 501 -u 500 [502 ...] [-p nnUNetPlans] [-c 3d_fullres]
 
-Every image of the unlabelled datasets' ``imagesTr`` (nnU-Net raw layout; ``labels``/``labelsTr`` are not needed
-and not read) is read and checked first: every corrupt file, missing channel or NaN voxel is named in one message
-before any case is preprocessed (``--exclude-bad-cases`` leaves them out instead). The cases then go through the
-preprocessor class named in 501's plans, exactly as nnU-Net preprocesses an image for prediction (transpose, crop
-to the nonzero region, normalise with 501's intensity statistics, resample to 501's spacing), and are stored as
-nnU-Net blosc2 cases next to 501's data (see ``pool.py``). The seg file of such a case only marks the region outside the nonzero mask (-1), which nnU-Net's
-augmentation needs where the plans normalise within a mask; it holds no labels.
-
-Preparation is resumable and incremental: cases already preprocessed are kept, and ``--part I --parts N``
-splits the cases across jobs. The pool's record lists the cases of the datasets given in the last call, so list
-every unlabelled dataset at once. The labelled dataset's own cases are not given here: ``nnUNetTrainerDMD`` takes
-the cases left out of a labelled fraction (``desd_benchmark --fractions``) from 501's own preprocessed data.
+Every image of the unlabelled datasets' imagesTr is checked first (every bad case named in one message, or left
+out with --exclude-bad-cases), then preprocessed as nnU-Net preprocesses an image for prediction with 501's plans
+and stored next to 501's data as nnUNetTrainerDMD's unlabelled pool. Resumable and incremental; --part I --parts N
+splits the cases across jobs. List every unlabelled dataset in one call. Details: docs/dmd.md.
 """
 import argparse
 from typing import List, Optional

@@ -5,17 +5,9 @@
     desd_pretrain_benchmark -d 920 -m refs --reference 921 ...       # ReFs (both matching forms) vs DeSD
 
 desd_pretrain's options, plus the benchmark's own; the report goes to --out (default
-nnUNet_results/<dataset>/desd_benchmark):
-
-* ``-m desd`` (the default): DeSD's step, in memory and with real loading, against nnU-Net's supervised step;
-  benchmark.md/.csv/.png (``nnunetv2_desd.benchmarks.pretraining``). Targets: DeSD step / supervised step <= 1.5,
-  real-loading / in-memory throughput >= 0.9.
-* ``-m cads``: CADS's step against DeSD's; cads_vs_desd.md/.csv/.png (``nnunetv2_desd.benchmarks.cads``).
-  Targets: CADS / DeSD step <= 0.5, memory <= 0.6.
-* ``-m refs``: DeSD, ReFs fish and ReFs cosine (all matched stages and the deepest only); refs_vs_desd.md/.csv/.png
-  (``nnunetv2_desd.benchmarks.refs``). Target: ReFs fish step / DeSD step <= 2.5.
-
-Warm-up iterations are not timed; on CUDA the clock is read after ``torch.cuda.synchronize``.
+nnUNet_results/<dataset>/desd_benchmark). Targets: DeSD / supervised step <= 1.5 and real-loading / in-memory
+throughput >= 0.9 (-m desd); CADS / DeSD step <= 0.5 and memory <= 0.6 (-m cads); ReFs fish / DeSD step <= 2.5
+(-m refs). Details and measured results: docs/benchmark.md.
 """
 import argparse
 import dataclasses

@@ -2,20 +2,11 @@
 
     desd_probe -d 501 -w EXPORT.pth [EXPORT2.pth ...] [--labels desd desd dino ...]
 
-Answers "did pre-training learn anything useful?" in minutes on a CPU. Every encoder (each export, and the same
-planned architecture at nnU-Net's initialisation under ``--random-seeds``) is frozen; each stage's features of the
-labelled dataset's preprocessed cases feed a multinomial logistic regression per voxel (features trilinearly
-upsampled to the voxel grid, standardised, L2-regularised). k-fold over cases (nnU-Net's split function): the
-probe is fitted on the training cases' voxels and scored on the held-out cases, Dice per foreground label (mean
-over the labels present) and voxel accuracy, per stage, as mean +- sd over folds.
-
-Data: nnU-Net's dataset class over the plans' preprocessed folder; one window of the plans' patch per case,
-centred on the case's labelled foreground (zero-padded where the case is smaller). Network: nnU-Net's builder
-for the plans, the export's ``encoder.*`` tensors loaded strictly. The plans must be the export's (architecture,
-spacing, axis order, normalisation); other plans are refused, naming ``desd_plan_like_pretrained``.
-
-Exports given the same ``--labels`` entry form a group (e.g. three pre-training seeds of one recipe): the report
-adds the group's mean and sd over its exports, and its gain over the best and the mean random initialisation.
+Answers "did pre-training learn anything useful?" in minutes on a CPU: each stage's features of the labelled
+dataset's preprocessed cases feed a per-voxel logistic regression, k-fold over cases; Dice per foreground label and
+voxel accuracy per stage, mean +- sd over folds. The plans must be the export's (else: desd_plan_like_pretrained).
+Exports with the same ``--labels`` entry form a group (mean, sd, gain over the random initialisations).
+Details: docs/benchmark.md.
 """
 import argparse
 from typing import List, Optional

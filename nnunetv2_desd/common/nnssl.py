@@ -1,5 +1,5 @@
 """nnssl's checkpoint metadata, both ways: the ``nnssl_adaptation_plan`` every export carries, and our export metadata
-read from an nnssl checkpoint (``network_weights`` + ``nnssl_adaptation_plan``). Fields as METHODS §7 lists them.
+read from an nnssl checkpoint (``network_weights`` + ``nnssl_adaptation_plan``). Fields as docs/nnssl.md lists them.
 
 nnU-Net main's ``nnUNetv2_preprocess_like_nnssl`` indexes ``architecture_plans`` (``arch_class_name``,
 ``arch_kwargs``, ``arch_kwargs_requiring_import``), the single configuration of ``pretrain_plan`` (its ``spacing``,

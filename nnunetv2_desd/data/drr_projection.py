@@ -1,16 +1,9 @@
 """Digitally reconstructed radiographs (DRRs): a parallel-beam X-ray of a CT volume, pure numpy (CADS).
 
-CADS pairs every CT volume with one DRR. The official DRR casts rays through the HU-clipped volume from a
-source 20 000 mm away (a nearly parallel beam), lateral view, and min-max scales the ray sums to [-1, 1].
-Here the beam is exactly parallel and follows a voxel axis, so a ray sum is a sum along one array axis:
-
-    mu(v)   = MU_WATER * max(0, 1 + clip(HU(v)) / 1000)           (HU definition, solved for mu)
-    p(r)    = sum_{v on ray r} mu(v) * s                           (line integral; s = spacing along the ray, mm)
-    linear:        I(r) = p(r)                                      (-log of the transmitted fraction)
-    beer_lambert:  I(r) = 1 - exp(-p(r))                            (fraction of the beam absorbed)
-    DRR(r)  = 2 (I(r) - min I) / (max I - min I) - 1                (min-max to [-1, 1])
-
-Bright = more attenuation (bone), as on film.
+The beam is parallel and follows a voxel axis, so a ray sum is a sum along one array axis of the attenuation
+mu = MU_WATER * max(0, 1 + clip(HU) / 1000) times the spacing; ``linear`` keeps the ray sums, ``beer_lambert`` the
+absorbed fraction 1 - exp(-sum); then min-max to [-1, 1]. Bright = more attenuation (bone), as on film.
+The formulas and how they relate to the official DRR: docs/cads.md.
 """
 from typing import Sequence, Tuple
 

@@ -1,20 +1,10 @@
 """One DRR per preprocessed CT case, computed once and stored beside the case (CADS).
 
-``<data_folder>/<case>_drr_<view>_<attenuation>.npy`` holds float32 (1, a0, a1, a2) in [-1, 1], in the
-preprocessed case's axis order and shape, with size 1 on the projection axis, so DRR pixels line up with the
-preprocessed voxels. The DRR is cast from the raw HU image (not from the normalised preprocessed data):
-
-    raw HU (channel 0) -> transpose_forward -> crop to bbox_used_for_cropping -> rays at that spacing
-    -> bilinear (antialiased) resampling of the 2D image to the preprocessed shape -> min-max to [-1, 1]
-
-The projection axis comes from the image direction (SimpleITK ``sitk_stuff``, or the affine of nnU-Net's
-nibabel readers). A reader without either is assumed to give the standard axial layout (numpy z, y, x with
-x = patient right -> left, y = anterior -> posterior, z = feet -> head). nnU-Net ignores the files: its
-dataset classes list ``.b2nd``/``.npz`` cases only and ``infer_dataset_class`` skips ``.npy``.
-
-A ledger beside the data folder (``../desd_drrs/<data folder's name>_<view>_<attenuation>``) records, per case,
-the DRR's projection axis and the signatures of the DRR and of the case's ``.pkl``: checking a DRR takes two
-``os.stat`` calls, and the axes are known without opening any DRR.
+``<data_folder>/<case>_drr_<view>_<attenuation>.npy``: float32 (1, a0, a1, a2) in [-1, 1], in the preprocessed
+case's axis order and shape with size 1 on the projection axis, cast from the raw HU image (transposed and cropped
+as nnU-Net does). nnU-Net's dataset classes ignore ``.npy`` files. A ledger
+(``../desd_drrs/<data folder's name>_<view>_<attenuation>``) records each DRR's projection axis and signatures, so
+checking a DRR takes two ``os.stat`` calls. Details: docs/cads.md.
 """
 import copy
 import os

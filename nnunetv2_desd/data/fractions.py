@@ -1,15 +1,9 @@
 """Labelled fractions as extra folds of nnU-Net's own ``splits_final.json``.
 
-``nnUNetv2_train D C k`` trains on entry k of ``nnUNet_preprocessed/<Dataset>/splits_final.json`` for any k below
-the list's length. A fraction f of fold k is therefore one appended entry {'train': subset, 'val': fold k's val}:
-stock nnU-Net trains it, validates it on the unchanged validation cases and writes ``fold_<entry>/``.
-
-Subsets are nested: the sorted training cases of fold k are permuted once with the seed (seed, k), and fraction f
-keeps the first ``subset_size(f, n)`` = max(1, ceil(f * n)) of that permutation (0.5 of 11 cases is 6, 0.1 of 8 is 1);
-each subset seed gives another nested family. Fraction 1.0 is fold k itself, so finished vanilla
-runs are reused. Every appended entry is recorded in ``desd_fraction_folds.json`` next to the splits file;
-the standard entries are never changed. Writes are atomic and serialised by an flock, since cluster jobs may add
-folds at the same time.
+A fraction f of fold k is one appended entry {'train': subset, 'val': fold k's val}, so stock nnU-Net trains it.
+Subsets are nested prefixes of one seeded permutation of the fold's training cases, max(1, ceil(f * n)) cases each;
+fraction 1.0 is fold k itself. Appended entries are recorded in ``desd_fraction_folds.json``; the standard entries
+are never changed. Writes are atomic and serialised by an flock. Details: docs/benchmark.md.
 """
 import contextlib
 import fcntl

@@ -1,14 +1,10 @@
 """nnU-Net's fingerprint -> plan -> preprocess, for datasets that may have no labels.
 
-A pool of one or more datasets; every dataset ends in nnU-Net's own blosc2 files under ``nnUNet_preprocessed``:
-
-* unlabelled dataset: body masks (see ``raw.py``) take the place of the labels in the fingerprint and in
-  preprocessing; the preprocessed ``dataset.json`` lists them as labels ``{background, body}``.
-* labelled dataset: nnU-Net's stock route, untouched; the labels are simply not used by pre-training.
-* the run's plans are the first dataset's, or ``--plans-from X``'s: copied to the other datasets with nnU-Net's
-  ``move_plans_between_datasets`` under a new plans name, so the encoder transfers 1:1.
-
-Images are checked once (``raw.check_cases``) and preprocessed case by case (``preparation.prepare_cases``).
+Every dataset of a pool ends in nnU-Net's own blosc2 files. An unlabelled dataset's body masks (``raw.py``) stand in
+for labels (``{background, body}``); a labelled one goes nnU-Net's stock way. The run's plans are the first
+dataset's, or ``--plans-from X``'s, copied to the others with ``move_plans_between_datasets``. Images are checked
+once (``raw.check_cases``) and preprocessed case by case (``preparation.prepare_cases``).
+Details: docs/pretraining.md, docs/scale.md.
 """
 import json
 import shutil

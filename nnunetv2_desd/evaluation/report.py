@@ -1,19 +1,9 @@
 """Paired per-case Dice of the benchmark's trainers, from nnU-Net's ``fold_X/validation/summary.json``.
 
-nnU-Net 2.8.1 writes per validation case ``metric_per_case[i] = {'metrics': {label_key: {'Dice': ...}},
-'reference_file': ...}``; label keys are ``str(label)`` (``str(tuple(region))`` for region-based datasets).
-A case is identified by (base fold, reference file name); a fraction's fold validates on the base fold's cases,
-so the trainers' cases pair up.
-
-Statistics, per comparison (tested − scratch, tested − vanilla), fraction and label:
-
-- per case, Δ = Dice(tested) − Dice(other); a NaN Dice (label absent from reference and prediction) drops the pair.
-  The 'foreground mean' of a case averages the labels that are not NaN on *both* sides.
-- one unit per (base fold, subset seed): the mean Δ over its validation cases (and each side's mean Dice).
-- over the units: the mean Δ, a 95% percentile-bootstrap confidence interval of that mean (``BOOTSTRAP_RESAMPLES``
-  resamples of the units, fixed seed), and the two-sided Wilcoxon signed-rank p with zero differences dropped, so n
-  is the number of non-zero unit differences. With n non-zero differences and no ties the smallest p the test can
-  give is 2^(1 − n): below n = 6 no result can reach p < 0.05, and the report says so.
+Cases pair up by (base fold, reference file name). Per comparison (tested - scratch, tested - vanilla), fraction
+and label: Δ per case, one unit per (base fold, subset seed), and over the units the mean Δ, a 95% percentile
+bootstrap CI (``BOOTSTRAP_RESAMPLES``, fixed seed) and the two-sided Wilcoxon signed-rank p with zeros dropped
+(below n = 6 no p can reach 0.05, and the report says so). Details: docs/benchmark.md.
 """
 import csv
 import dataclasses

@@ -1,20 +1,11 @@
 """The one configuration object of a pre-training run, with the documented defaults.
 
-The dataclass defaults follow DeSD's official run (METHODS.md §1) where it carries over to nnU-Net's networks:
-SGD momentum 0.9, lr = 0.3 * global batch / 256 with 10 warm-up epochs then cosine, weight decay 1e-6
-(not on biases and norms), K = 60000, student temperature 0.1, teacher temperature 0.04 -> 0.07 over 20
-epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine, per iteration), prototypes frozen for
-the first epoch. nnU-Net-style length: 250 iterations per epoch. ``METHOD_DEFAULTS`` holds what CADS's
-official run changes (METHODS.md §2), collected from each method's ``official_settings``.
-
-``PretrainConfig.create`` applies a method's defaults, then the recipe's (``RECIPES``), and scales the recipe's epoch counts (lr warm-up,
-teacher-temperature warm-up, frozen prototypes) to runs shorter than the official one, so a 10-epoch run keeps
-the official proportions: CADS warms the teacher temperature up over 50 of 150 epochs, a 15-epoch run over 5.
-A count the recipe has (e.g. one frozen-prototype epoch) stays at least 1. Values given explicitly are never scaled.
-
-ReFs (``-m refs``, METHODS.md §4) keeps DeSD's recipe and adds its reference task; without ``--plans-from`` it
-pre-trains with the reference dataset's plans (``plans_from = reference``), so the reference's preprocessed
-data fit the network as they are.
+The dataclass defaults are DeSD's published run where it carries over to nnU-Net's networks (docs/methods.md,
+"DeSD"), with nnU-Net's 250 iterations per epoch; ``METHOD_DEFAULTS`` holds what CADS's published run changes
+(docs/methods.md, "CADS"), collected from each method's ``official_settings``. ``PretrainConfig.create`` applies
+a method's defaults, then the recipe's (``RECIPES``), and scales the recipe's epoch counts to runs shorter than the
+official one; explicit values are never scaled. ReFs (``-m refs``, docs/refs.md) keeps DeSD's recipe and, without
+``--plans-from``, pre-trains with the reference dataset's plans. Details: docs/pretraining.md.
 """
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +17,7 @@ METHOD_DEFAULTS = {name: dict(method.official_settings) for name, method in METH
 SCALED_EPOCH_COUNTS = ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs')
 # --recipe: 'official' is the method's published recipe (the dataclass defaults plus METHOD_DEFAULTS); 'small-batch'
 # (the default) changes what breaks at nnU-Net's batch of 2 volumes x 2 views per process, as measured with
-# desd_probe and the loss diagnostics (README, "Pre-training at nnU-Net's batch sizes"): running statistics instead of
+# desd_probe and the loss diagnostics (docs/methods.md, "Small batches"): running statistics instead of
 # batch statistics in the heads, Sinkhorn-Knopp targets over a queue instead of a centre, K scaled to that queue
 # (K <= 4 x queue keeps the targets sharp), a sharper teacher, a faster-moving teacher.
 RECIPES = {

@@ -1,50 +1,13 @@
 """Deep Mutual Distillation inside nnU-Net: ``nnUNetTrainerDMD`` trains on labelled cases plus an unlabelled pool.
 
-    nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres
     desd_preprocess_unlabelled -d 501 -u 500
     nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerDMD
-    nnUNetv2_predict -d 501 -c 3d_fullres -f 0 -tr nnUNetTrainerDMD -i IN -o OUT
 
-Two networks are built from the plans (``build_network_architecture``, the same call twice: they differ only by
-their random initialisation) and held in one module, ``DMDPair``, which is the trainer's ``self.network``. So
-nnU-Net's own checkpoint holds both networks in ``network_weights`` (keys ``net1.*``, ``net2.*``), its one SGD
-optimizer holds both networks' momentum (SGD is per parameter: the same as two optimizers with nnU-Net's
-settings), ``--c`` restores both, and DDP and torch.compile wrap one module whose training forward returns both
-outputs. In eval mode ``DMDPair`` returns network 1's output: nnU-Net's validation and ``nnUNetv2_predict`` use
-network 1 (network 2's weights are loaded too; its compute is not spent).
-
-A training step (recipe; change it in a subclass, as nnU-Net's own trainer variants do):
-
-- Batch: ``dmd_labelled_batch_size`` labelled + ``dmd_unlabelled_batch_size`` unlabelled patches. Default (None,
-  None): the plans' batch size split in two, labelled getting the larger half (planned 2 -> 1 + 1, planned
-  4 -> 2 + 2 as in the paper), so each network processes the planned batch and a step costs about two vanilla
-  steps. Set both to 2 for the paper's 2 + 2 at any planned batch size. Sizes are per process (per GPU in DDP).
-  Labelled patches come from nnU-Net's loader with its foreground oversampling (0.33; where the labelled batch is
-  too small for nnU-Net's rounding to oversample any sample, oversampling is drawn per sample with that
-  probability instead). Unlabelled patches come from a second nnUNetDataLoader over the pool, foreground
-  oversampling off, with the same training augmentation and its own worker processes (nnUNet_n_proc_DA of them,
-  as the labelled loader; each makes half-size batches).
-- Loss: nnU-Net's Dice + CE with deep supervision for each network on the labelled patches, plus
-  ``dmd_lambda`` (4) times the DMD loss between the two networks' outputs on all patches (``dmd_loss.py``:
-  1 - soft Dice of softmax(z / ``dmd_temperature``), T = 2, foreground classes, the plans' batch_dice; sigmoid for
-  region-based datasets). Neither output is detached. At full resolution only, unless ``dmd_deep_supervision``
-  (then over the deep-supervision outputs with the supervised loss's weights).
-  Deviation from the paper: its supervised loss is Dice alone; here it is nnU-Net's Dice + CE, the same as the
-  vanilla trainer it is compared with. The gradient norm is clipped at 12 per network, as nnU-Net does for one.
-- Unlabelled pool: for a labelled-fraction fold (``desd_benchmark --fractions``; ``evaluation.fractions``) the
-  base fold's training cases left out of the fraction, from the labelled dataset's own preprocessed data, plus
-  the ``desd_preprocess_unlabelled`` pool when one exists; for any other fold that pool alone. Attribute
-  ``dmd_pool_sources`` ('left_out', 'unlabelled') selects. Validation cases never enter it from the left-out
-  side. ``fold_X/dmd.json`` records the recipe and the pool's cases.
-
-Ensembling: ``nnUNetTrainerDMDEnsemble`` trains the same way but validates and predicts with the mean of both
-networks' logits (as nnU-Net ensembles folds and mirrorings). Cost: twice the inference compute and time; GPU
-memory grows by network 2's weights and one output tile (the two networks run one after the other, so peak
-activation memory is that of one). It is chosen at training time (prediction builds the trainer class named in
-the checkpoint).
-
-Not supported: ``-pretrained_weights`` (DMD needs two differently initialised networks) and cascade stages
-(unlabelled cases have no previous-stage predictions).
+``DMDPair`` holds the two networks (built from the plans by the same call) as one module, so nnU-Net's checkpoint,
+optimizer, ``--c`` and DDP handle both; in eval mode it answers with network 1. The recipe is a set of trainer
+attributes (``dmd_lambda``, ``dmd_temperature``, the two batch sizes, ``dmd_pool_sources``, ...), changed in a
+subclass. ``nnUNetTrainerDMDEnsemble`` validates and predicts with the mean of both networks' logits.
+Design and measured cost: docs/dmd.md.
 """
 import contextlib
 import math

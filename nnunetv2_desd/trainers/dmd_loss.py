@@ -1,23 +1,10 @@
 """The deep mutual distillation loss of DMD (Xie, Yin, Li, Wang, MICCAI 2023), multi-class form.
 
-Two networks of one architecture see the same batch and give logits z1, z2 of shape (B, C, X, Y, Z)
-(or (B, C, X, Y) in 2D). Each is softened with the temperature T and the two maps are pulled together
-by a soft Dice, on labelled and unlabelled samples alike (paper Eq. 4, softmax form):
-
     L_dmd = 1 - Dice(softmax(z1 / T), softmax(z2 / T))
-    Dice(p, q) = mean over classes (and samples) of (2 * sum(p * q) + s) / (sum(p) + sum(q) + s)
 
-The sums run over the spatial axes, and over the batch axis too when ``batch_dice`` is set (nnU-Net's
-convention for its supervised Dice, read from the plans). With softmax the background channel is left out as in
-nnU-Net's supervised Dice (``do_bg=False``; it equals 1 minus the foreground channels). The original binary DMD
-uses sigmoid(z / T) of a single channel; ``nonlinearity='sigmoid'`` gives that form, and nnU-Net's region-based
-training, with every channel kept. Dice is symmetric in p and q, and neither map is detached: each network is
-the other's teacher, and the gradient reaches both. For soft maps Dice(p, p) = sum(p^2) / sum(p) < 1, so the
-loss is lowest where the two maps agree and are confident; the temperature softens both before they are compared.
-
-A high temperature keeps both targets at high entropy; the paper's point is that sharpening (entropy
-minimisation) hurts in ambiguous regions. Defaults from the paper: T = 2 (1.93 in its 16-label setting),
-weight lambda = 4 (applied by the trainer; the paper's text gives 1 in one place and 4 in another).
+over the spatial axes (and the batch with ``batch_dice``), background left out as in nnU-Net's Dice;
+``nonlinearity='sigmoid'`` gives the original binary form and region-based training. Symmetric, neither side
+detached. Why a soft Dice at a high temperature: docs/dmd.md.
 """
 from typing import Sequence
 

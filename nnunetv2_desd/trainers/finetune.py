@@ -1,42 +1,13 @@
 """nnU-Net trainers that fine-tune a pre-trained export: ``nnUNetTrainerDeSD``, ``nnUNetTrainerCADS``,
 ``nnUNetTrainerReFs``.
 
-Used with the stock command::
-
     nnUNetv2_train D 3d_fullres FOLD -tr nnUNetTrainerDeSD [-p nnUNetPlans_pretrained] -pretrained_weights EXPORT
 
-Recipes (``FINETUNE_RECIPES``; a trainer's class attribute ``recipe`` picks one, the other is a named variant):
-
-- ``vanilla`` (the default, chosen by the label-efficiency study, see the README): nnUNetTrainer's own values,
-  nnU-Net's SGD (momentum 0.99, Nesterov, weight decay 3e-5) at ``initial_lr`` 1e-2 with deep supervision, plus the
-  warm-up below.
-- ``pretrained``: nnU-Net main's own recipe for pre-trained checkpoints (its ``PretrainedTrainer``): ``initial_lr``
-  1e-3, deep supervision off, the whole network warmed up (variants ``nnUNetTrainerDeSD_pretrainedRecipe``, ...).
-- ``warmup_epochs`` None: 5% of ``num_epochs`` (50 of 1000, as nnU-Net main), at least 1; set a number to fix it.
-  Linear warm-up, then nnU-Net's poly(0.9) decay. The decoder starts random, and its first gradients are large;
-  the warm-up keeps them from overwriting the pre-trained encoder.
-- ``from_scratch`` False: the ``<trainer>_scratch`` twins (``variants``) set it, and train the same recipe and
-  schedule from nnU-Net's random initialisation: the baseline that isolates the initialisation.
-- ``encoder_lr_multiplier`` 1.0: the encoder's lr relative to the decoder's. The DeSD and CADS papers fine-tune
-  the whole network at one lr; values below 1 (e.g. 0.1) keep more of the pre-training on very small datasets.
-- ``freeze_encoder_epochs`` 0: the encoder's lr is 0 for that many epochs while the decoder learns, then the
-  encoder warms up on its own. Neither paper freezes; nnssl's final recipe does not either. Freezing sets the lr
-  to 0 (the encoder's gradients are still computed, which keeps DDP and torch.compile unchanged).
-- The optimizer follows the architecture, not the trainer: a network class with ``preferred_optimizer = 'adamw'``
-  (transformers: ``PVTUNet``) is fine-tuned with AdamW, peak lr ``adamw_lr`` 1e-4, weight decay
-  ``adamw_weight_decay`` 0.05 (none on biases and norms), betas (0.9, 0.999), with the same warm-up + poly
-  schedule, as transformer segmentation networks are fine-tuned (UNETR, Swin-UNETR: AdamW 1e-4); ``initial_lr``
-  and nnU-Net's SGD are kept for CNNs.
-
-Loading: nnU-Net's ``-pretrained_weights`` loader asserts on the first shape difference and reports nothing. So
-``initialize()`` takes the file nnU-Net is about to load (``weights_nnunet_will_load``: command line, Python API
-and DDP children alike; nothing for ``--c`` and ``--val``) and loads the encoder itself:
-every tensor is compared, a mismatch ends with all differing tensors and the command that fixes it, a different
-number of input channels is adapted in the stem, and the log says "loaded N of M encoder tensors from FILE
-(sha256 ...)". nnU-Net's loader then runs as usual on the same file and finds matching shapes (for an adapted
-stem it briefly sees the export's stem; the adapted one is put back before the first step). The decoder keeps
-the nnU-Net initialisation stored in the export (it was never trained). ``fold_X/pretrained_weights.json``
-records the file, its sha256 and what was loaded.
+``FINETUNE_RECIPES`` holds the two recipes (``vanilla``, the default, and ``pretrained``); the trainer attributes
+``warmup_epochs``, ``from_scratch``, ``encoder_lr_multiplier`` and ``freeze_encoder_epochs`` adjust them, and the
+network class may ask for AdamW (``preferred_optimizer``). ``initialize()`` loads the export's encoder itself,
+comparing every tensor first and adapting the stem to other input channels.
+Settings, loading and design: docs/finetuning.md.
 """
 import os
 import sys
@@ -58,7 +29,7 @@ FINETUNE_RECIPES = {
     'pretrained': {'initial_lr': 1e-3, 'enable_deep_supervision': False},  # nnU-Net main's PretrainedTrainer
     'vanilla': {'initial_lr': 1e-2, 'enable_deep_supervision': True},  # nnUNetTrainer's own values
 }
-DEFAULT_FINETUNE_RECIPE = 'vanilla'  # measured: README, label-efficiency study
+DEFAULT_FINETUNE_RECIPE = 'vanilla'  # measured: docs/studies.md, label-efficiency study
 WARMUP_SHARE = 0.05  # nnU-Net main: 50 warm-up epochs of 1000
 
 

@@ -1,14 +1,10 @@
 """Short schedules for tests and the CPU demo, the other fine-tuning recipe, and the from-scratch twins.
 
-A benchmark compares a pre-trained or DMD trainer with the vanilla trainer of the same schedule:
-nnUNetTrainerDeSDTiny / nnUNetTrainerDMDTiny with nnUNetTrainerTiny, nnUNetTrainerDeSDDemo / nnUNetTrainerDMDDemo
-with nnUNetTrainerDemo. For every pre-trained fine-tuning trainer T defined here or in ``finetune`` there are also:
-
-- ``T_<recipe>Recipe``: T with the other recipe of ``finetune.FINETUNE_RECIPES`` (``nnUNetTrainerDeSD_pretrainedRecipe``);
-- ``T_scratch`` (and ``T_<recipe>Recipe_scratch``): T's recipe and schedule from nnU-Net's random initialisation,
-  without ``-pretrained_weights``: ``desd_benchmark``'s second baseline, which isolates the initialisation.
-
-Your own subclass ``MyTrainer`` gets its twin with ``class MyTrainer_scratch(MyTrainer): from_scratch = True``.
+``*Tiny`` and ``*Demo`` trainers pair with ``nnUNetTrainerTiny`` / ``nnUNetTrainerDemo``. For every pre-trained
+fine-tuning trainer T there are ``T_<recipe>Recipe`` (the other recipe of ``finetune.FINETUNE_RECIPES``) and
+``T_scratch`` / ``T_<recipe>Recipe_scratch`` (the same recipe from random initialisation: ``desd_benchmark``'s
+second baseline). Your own ``MyTrainer`` gets its twin with ``class MyTrainer_scratch(MyTrainer): from_scratch = True``.
+Details: docs/finetuning.md.
 """
 import torch
 

@@ -58,7 +58,7 @@ class DeepSelfDistillationLoss(nn.Module):
     After each call ``diagnostics`` holds (detached) the mean teacher entropy H(P_t), the mean student entropy
     H(P_s) (over depths, inputs and rows) and KL(P_t || P_s) = H(P_t, P_s) - H(P_t) over the loss's pairs, so
     loss = teacher_entropy_of_pairs + kl. A uniform student scores ln K; a collapsed teacher shows as
-    teacher_entropy -> 0 (one prototype) or -> ln K (uniform) (METHODS.md §8).
+    teacher_entropy -> 0 (one prototype) or -> ln K (uniform) (docs/methods.md, "Small batches").
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, queue_size: int = 0):

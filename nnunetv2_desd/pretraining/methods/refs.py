@@ -1,45 +1,11 @@
 """ReFs (Medical Image Analysis 2024): DeSD plus a supervised reference task, with gradient matching on the
 shared encoder.
 
-One encoder, two branches, one step:
-
-    SSL branch        L_ssl = DeSD's loss (its views, heads and teacher, unchanged)
-    reference branch  L_ref = nnU-Net's Dice + CE with deep supervision, on the reference dataset's labels,
-                      through the planned decoder
-    goal              low L_ssl + lambda_ref L_ref, and similar encoder gradients g_ssl, g_ref of the two tasks
-
-No code of the paper is public and its exact formula is not available here; two forms of gradient matching:
-
-* ``fish`` (default), first order (Shi et al., ICLR 2022): from theta, one SGD step of size alpha on each task in
-  a random order on a copy, theta~ = theta - alpha g_1(theta) - alpha g_2(theta - alpha g_1(theta)); the update
-  direction is G = (theta - theta~) / alpha = g_1(theta) + g_2(theta - alpha g_1). Expanding g_2 and averaging
-  over the two orders,
-
-      E[G] = grad(L_ssl + lambda_ref L_ref) - (alpha lambda_ref / 2) grad(g_ssl . g_ref) + O(alpha^2),
-
-  so following G lowers both losses and raises the inner product of their gradients, with no second
-  derivative computed. G goes to the run's optimizer as the gradient of every trainable parameter (encoder,
-  SSL heads, decoder; the heads and the decoder thus get their own task's gradient, taken at the inner point
-  where their task ran). With plain SGD at learning rate eta this is Fish's meta step
-  theta <- theta + eps (theta~ - theta) with eps = eta / alpha; momentum, weight decay, the lr schedule and
-  clipping apply to G as they apply to DeSD's gradient. Cost: one DeSD forward/backward plus one supervised
-  forward/backward; peak memory: the larger of the two graphs (they are never alive together).
-* ``cosine``: an explicit term on the encoder's gradients,
-
-      L = L_ssl + lambda_ref L_ref + lambda_match (1 - cos(g_ssl, g_ref)),
-      g_t = dL_t / d theta_enc (flattened, concatenated over the matched encoder parameters),
-
-  back-propagated through g_ssl and g_ref (double backward). Both graphs and both gradient graphs are alive
-  together; ``matching_stages`` restricts theta_enc to the deepest encoder stages to bound that memory.
-
-Fish is the default: it is the first-order form the method's abstract points to, costs about one DeSD step
-plus one supervised step (the cosine form's double backward costs several), and keeps memory at the larger
-branch instead of both branches plus their gradient graphs.
-
-Defaults, not from the paper (its formula is not available): lambda_ref = 1 and lambda_match = 1 (the tasks and
-the matching term weighted alike), alpha = 0.01 (nnU-Net's initial learning rate for the supervised task). The
-logged ``gradient_cosine`` is cos(g_ssl, g_ref) on the matched encoder parameters (fish: between the two inner
-steps' gradients, on the whole encoder).
+The SSL branch is DeSD's (views, heads, teacher, loss); the reference branch trains the planned decoder on the
+reference dataset with nnU-Net's Dice + CE and deep supervision. Two forms of gradient matching: ``fish``
+(default, first order, after Fish, Shi et al., ICLR 2022) and ``cosine`` (an explicit 1 - cos(g_ssl, g_ref) term,
+double backward, bounded by ``matching_stages``). The paper's formula is not public; the derivation of the Fish
+update and the reasons for the defaults are in docs/refs.md.
 """
 import math
 from functools import partial
