@@ -58,9 +58,9 @@ def _use_workdir(workdir: str) -> dict:
     return folders
 
 
-def write_demo_datasets(raw_root: str, n_unlabelled: int = 8) -> Tuple[List[str], str, List[str]]:
+def write_demo_datasets(raw_root: str, n_unlabelled: int = 8) -> Tuple[List[str], str, str]:
     """The chest CT's crops (the pool's first dataset and the labelled dataset) and crops of every other real CT
-    that is installed. Returns (the pool's dataset ids, the labelled dataset's name, one line per source left out)."""
+    that is installed. Returns (the pool's dataset ids, the labelled dataset's name, the pool in words)."""
     pool, labelled = write_chest_ct_datasets(raw_root, POOL_ID, LABELLED_ID, n_unlabelled=n_unlabelled)
     ids, names, skipped = [str(POOL_ID)], [pool], []
     for dataset_id, source in zip(REAL_CT_IDS, REAL_CT_SOURCES):
@@ -69,9 +69,9 @@ def write_demo_datasets(raw_root: str, n_unlabelled: int = 8) -> Tuple[List[str]
             ids.append(str(dataset_id))
         except DesdError as e:
             skipped.append(f'{source.name} left out of the pool: {e}')
-    print(f'[1/5] real CTs written: pool {", ".join(names)} (unlabelled); {labelled} (labelled)'
-          + ''.join(f'\n      {line}' for line in skipped))
-    return ids, labelled, skipped
+    pool_text = f'{", ".join(names)} (unlabelled crops)' + ''.join(f'; {line}' for line in skipped)
+    print(f'[1/5] real CTs written: pool {pool_text}; {labelled} (labelled)')
+    return ids, labelled, pool_text
 
 
 def _plan_labelled_dataset() -> None:
@@ -200,7 +200,7 @@ def run_seed_study(workdir: str, seeds: Sequence[int], method: str = 'desd') -> 
     from nnunetv2_desd.common.checkpoint import atomic_write_text
     from nnunetv2_desd.evaluation.probe import run_probe, seed_spread
     from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE
-    pool_ids, labelled, skipped = write_demo_datasets(folders['nnUNet_raw'])
+    pool_ids, labelled, pool_text = write_demo_datasets(folders['nnUNet_raw'])
     _plan_labelled_dataset()
     exports = []
     for seed in seeds:
@@ -221,7 +221,7 @@ def run_seed_study(workdir: str, seeds: Sequence[int], method: str = 'desd') -> 
     rows = [f'| seed {seed} | ' + ' | '.join(f'{g:+.3f}' for g in gains) + f' | {np.mean(gains):+.3f} |'
             for seed, gains in zip(seeds, spread['gains'].values())]
     text = (f'# The demo\'s pre-training over {len(seeds)} seeds\n\n'
-            f'Pool: {", ".join(pool_ids)}' + ''.join(f'; {line}' for line in skipped) + '. Pre-training: '
+            f'Pool: {pool_text}. Pre-training: '
             f'`desd_pretrain {" ".join(pretraining_arguments(pool_ids, method, 0)).replace("--seed 0", "--seed S")}`'
             f'.\n\nGain in probe Dice over the best of {len(probe.groups()["random"])} random initialisations, '
             f'per distilled stage ({paths["md"]}):\n\n'
@@ -279,7 +279,7 @@ def run_demo(workdir: str, method: str, seed: int, full: bool) -> str:
     from nnunetv2_desd.evaluation.benchmark import benchmark
     from nnunetv2_desd.evaluation.probe import probe_markdown, run_probe
     from nnunetv2_desd.pretraining.run import run
-    pool_ids, labelled, _ = write_demo_datasets(folders['nnUNet_raw'])
+    pool_ids, labelled, pool_text = write_demo_datasets(folders['nnUNet_raw'])
     _plan_labelled_dataset()
     print(f'[2/5] {labelled} planned and preprocessed by nnU-Net')
     export = run(parse_config(pretraining_arguments(pool_ids, method, seed, full))[0])
@@ -298,7 +298,7 @@ def run_demo(workdir: str, method: str, seed: int, full: bool) -> str:
                                           *(GPU_BENCHMARK if full else CPU_BENCHMARK)]))
     summary = os.path.join(os.path.abspath(workdir), 'demo_summary.md')
     atomic_write_text(f'# desd_demo ({method}{", full" if full else ", CPU settings"}, seed {seed})\n\n'
-                      f'## Pre-training\n\n{loss_text}\n\n{probe_markdown(probe)}\n{gain_line}\n\n'
+                      f'## Pre-training\n\npool: {pool_text}\n\n{loss_text}\n\n{probe_markdown(probe)}\n{gain_line}\n\n'
                       f'## Fine-tuning\n\n{report["text"]}', summary)
     plans = 'nnUNetPlans' if full else DEMO_PLANS
     print(f'[5/5] fine-tuned vs vanilla nnU-Net compared.\n\ntable:  {report["md"]}\nfigure: '
