@@ -26,9 +26,6 @@ PRESETS = {'ResEncL': ('ResidualEncoderUNet', RESENC_L)}
 CLASSES = {'ResidualEncoderUNet': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
            'PlainConvUNet': 'dynamic_network_architectures.architectures.unet.PlainConvUNet'}
 REQUIRES_IMPORT = ['conv_op', 'norm_op', 'dropout_op', 'nonlin']
-CONFIGURATION_FIELDS = ('data_identifier', 'preprocessor_name', 'spacing_style', 'normalization_schemes',
-                        'use_mask_for_norm', 'resampling_fn_data', 'resampling_fn_data_kwargs', 'resampling_fn_mask',
-                        'resampling_fn_mask_kwargs', 'spacing', 'patch_size')
 CITATIONS = {
     'desd': {'type': 'method', 'name': 'DeSD', 'apa_citations': [
         'Ye, Y., Zhang, J., Chen, Z., & Xia, Y. (2022). DeSD: Self-supervised learning with deep self-distillation '
