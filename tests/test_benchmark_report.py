@@ -15,7 +15,7 @@ from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.evaluation import benchmark
 from nnunetv2_desd.data.fractions import (REGISTRY_FILE, SPLITS_FILE, find_fraction_fold, fraction_fold,
                                           fraction_fold_info, subset_size)
-from nnunetv2_desd.evaluation.report import (FOREGROUND, Cell, ReportMeta, bootstrap_ci, label_names,
+from nnunetv2_desd.evaluation.report import (FOREGROUND, BenchmarkCell, ReportMeta, bootstrap_ci, label_names,
                                              paired_case_values, read_case_dice, signed_rank_test, write_report)
 
 CASES = [f'case_{i:02d}' for i in range(12)]
@@ -199,7 +199,7 @@ def hand_cells(root: Path) -> list:
             folder = root / f'{TRAINERS[role]}__nnUNetPlans__3d_fullres' / f'fold_{fid}'
             if (role, fraction, fold, seed) in DICE:
                 write_summary(folder / 'validation' / 'summary.json', DICE[(role, fraction, fold, seed)])
-            cells.append(Cell(role, TRAINERS[role], 'nnUNetPlans', fold, fraction, fid, str(folder), seed))
+            cells.append(BenchmarkCell(role, TRAINERS[role], 'nnUNetPlans', fold, fraction, fid, str(folder), seed))
     return cells
 
 

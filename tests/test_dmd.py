@@ -306,18 +306,18 @@ def test_benchmark_checks_dmd_cells_before_running(tmp_path):
     import json
     from types import SimpleNamespace
     from nnunetv2_desd.evaluation.benchmark import check_unlabelled_pools, is_dmd_trainer
-    from nnunetv2_desd.evaluation.report import Cell
+    from nnunetv2_desd.evaluation.report import BenchmarkCell
     assert is_dmd_trainer('nnUNetTrainerDMDTiny') and is_dmd_trainer('nnUNetTrainerDMDEnsemble')
     assert not is_dmd_trainer('nnUNetTrainerDeSDTiny') and not is_dmd_trainer('nnUNetTrainerDMDX')
     (tmp_path / 'nnUNetPlans.json').write_text(json.dumps(tiny_plans()))
     setup = SimpleNamespace(trainers={'tested': 'nnUNetTrainerDMDTiny', 'baseline': 'nnUNetTrainerTiny'},
                             plans={'tested': 'nnUNetPlans', 'baseline': 'nnUNetPlans'}, weights=None,
                             preprocessed=str(tmp_path), configuration='3d_fullres', dataset='Dataset990_Unit')
-    full = Cell('tested', 'nnUNetTrainerDMDTiny', 'nnUNetPlans', 0, 1.0, 0, str(tmp_path / 'fold_0'))
+    full = BenchmarkCell('tested', 'nnUNetTrainerDMDTiny', 'nnUNetPlans', 0, 1.0, 0, str(tmp_path / 'fold_0'))
     with pytest.raises(DesdError, match=r'fold 0, fraction 1\. Preprocess unlabelled images first '
                                         r'\(desd_preprocess_unlabelled -d Dataset990_Unit'):
         check_unlabelled_pools([full], setup)
-    check_unlabelled_pools([Cell('baseline', 'nnUNetTrainerTiny', 'nnUNetPlans', 0, 1.0, 0, None)], setup)
+    check_unlabelled_pools([BenchmarkCell('baseline', 'nnUNetTrainerTiny', 'nnUNetPlans', 0, 1.0, 0, None)], setup)
     setup.weights = 'export.pth'
     with pytest.raises(DesdError, match='drop -w'):
         check_unlabelled_pools([full], setup)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
                                           subset_size)
-from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
+from nnunetv2_desd.evaluation.report import ROLES, BenchmarkCell, ReportMeta, label_names, write_report
 
 LOG_TAIL_LINES = 30
 STEP_WORDS = {'train': 'training', 'val': 'validating', 'continue': 'continuing'}
@@ -76,7 +76,7 @@ def data_identifier(plans_file: str, configuration: str) -> str:
     return configurations[name]['data_identifier']
 
 
-class Setup:
+class BenchmarkSetup:
     """The checked inputs: folders, plans per side, export and its sha256."""
 
     def __init__(self, options: BenchmarkOptions):
@@ -162,7 +162,7 @@ class Setup:
                           pretrained=f'{self.weights} (sha256 {self.weights_sha256})' if self.weights else None)
 
 
-def plan_cells(setup: Setup, create_folds: bool) -> List[Cell]:
+def plan_cells(setup: BenchmarkSetup, create_folds: bool) -> List[BenchmarkCell]:
     """Every cell of every role, the tested trainer first in each (fraction, seed, fold), so that a wrong trainer
     name or export fails at the first run. Without create_folds, fraction folds not appended yet have no fold id."""
     # any preprocessed copy of the dataset lists its cases (needed only where splits_final.json is missing)
@@ -177,12 +177,13 @@ def plan_cells(setup: Setup, create_folds: bool) -> List[Cell]:
                 else:
                     fold_id = find_fraction_fold(setup.preprocessed, fold, fraction, subset_seed)
                 for role in setup.roles:
-                    cells.append(Cell(role, setup.trainers[role], setup.plans[role], fold, fraction, fold_id,
-                                      None if fold_id is None else setup.model_folder(role, fold_id), seed))
+                    folder = None if fold_id is None else setup.model_folder(role, fold_id)
+                    cells.append(BenchmarkCell(role, setup.trainers[role], setup.plans[role], fold, fraction, fold_id,
+                                               folder, seed))
     return cells
 
 
-def check_provenance(cell: Cell, setup: Setup) -> Optional[str]:
+def check_provenance(cell: BenchmarkCell, setup: BenchmarkSetup) -> Optional[str]:
     """DesdError where a tested run came from another export than -w; a warning where it records none."""
     from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
 
@@ -219,7 +220,7 @@ def is_dmd_trainer(name: str) -> bool:
     return name in found
 
 
-def check_unlabelled_pools(cells: List[Cell], setup: Setup) -> None:
+def check_unlabelled_pools(cells: List[BenchmarkCell], setup: BenchmarkSetup) -> None:
     """DesdError before the first run where a DMD cell to run has no unlabelled cases, a pool made with other
     plans, or -w (see ``desd_benchmark -h``)."""
     from nnunetv2_desd.data.fractions import fraction_fold_info
@@ -250,7 +251,7 @@ def check_unlabelled_pools(cells: List[Cell], setup: Setup) -> None:
                         f'images first ({command}) or choose fractions below 1.')
 
 
-def next_step(cell: Cell) -> Optional[str]:
+def next_step(cell: BenchmarkCell) -> Optional[str]:
     """None (done: reuse), 'val' (trained, not validated), 'continue' (interrupted) or 'train' (fresh)."""
     if cell.done:
         return None
@@ -261,7 +262,8 @@ def next_step(cell: Cell) -> Optional[str]:
     return 'train'
 
 
-def train_command(cell: Cell, step: str, setup: Setup, executable: str = 'nnUNetv2_train') -> List[str]:
+def train_command(cell: BenchmarkCell, step: str, setup: BenchmarkSetup,
+                  executable: str = 'nnUNetv2_train') -> List[str]:
     command = [executable, setup.dataset, setup.configuration, str(cell.fold_id), '-tr', cell.trainer,
                '-p', cell.plans, '-device', setup.device]
     if step == 'val':
@@ -284,11 +286,11 @@ def nnunet_train_executable() -> str:
     return exe
 
 
-def log_file(setup: Setup, cell: Cell) -> str:
+def log_file(setup: BenchmarkSetup, cell: BenchmarkCell) -> str:
     return os.path.join(setup.output, 'logs', f'{cell.trainer}__fold_{cell.fold_id}.log')
 
 
-def run_cell(cell: Cell, step: str, setup: Setup, env: Dict[str, str]) -> None:
+def run_cell(cell: BenchmarkCell, step: str, setup: BenchmarkSetup, env: Dict[str, str]) -> None:
     """Runs one stock nnUNetv2_train; its output is appended to the cell's log. DesdError with the log's tail."""
     if not os.path.isdir(setup.data_folders[cell.role]):
         raise DesdError(f'{setup.data_folders[cell.role]} does not exist: preprocess plans {cell.plans} '
@@ -308,7 +310,7 @@ def run_cell(cell: Cell, step: str, setup: Setup, env: Dict[str, str]) -> None:
                         f'Last lines:\n{tail.rstrip()}')
 
 
-def print_commands(cells: List[Cell], setup: Setup, env: Dict[str, str]) -> None:
+def print_commands(cells: List[BenchmarkCell], setup: BenchmarkSetup, env: Dict[str, str]) -> None:
     print(f'export nnUNet_extTrainer={shlex.quote(env["nnUNet_extTrainer"])}')
     for cell in cells:
         step = next_step(cell)
@@ -322,7 +324,7 @@ def benchmark(options: BenchmarkOptions) -> Optional[dict]:
     from tqdm import tqdm
     from nnunetv2_desd.trainers.lookup import with_ext_trainers
 
-    setup = Setup(options)
+    setup = BenchmarkSetup(options)
     cells = plan_cells(setup, create_folds=not options.collect_only)
     selected = [c for c in cells if options.only in (None, c.role)]
     for cell in cells:

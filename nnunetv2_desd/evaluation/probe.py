@@ -335,7 +335,7 @@ class ProbeResult:
         return next(e.distilled_stages for e in self.encoders if e.group == group)
 
 
-def _pm(values: np.ndarray) -> str:
+def _mean_plus_minus_sd(values: np.ndarray) -> str:
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return 'n/a'
@@ -356,7 +356,8 @@ def probe_markdown(result: ProbeResult) -> str:
         if title:
             lines += ['', title, '', header]
         for e in result.encoders:
-            lines.append(f'| {e.name} | ' + ' | '.join(_pm(result.per_fold(e.name, i, key)) for i in stages) + ' |')
+            lines.append(f'| {e.name} | ' + ' | '.join(_mean_plus_minus_sd(result.per_fold(e.name, i, key))
+                                                      for i in stages) + ' |')
     groups = [g for g in result.groups() if g != 'random']
     if groups:
         lines += ['', '## Gain in Dice over random initialisation', '',
