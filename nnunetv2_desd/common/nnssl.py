@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from nnunetv2_desd.common.checkpoint import tensor_digest
 from nnunetv2_desd.common.errors import DesdError
 
 PLAN_KEY = 'nnssl_adaptation_plan'
@@ -131,7 +132,6 @@ def architecture_from_plan(plan: dict, file: str) -> dict:
 
 def metadata_from_plan(plan, weights: Mapping[str, torch.Tensor], trainer_name: Optional[str], file: str) -> dict:
     """Our export metadata for an nnssl checkpoint (``format`` 'nnssl'); DesdError for an unusable plan."""
-    from nnunetv2_desd.common.checkpoint import tensor_digest
     if not isinstance(plan, dict):
         raise DesdError(f'{file}: {PLAN_KEY} is a {type(plan).__name__}, not a dict.')
     architecture = architecture_from_plan(plan, file)

@@ -14,10 +14,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from tqdm import tqdm
+
+from nnunetv2_desd.common.checkpoint import file_sha256
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
-                                          subset_size)
+                                          fraction_fold_info, subset_size)
+from nnunetv2_desd.data.pool import check_pool, preprocess_command, read_pool_record
 from nnunetv2_desd.evaluation.report import ROLES, BenchmarkCell, ReportMeta, label_names, write_report
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
 
 LOG_TAIL_LINES = 30
 STEP_WORDS = {'train': 'training', 'val': 'validating', 'continue': 'continuing'}
@@ -50,7 +57,6 @@ def _unique(values: list) -> list:
 
 
 def dataset_name(dataset: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     try:
         return str(maybe_convert_to_dataset_name(dataset))
     except (RuntimeError, ValueError):
@@ -80,9 +86,6 @@ class BenchmarkSetup:
     """The checked inputs: folders, plans per side, export and its sha256."""
 
     def __init__(self, options: BenchmarkOptions):
-        from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-        from nnunetv2_desd.common.checkpoint import file_sha256
-
         for name, value in (('nnUNet_preprocessed', nnUNet_preprocessed), ('nnUNet_results', nnUNet_results)):
             if not value:  # nnU-Net's _EnvPath: false when the variable is unset
                 raise DesdError(f'{name} is not set: point it at your nnU-Net {name.split("_")[1]} folder.')
@@ -185,8 +188,6 @@ def plan_cells(setup: BenchmarkSetup, create_folds: bool) -> List[BenchmarkCell]
 
 def check_provenance(cell: BenchmarkCell, setup: BenchmarkSetup) -> Optional[str]:
     """DesdError where a tested run came from another export than -w; a warning where it records none."""
-    from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
-
     if cell.role != 'tested' or setup.weights is None or cell.model_folder is None:
         return None
     provenance = os.path.join(cell.model_folder, PROVENANCE_FILE)
@@ -210,6 +211,7 @@ def is_dmd_trainer(name: str) -> bool:
     looked up (that would import torch and nnU-Net's trainers); other DMD subclasses fail in their own run."""
     if 'DMD' not in name:
         return False
+    # here, not at the top: nnU-Net's trainers are heavy to import, and only DMD names need them
     from nnunetv2_desd.trainers import variants  # noqa: F401  (defines the DMD variants)
     from nnunetv2_desd.trainers.dmd import nnUNetTrainerDMD
     classes, found = [nnUNetTrainerDMD], set()
@@ -223,9 +225,6 @@ def is_dmd_trainer(name: str) -> bool:
 def check_unlabelled_pools(cells: List[BenchmarkCell], setup: BenchmarkSetup) -> None:
     """DesdError before the first run where a DMD cell to run has no unlabelled cases, a pool made with other
     plans, or -w (see ``desd_benchmark -h``)."""
-    from nnunetv2_desd.data.fractions import fraction_fold_info
-    from nnunetv2_desd.data.pool import check_pool, preprocess_command, read_pool_record
-
     pending = [c for c in cells if c.role == 'tested' and c.fold_id is not None and next_step(c) is not None]
     if not pending or not is_dmd_trainer(setup.trainers['tested']):
         return
@@ -321,9 +320,6 @@ def print_commands(cells: List[BenchmarkCell], setup: BenchmarkSetup, env: Dict[
 def benchmark(options: BenchmarkOptions) -> Optional[dict]:
     """Runs (or prints) the selected cells, then writes the report; returns write_report's result (None where
     ``options.print_commands``)."""
-    from tqdm import tqdm
-    from nnunetv2_desd.trainers.lookup import with_ext_trainers
-
     setup = BenchmarkSetup(options)
     cells = plan_cells(setup, create_folds=not options.collect_only)
     selected = [c for c in cells if options.only in (None, c.role)]

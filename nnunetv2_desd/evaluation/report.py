@@ -143,7 +143,7 @@ def bootstrap_ci(values: Sequence[float], confidence: float = CONFIDENCE, resamp
 def signed_rank_test(differences: Sequence[float]) -> Tuple[Optional[float], int]:
     """(two-sided Wilcoxon signed-rank p, n): zero differences are dropped first, n counts the others (exact p
     without ties, the normal approximation with ties). p is None where n is 0."""
-    from scipy.stats import wilcoxon
+    from scipy.stats import wilcoxon  # here: scipy.stats is slow to import
 
     d = np.asarray(differences, dtype=float)
     d = d[d != 0]
@@ -289,7 +289,7 @@ def csv_text(rows: List[dict], unit_rows: List[dict]) -> str:
 def figure(rows: List[dict], unit_rows: List[dict], meta: ReportMeta, path: str) -> None:
     """Per label: mean Dice over units against the labelled fraction for each trainer; last panel: Δ foreground
     mean with its confidence interval, per comparison."""
-    import matplotlib
+    import matplotlib  # here: slow to import, and the backend is set before pyplot loads
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
