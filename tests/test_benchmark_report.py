@@ -1,5 +1,6 @@
 """desd_benchmark without training: fraction folds in splits_final.json, the paired report, the CLI's decisions."""
 import csv
+import hashlib
 import io
 import json
 import math
@@ -40,7 +41,7 @@ def _splits(folder: Path) -> list:
 # ---------------------------------------------------------------- fraction folds
 
 def test_missing_splits_are_nnunets_own_five_folds(tmp_path):
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.crossval_split import generate_crossval_split  # here: it imports sklearn (seconds)
     pre = fake_preprocessed(tmp_path)
     assert fraction_fold(str(pre), str(pre / DATA_ID), 2, 1.0) == 2  # full fraction: the standard fold itself
     splits = _splits(pre)
@@ -412,7 +413,6 @@ def test_a_run_from_another_export_is_refused(fake_nnunet, capsys):
     write_summary(fold / 'validation' / 'summary.json', {'a': (0.5, 0.5)})
     (fold / 'pretrained_weights.json').write_text(json.dumps({'file': '/old/export.pth', 'file_sha256': 'ab' * 32}))
     code, out = _cli(capsys, '-d', '990', '-w', str(weights), '--folds', '0', '--collect-only')
-    import hashlib
     assert code == 2 and 'ab' * 32 in out.err and hashlib.sha256(b'weights').hexdigest() in out.err
 
 

@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from PIL import Image
 
 from conftest import nnunet_env, run_command
+from nnunetv2_desd.cli import drr as drr_cli
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.drrs import axes_lps, drr_path, load_drr, require_ct, save_drr_png
 from nnunetv2_desd.data.drr_projection import (MU_WATER_PER_MM, attenuation_image, hu_to_mu, line_integrals,
                                                minmax_to_unit, projection_axis)
+from nnunetv2_desd.data.sources import write_chest_ct_datasets, write_synthetic_dataset
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -151,10 +154,6 @@ def halve_with_triangle_filter(image):
 
 def test_desd_drr_end_to_end(tmp_path, monkeypatch, capsys):
     """Non-identity transpose_forward, a permuted direction, one resampled and one cropped case."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2_desd.cli import drr as drr_cli
-    from nnunetv2_desd.data.sources import write_synthetic_dataset
-
     env = nnunet_env(tmp_path)
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(key, env[key])
@@ -221,7 +220,6 @@ def test_chest_ct_lateral_drr(tmp_path):
     diaphragm the full-width abdomen is brighter. The full pipeline (transpose, crop, resampling) is checked on
     synthetic cases above; here the maths and the geometry meet real anatomy.
     """
-    from nnunetv2_desd.data.sources import write_chest_ct_datasets
 
     _, labelled = write_chest_ct_datasets(str(tmp_path), 940, 941, spacing=(4, 4, 4), n_unlabelled=1, n_labelled=1,
                                           crop_size_mm=(352, 352, 328))
