@@ -1,5 +1,6 @@
 """desd_benchmark without training: fraction folds in splits_final.json, the paired report, the CLI's decisions."""
 import csv
+import hashlib
 import io
 import json
 import math
@@ -15,7 +16,7 @@ from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.evaluation import benchmark
 from nnunetv2_desd.data.fractions import (REGISTRY_FILE, SPLITS_FILE, find_fraction_fold, fraction_fold,
                                           fraction_fold_info, subset_size)
-from nnunetv2_desd.evaluation.report import (FOREGROUND, Cell, ReportMeta, bootstrap_ci, label_names,
+from nnunetv2_desd.evaluation.report import (FOREGROUND, BenchmarkCell, ReportMeta, bootstrap_ci, label_names,
                                              paired_case_values, read_case_dice, signed_rank_test, write_report)
 
 CASES = [f'case_{i:02d}' for i in range(12)]
@@ -40,7 +41,7 @@ def _splits(folder: Path) -> list:
 # ---------------------------------------------------------------- fraction folds
 
 def test_missing_splits_are_nnunets_own_five_folds(tmp_path):
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.crossval_split import generate_crossval_split  # here: it imports sklearn (seconds)
     pre = fake_preprocessed(tmp_path)
     assert fraction_fold(str(pre), str(pre / DATA_ID), 2, 1.0) == 2  # full fraction: the standard fold itself
     splits = _splits(pre)
@@ -199,7 +200,7 @@ def hand_cells(root: Path) -> list:
             folder = root / f'{TRAINERS[role]}__nnUNetPlans__3d_fullres' / f'fold_{fid}'
             if (role, fraction, fold, seed) in DICE:
                 write_summary(folder / 'validation' / 'summary.json', DICE[(role, fraction, fold, seed)])
-            cells.append(Cell(role, TRAINERS[role], 'nnUNetPlans', fold, fraction, fid, str(folder), seed))
+            cells.append(BenchmarkCell(role, TRAINERS[role], 'nnUNetPlans', fold, fraction, fid, str(folder), seed))
     return cells
 
 
@@ -412,7 +413,6 @@ def test_a_run_from_another_export_is_refused(fake_nnunet, capsys):
     write_summary(fold / 'validation' / 'summary.json', {'a': (0.5, 0.5)})
     (fold / 'pretrained_weights.json').write_text(json.dumps({'file': '/old/export.pth', 'file_sha256': 'ab' * 32}))
     code, out = _cli(capsys, '-d', '990', '-w', str(weights), '--folds', '0', '--collect-only')
-    import hashlib
     assert code == 2 and 'ab' * 32 in out.err and hashlib.sha256(b'weights').hexdigest() in out.err
 
 

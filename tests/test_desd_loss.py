@@ -123,7 +123,12 @@ def test_projection_head_shapes_and_prototype_normalisation():
     with torch.no_grad():
         head.prototypes.mul_(3.7)
     assert torch.allclose(head(x), out, atol=1e-6)
-    assert head.prototype_parameters() == [head.prototypes] and head.prototypes.shape == (5, 6)
+    assert head.prototypes.shape == (5, 6)
+    head.prototypes.grad = torch.ones_like(head.prototypes)
+    head.cancel_prototype_gradients(epoch=1, frozen_epochs=1)  # the last layer's parameter, frozen no more
+    assert head.prototypes.grad is not None
+    head.cancel_prototype_gradients(epoch=0, frozen_epochs=1)
+    assert head.prototypes.grad is None
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == 2
     assert all(m.bias.abs().sum() == 0 for m in head.modules() if isinstance(m, torch.nn.Linear))
 

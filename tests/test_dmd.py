@@ -1,18 +1,24 @@
 """DMD building blocks: the loss against hand-computed values, gradients into both networks, the batch split and
 composition of a training step, checkpoint round trip of both networks, and the unlabelled pool's checks."""
 import copy
+import json
 import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from nnunetv2.run.run_training import maybe_load_checkpoint
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.trainers.dmd_loss import (DeepSupervisedMutualDistillation, MutualDistillationLoss,
                                              soft_dice)
 from nnunetv2_desd.data.preprocessing_match import preprocessing_plans
 from nnunetv2_desd.data.pool import POOL_FORMAT, check_pool, pool_paths
-from nnunetv2_desd.trainers.dmd import DMDPair, nnUNetTrainerDMD, split_batch
+from nnunetv2_desd.evaluation.benchmark import check_unlabelled_pools, is_dmd_trainer
+from nnunetv2_desd.evaluation.report import BenchmarkCell
+from nnunetv2_desd.trainers.dmd import DMDPair, nnUNetTrainerDMD, nnUNetTrainerDMDEnsemble, split_batch
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -238,8 +244,6 @@ def test_checkpoint_holds_and_restores_both_networks(make_trainer, tmp_path):
 
 
 def test_prediction_network_is_network_one_or_the_ensemble(make_trainer):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_desd.trainers.dmd import nnUNetTrainerDMDEnsemble
     manager = PlansManager(tiny_plans())
     single = nnUNetTrainerDMD.build_network_architecture(manager, manager.get_configuration('3d_fullres'), 1, 3,
                                                          enable_deep_supervision=False)
@@ -254,7 +258,6 @@ def test_prediction_network_is_network_one_or_the_ensemble(make_trainer):
 
 
 def test_pretrained_weights_refused(make_trainer):
-    from nnunetv2.run.run_training import maybe_load_checkpoint
     trainer = make_trainer(initialize=False)
     with pytest.raises(DesdError, match='-pretrained_weights is not supported'):
         maybe_load_checkpoint(trainer, False, False, 'x.pth')  # where nnU-Net initialises for -pretrained_weights
@@ -303,21 +306,17 @@ def test_pool_checks(tmp_path):
 
 
 def test_benchmark_checks_dmd_cells_before_running(tmp_path):
-    import json
-    from types import SimpleNamespace
-    from nnunetv2_desd.evaluation.benchmark import check_unlabelled_pools, is_dmd_trainer
-    from nnunetv2_desd.evaluation.report import Cell
     assert is_dmd_trainer('nnUNetTrainerDMDTiny') and is_dmd_trainer('nnUNetTrainerDMDEnsemble')
     assert not is_dmd_trainer('nnUNetTrainerDeSDTiny') and not is_dmd_trainer('nnUNetTrainerDMDX')
     (tmp_path / 'nnUNetPlans.json').write_text(json.dumps(tiny_plans()))
     setup = SimpleNamespace(trainers={'tested': 'nnUNetTrainerDMDTiny', 'baseline': 'nnUNetTrainerTiny'},
                             plans={'tested': 'nnUNetPlans', 'baseline': 'nnUNetPlans'}, weights=None,
                             preprocessed=str(tmp_path), configuration='3d_fullres', dataset='Dataset990_Unit')
-    full = Cell('tested', 'nnUNetTrainerDMDTiny', 'nnUNetPlans', 0, 1.0, 0, str(tmp_path / 'fold_0'))
+    full = BenchmarkCell('tested', 'nnUNetTrainerDMDTiny', 'nnUNetPlans', 0, 1.0, 0, str(tmp_path / 'fold_0'))
     with pytest.raises(DesdError, match=r'fold 0, fraction 1\. Preprocess unlabelled images first '
                                         r'\(desd_preprocess_unlabelled -d Dataset990_Unit'):
         check_unlabelled_pools([full], setup)
-    check_unlabelled_pools([Cell('baseline', 'nnUNetTrainerTiny', 'nnUNetPlans', 0, 1.0, 0, None)], setup)
+    check_unlabelled_pools([BenchmarkCell('baseline', 'nnUNetTrainerTiny', 'nnUNetPlans', 0, 1.0, 0, None)], setup)
     setup.weights = 'export.pth'
     with pytest.raises(DesdError, match='drop -w'):
         check_unlabelled_pools([full], setup)

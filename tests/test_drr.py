@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from PIL import Image
 
 from conftest import nnunet_env, run_command
+from nnunetv2_desd.cli import drr as drr_cli
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.drrs import axes_lps, drr_path, load_drr, require_ct, save_drr_png
-from nnunetv2_desd.data.drr_projection import (MU_WATER_PER_MM, attenuation_image, drr_from_hu, hu_to_mu,
-                                               line_integrals, projection_axis)
+from nnunetv2_desd.data.drr_projection import (MU_WATER_PER_MM, attenuation_image, hu_to_mu, line_integrals,
+                                               minmax_to_unit, projection_axis)
+from nnunetv2_desd.data.sources import write_chest_ct_datasets, write_synthetic_dataset
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -24,6 +27,11 @@ def cube_phantom():
     hu = np.full((10, 12, 14), -1000.0, dtype=np.float32)
     hu[2:6, 5:9, 3:7] = 500.0
     return hu, (2.5, 1.0, 0.5), (slice(2, 6), slice(5, 9), slice(3, 7))
+
+
+def drr_from_hu(hu, spacing, axis, attenuation='linear'):
+    """A DRR in [-1, 1] without resampling: what case_drr does on a grid that needs none."""
+    return minmax_to_unit(attenuation_image(hu, spacing, axis, attenuation))
 
 
 def test_hu_to_mu_by_hand():
@@ -55,7 +63,7 @@ def test_line_integrals_of_a_cube(axis):
 
 
 def test_linear_drr_equals_minmax_of_clipped_hu_ray_sums():
-    """The official DRR (clip HU, ray sum, min-max) and ours agree while HU >= -1000 (docstring claim)."""
+    """The official DRR (clip HU, ray sum, min-max) and ours agree while HU >= -1000 (attenuation_image's claim)."""
     hu = np.random.default_rng(0).uniform(-1000, 2000, (7, 8, 9)).astype(np.float32)
     sums = np.clip(hu.astype(np.float64), -1024, 1024).sum(1)
     official = 2 * (sums - sums.min()) / (sums.max() - sums.min()) - 1
@@ -146,10 +154,6 @@ def halve_with_triangle_filter(image):
 
 def test_desd_drr_end_to_end(tmp_path, monkeypatch, capsys):
     """Non-identity transpose_forward, a permuted direction, one resampled and one cropped case."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2_desd.cli import drr as drr_cli
-    from nnunetv2_desd.data.sources import write_synthetic_dataset
-
     env = nnunet_env(tmp_path)
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(key, env[key])
@@ -216,7 +220,6 @@ def test_chest_ct_lateral_drr(tmp_path):
     diaphragm the full-width abdomen is brighter. The full pipeline (transpose, crop, resampling) is checked on
     synthetic cases above; here the maths and the geometry meet real anatomy.
     """
-    from nnunetv2_desd.data.sources import write_chest_ct_datasets
 
     _, labelled = write_chest_ct_datasets(str(tmp_path), 940, 941, spacing=(4, 4, 4), n_unlabelled=1, n_labelled=1,
                                           crop_size_mm=(352, 352, 328))

@@ -5,10 +5,14 @@ import sys
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.run.run_training import maybe_load_checkpoint
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
 from nnunetv2_desd.common.pretrained_weights import (PretrainedExport, adapt_input_channels,
                                                      mismatch_message, plan_loading)
-from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
+from nnunetv2_desd.trainers.ext import nnunetv2_desd_trainers as ext
+from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
 from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS, nnUNetTrainerDeSD,
                                              nnUNetTrainerReFs, scaled_warmup_epochs, weights_nnunet_will_load)
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
@@ -46,16 +50,61 @@ def test_every_method_names_its_own_trainer():
                                                                        nnUNetTrainerReFs)}
 
 
-def test_recipes_and_their_generated_variants():
+def test_recipes_and_their_variants():
     assert FINETUNE_RECIPES['pretrained'] == {'initial_lr': 1e-3, 'enable_deep_supervision': False}
     assert FINETUNE_RECIPES['vanilla'] == {'initial_lr': 1e-2, 'enable_deep_supervision': True}
-    from nnunetv2_desd.trainers.ext import nnunetv2_desd_trainers as ext
     other = next(r for r in FINETUNE_RECIPES if r != nnUNetTrainerDeSD.recipe)
     variant = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe')
     twin = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe_scratch')
     assert variant.recipe == other and not variant.from_scratch and issubclass(twin, variant) and twin.from_scratch
     assert getattr(ext, 'nnUNetTrainerReFsTiny_scratch').from_scratch
     assert getattr(ext, 'nnUNetTrainerReFsTiny_scratch').recipe == nnUNetTrainerDeSD.recipe
+
+
+# every trainer nnU-Net finds through nnUNet_extTrainer, written out by hand so that a lost or renamed one fails here
+SHORT_SCHEDULE_TRAINERS = ['nnUNetTrainerTiny', 'nnUNetTrainerDemo', 'nnUNetTrainerDMDTiny', 'nnUNetTrainerDMDDemo']
+PRETRAINED_TRAINERS = ['nnUNetTrainerDeSD', 'nnUNetTrainerCADS', 'nnUNetTrainerReFs',
+                       'nnUNetTrainerDeSDTiny', 'nnUNetTrainerCADSTiny', 'nnUNetTrainerReFsTiny',
+                       'nnUNetTrainerDeSDDemo', 'nnUNetTrainerCADSDemo', 'nnUNetTrainerReFsDemo']
+RECIPE_AND_SCRATCH_VARIANTS = [
+    'nnUNetTrainerDeSD_scratch', 'nnUNetTrainerDeSD_pretrainedRecipe', 'nnUNetTrainerDeSD_pretrainedRecipe_scratch',
+    'nnUNetTrainerCADS_scratch', 'nnUNetTrainerCADS_pretrainedRecipe', 'nnUNetTrainerCADS_pretrainedRecipe_scratch',
+    'nnUNetTrainerReFs_scratch', 'nnUNetTrainerReFs_pretrainedRecipe', 'nnUNetTrainerReFs_pretrainedRecipe_scratch',
+    'nnUNetTrainerDeSDTiny_scratch', 'nnUNetTrainerDeSDTiny_pretrainedRecipe',
+    'nnUNetTrainerDeSDTiny_pretrainedRecipe_scratch',
+    'nnUNetTrainerCADSTiny_scratch', 'nnUNetTrainerCADSTiny_pretrainedRecipe',
+    'nnUNetTrainerCADSTiny_pretrainedRecipe_scratch',
+    'nnUNetTrainerReFsTiny_scratch', 'nnUNetTrainerReFsTiny_pretrainedRecipe',
+    'nnUNetTrainerReFsTiny_pretrainedRecipe_scratch',
+    'nnUNetTrainerDeSDDemo_scratch', 'nnUNetTrainerDeSDDemo_pretrainedRecipe',
+    'nnUNetTrainerDeSDDemo_pretrainedRecipe_scratch',
+    'nnUNetTrainerCADSDemo_scratch', 'nnUNetTrainerCADSDemo_pretrainedRecipe',
+    'nnUNetTrainerCADSDemo_pretrainedRecipe_scratch',
+    'nnUNetTrainerReFsDemo_scratch', 'nnUNetTrainerReFsDemo_pretrainedRecipe',
+    'nnUNetTrainerReFsDemo_pretrainedRecipe_scratch',
+]
+EXT_TRAINERS = (['nnUNetTrainerDMD', 'nnUNetTrainerDMDEnsemble'] + SHORT_SCHEDULE_TRAINERS + PRETRAINED_TRAINERS +
+                RECIPE_AND_SCRATCH_VARIANTS)
+
+
+def test_nnunets_lookup_finds_every_trainer_and_variant_by_name():
+
+    exported = {name for name, value in vars(ext).items() if isinstance(value, type) and
+                issubclass(value, nnUNetTrainer)}
+    assert exported == set(EXT_TRAINERS) and len(RECIPE_AND_SCRATCH_VARIANTS) == 27
+    try:  # nnUNetv2_train -tr NAME's search of an nnUNet_extTrainer folder (its slow cleanup: once, at the end)
+        for name in EXT_TRAINERS:
+            found = recursive_find_python_class(EXT_TRAINER_FOLDER, name, None, base_folder=EXT_TRAINER_FOLDER)
+            assert found is getattr(ext, name) and found.__name__ == name and issubclass(found, nnUNetTrainer), name
+    finally:
+        sys.modules.pop('nnunetv2_desd_trainers', None)
+    for name in RECIPE_AND_SCRATCH_VARIANTS:  # one override each, on the trainer its name extends
+        cls = getattr(ext, name)
+        parent = name[:-len('_scratch')] if name.endswith('_scratch') else name[:-len('_pretrainedRecipe')]
+        assert cls.__bases__ == (getattr(ext, parent),), name
+        assert cls.from_scratch == name.endswith('_scratch') and not getattr(ext, parent).from_scratch, name
+        assert cls.recipe == ('pretrained' if '_pretrainedRecipe' in name else nnUNetTrainerDeSD.recipe), name
+    assert nnUNetTrainerDeSD.recipe != 'pretrained' and 'pretrained' in FINETUNE_RECIPES
 
 
 def test_warmup_poly_by_hand():
@@ -101,7 +150,6 @@ class _Stop(Exception):
 
 
 def test_the_weights_file_comes_from_nnunets_loader_on_every_path(tmp_path, monkeypatch):
-    from nnunetv2.run.run_training import maybe_load_checkpoint
     monkeypatch.setattr(sys, 'argv', ['python'])  # the Python API: nothing on the command line
     (tmp_path / 'checkpoint_final.pth').write_bytes(b'')
     trainer = _RecordingTrainer(tmp_path)

@@ -1,14 +1,11 @@
 """The package's shape: imports run one way down the pipeline, no cycles, thin __init__ files, one-line module
-docstrings, every console script answers --help, and the previous release's module paths still import (deprecated)."""
+docstrings, and every console script answers --help."""
 import ast
 import os
 import re
 import subprocess
 import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-
-import pytest
 
 import nnunetv2_desd
 
@@ -19,7 +16,7 @@ LAYERS = ['common', 'data', 'architectures',
           'pretraining.views', 'pretraining.heads', 'pretraining.network', 'pretraining.distributed',
           'pretraining.methods', 'pretraining.config', 'pretraining.engine', 'pretraining.run',
           'trainers', 'planning', 'evaluation', 'benchmarks', 'cli']
-NOT_IN_THE_PIPELINE = {'nnunetv2_desd', 'nnunetv2_desd._moved', 'nnunetv2_desd.pretraining'}
+NOT_IN_THE_PIPELINE = {'nnunetv2_desd', 'nnunetv2_desd.pretraining'}
 
 
 def package_modules():
@@ -154,36 +151,3 @@ def test_every_console_script_answers_help():
         assert result.returncode == 0, (name, result.stderr[-800:])
         assert 'usage:' in result.stdout.lower(), (name, result.stdout[:300])
 
-
-def test_the_previous_release_paths_import_with_a_deprecation_warning():
-    from nnunetv2_desd._moved import MOVED
-    # a fresh interpreter: the warning comes once, at the first import of each old path
-    code = '''
-import importlib, pydoc, warnings, sys
-from nnunetv2_desd._moved import MOVED
-problems = []
-for old, new in MOVED.items():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        module = importlib.import_module(old)
-    if not any(issubclass(w.category, DeprecationWarning) and old in str(w.message) for w in caught):
-        problems.append(old + ': no DeprecationWarning')
-    for target in map(importlib.import_module, new):
-        public = [k for k in vars(target) if not k.startswith('_')]
-        if not all(hasattr(module, k) for k in public):
-            problems.append(old + ': misses names of ' + target.__name__)
-from nnunetv2_desd.architectures.pvt_unet import PVTUNet
-if pydoc.locate('nnunetv2_desd.models.pvt_unet.PVTUNet') is not PVTUNet:  # plans of the last release name it
-    problems.append('PVTUNet by its old path')
-from nnunetv2_desd.trainers.finetune import nnUNetTrainerDeSD
-if nnUNetTrainerDeSD.__module__ != 'nnunetv2_desd.trainers.finetune':
-    problems.append('trainer module moved')
-print(repr(problems))
-'''
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == '[]'
-    assert 'nnunetv2_desd.models.pvt_unet' in MOVED and len(MOVED) > 30
-    with pytest.raises(ModuleNotFoundError), warnings.catch_warnings():  # only the listed paths are aliased
-        warnings.simplefilter('ignore', DeprecationWarning)
-        __import__('nnunetv2_desd.models.no_such_module')

@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from nnunetv2_desd.common.checkpoint import tensor_digest
 from nnunetv2_desd.common.errors import DesdError
 
 PLAN_KEY = 'nnssl_adaptation_plan'
@@ -26,9 +27,6 @@ PRESETS = {'ResEncL': ('ResidualEncoderUNet', RESENC_L)}
 CLASSES = {'ResidualEncoderUNet': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
            'PlainConvUNet': 'dynamic_network_architectures.architectures.unet.PlainConvUNet'}
 REQUIRES_IMPORT = ['conv_op', 'norm_op', 'dropout_op', 'nonlin']
-CONFIGURATION_FIELDS = ('data_identifier', 'preprocessor_name', 'spacing_style', 'normalization_schemes',
-                        'use_mask_for_norm', 'resampling_fn_data', 'resampling_fn_data_kwargs', 'resampling_fn_mask',
-                        'resampling_fn_mask_kwargs', 'spacing', 'patch_size')
 CITATIONS = {
     'desd': {'type': 'method', 'name': 'DeSD', 'apa_citations': [
         'Ye, Y., Zhang, J., Chen, Z., & Xia, Y. (2022). DeSD: Self-supervised learning with deep self-distillation '
@@ -134,7 +132,6 @@ def architecture_from_plan(plan: dict, file: str) -> dict:
 
 def metadata_from_plan(plan, weights: Mapping[str, torch.Tensor], trainer_name: Optional[str], file: str) -> dict:
     """Our export metadata for an nnssl checkpoint (``format`` 'nnssl'); DesdError for an unusable plan."""
-    from nnunetv2_desd.common.checkpoint import tensor_digest
     if not isinstance(plan, dict):
         raise DesdError(f'{file}: {PLAN_KEY} is a {type(plan).__name__}, not a dict.')
     architecture = architecture_from_plan(plan, file)

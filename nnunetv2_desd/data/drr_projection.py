@@ -45,7 +45,12 @@ def line_integrals(hu: np.ndarray, spacing: Sequence[float], axis: int) -> np.nd
 
 def attenuation_image(hu: np.ndarray, spacing: Sequence[float], axis: int,
                       attenuation: str = DEFAULT_ATTENUATION) -> np.ndarray:
-    """The radiograph before scaling: p ('linear') or 1 - exp(-p) ('beer_lambert'); 2D float64."""
+    """The radiograph before scaling: p ('linear') or 1 - exp(-p) ('beer_lambert'); 2D float64.
+
+    After min-max, 'linear' equals the official CADS DRR (min-max of ray sums of clipped HU): the two sums differ by
+    an affine map, except where the clipped HU is below -1000 (mu floors at 0). 'beer_lambert' saturates in a
+    body-sized path (a 300 mm lateral chest: p ~ 6) and mostly shows the silhouette.
+    """
     check_view(DEFAULT_VIEW, attenuation)
     p = line_integrals(hu, spacing, axis)
     return p if attenuation == 'linear' else -np.expm1(-p)
@@ -58,20 +63,6 @@ def minmax_to_unit(image: np.ndarray) -> np.ndarray:
     if not hi > lo:
         return np.zeros(image.shape, dtype=np.float32)
     return (2.0 * (image - lo) / (hi - lo) - 1.0).astype(np.float32)
-
-
-def drr_from_hu(hu: np.ndarray, spacing: Sequence[float], axis: int,
-                attenuation: str = DEFAULT_ATTENUATION) -> np.ndarray:
-    """DRR in [-1, 1] (2D float32) of a HU volume, rays along array `axis` (module docstring for the equations).
-
-    'linear' is the official CADS DRR (clip HU, ray sum, min-max). The ray sum of clipped HU and the ray sum of
-    mu differ by an affine map (sum mu s = MU_WATER s (N + sum HU / 1000), N voxels per ray, the same for
-    every ray of a box), so after min-max they agree exactly, except where the clipped HU is below -1000
-    (-1024..-1000: mu is floored at 0). 'beer_lambert' shows the absorbed fraction 1 - exp(-p); note that a
-    body-sized path is several attenuation lengths (a 300 mm lateral chest: p ~ 6), so it saturates in the
-    body and mostly shows the silhouette; 'linear' is what digital radiography displays after its log step.
-    """
-    return minmax_to_unit(attenuation_image(hu, spacing, axis, attenuation))
 
 
 def projection_axis(direction: Sequence[float], view: str = DEFAULT_VIEW) -> int:

@@ -14,10 +14,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from tqdm import tqdm
+
+from nnunetv2_desd.common.checkpoint import file_sha256
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.fractions import (SPLITS_FILE, check_fraction, find_fraction_fold, fraction_fold,
-                                          subset_size)
-from nnunetv2_desd.evaluation.report import ROLES, Cell, ReportMeta, label_names, write_report
+                                          fraction_fold_info, subset_size)
+from nnunetv2_desd.data.pool import check_pool, preprocess_command, read_pool_record
+from nnunetv2_desd.evaluation.report import ROLES, BenchmarkCell, ReportMeta, label_names, write_report
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
 
 LOG_TAIL_LINES = 30
 STEP_WORDS = {'train': 'training', 'val': 'validating', 'continue': 'continuing'}
@@ -50,7 +57,6 @@ def _unique(values: list) -> list:
 
 
 def dataset_name(dataset: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     try:
         return str(maybe_convert_to_dataset_name(dataset))
     except (RuntimeError, ValueError):
@@ -76,13 +82,10 @@ def data_identifier(plans_file: str, configuration: str) -> str:
     return configurations[name]['data_identifier']
 
 
-class Setup:
+class BenchmarkSetup:
     """The checked inputs: folders, plans per side, export and its sha256."""
 
     def __init__(self, options: BenchmarkOptions):
-        from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-        from nnunetv2_desd.common.checkpoint import file_sha256
-
         for name, value in (('nnUNet_preprocessed', nnUNet_preprocessed), ('nnUNet_results', nnUNet_results)):
             if not value:  # nnU-Net's _EnvPath: false when the variable is unset
                 raise DesdError(f'{name} is not set: point it at your nnU-Net {name.split("_")[1]} folder.')
@@ -162,7 +165,7 @@ class Setup:
                           pretrained=f'{self.weights} (sha256 {self.weights_sha256})' if self.weights else None)
 
 
-def plan_cells(setup: Setup, create_folds: bool) -> List[Cell]:
+def plan_cells(setup: BenchmarkSetup, create_folds: bool) -> List[BenchmarkCell]:
     """Every cell of every role, the tested trainer first in each (fraction, seed, fold), so that a wrong trainer
     name or export fails at the first run. Without create_folds, fraction folds not appended yet have no fold id."""
     # any preprocessed copy of the dataset lists its cases (needed only where splits_final.json is missing)
@@ -177,15 +180,14 @@ def plan_cells(setup: Setup, create_folds: bool) -> List[Cell]:
                 else:
                     fold_id = find_fraction_fold(setup.preprocessed, fold, fraction, subset_seed)
                 for role in setup.roles:
-                    cells.append(Cell(role, setup.trainers[role], setup.plans[role], fold, fraction, fold_id,
-                                      None if fold_id is None else setup.model_folder(role, fold_id), seed))
+                    folder = None if fold_id is None else setup.model_folder(role, fold_id)
+                    cells.append(BenchmarkCell(role, setup.trainers[role], setup.plans[role], fold, fraction, fold_id,
+                                               folder, seed))
     return cells
 
 
-def check_provenance(cell: Cell, setup: Setup) -> Optional[str]:
+def check_provenance(cell: BenchmarkCell, setup: BenchmarkSetup) -> Optional[str]:
     """DesdError where a tested run came from another export than -w; a warning where it records none."""
-    from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
-
     if cell.role != 'tested' or setup.weights is None or cell.model_folder is None:
         return None
     provenance = os.path.join(cell.model_folder, PROVENANCE_FILE)
@@ -209,6 +211,7 @@ def is_dmd_trainer(name: str) -> bool:
     looked up (that would import torch and nnU-Net's trainers); other DMD subclasses fail in their own run."""
     if 'DMD' not in name:
         return False
+    # here, not at the top: nnU-Net's trainers are heavy to import, and only DMD names need them
     from nnunetv2_desd.trainers import variants  # noqa: F401  (defines the DMD variants)
     from nnunetv2_desd.trainers.dmd import nnUNetTrainerDMD
     classes, found = [nnUNetTrainerDMD], set()
@@ -219,12 +222,9 @@ def is_dmd_trainer(name: str) -> bool:
     return name in found
 
 
-def check_unlabelled_pools(cells: List[Cell], setup: Setup) -> None:
+def check_unlabelled_pools(cells: List[BenchmarkCell], setup: BenchmarkSetup) -> None:
     """DesdError before the first run where a DMD cell to run has no unlabelled cases, a pool made with other
     plans, or -w (see ``desd_benchmark -h``)."""
-    from nnunetv2_desd.data.fractions import fraction_fold_info
-    from nnunetv2_desd.data.pool import check_pool, preprocess_command, read_pool_record
-
     pending = [c for c in cells if c.role == 'tested' and c.fold_id is not None and next_step(c) is not None]
     if not pending or not is_dmd_trainer(setup.trainers['tested']):
         return
@@ -250,7 +250,7 @@ def check_unlabelled_pools(cells: List[Cell], setup: Setup) -> None:
                         f'images first ({command}) or choose fractions below 1.')
 
 
-def next_step(cell: Cell) -> Optional[str]:
+def next_step(cell: BenchmarkCell) -> Optional[str]:
     """None (done: reuse), 'val' (trained, not validated), 'continue' (interrupted) or 'train' (fresh)."""
     if cell.done:
         return None
@@ -261,7 +261,8 @@ def next_step(cell: Cell) -> Optional[str]:
     return 'train'
 
 
-def train_command(cell: Cell, step: str, setup: Setup, executable: str = 'nnUNetv2_train') -> List[str]:
+def train_command(cell: BenchmarkCell, step: str, setup: BenchmarkSetup,
+                  executable: str = 'nnUNetv2_train') -> List[str]:
     command = [executable, setup.dataset, setup.configuration, str(cell.fold_id), '-tr', cell.trainer,
                '-p', cell.plans, '-device', setup.device]
     if step == 'val':
@@ -284,11 +285,11 @@ def nnunet_train_executable() -> str:
     return exe
 
 
-def log_file(setup: Setup, cell: Cell) -> str:
+def log_file(setup: BenchmarkSetup, cell: BenchmarkCell) -> str:
     return os.path.join(setup.output, 'logs', f'{cell.trainer}__fold_{cell.fold_id}.log')
 
 
-def run_cell(cell: Cell, step: str, setup: Setup, env: Dict[str, str]) -> None:
+def run_cell(cell: BenchmarkCell, step: str, setup: BenchmarkSetup, env: Dict[str, str]) -> None:
     """Runs one stock nnUNetv2_train; its output is appended to the cell's log. DesdError with the log's tail."""
     if not os.path.isdir(setup.data_folders[cell.role]):
         raise DesdError(f'{setup.data_folders[cell.role]} does not exist: preprocess plans {cell.plans} '
@@ -308,7 +309,7 @@ def run_cell(cell: Cell, step: str, setup: Setup, env: Dict[str, str]) -> None:
                         f'Last lines:\n{tail.rstrip()}')
 
 
-def print_commands(cells: List[Cell], setup: Setup, env: Dict[str, str]) -> None:
+def print_commands(cells: List[BenchmarkCell], setup: BenchmarkSetup, env: Dict[str, str]) -> None:
     print(f'export nnUNet_extTrainer={shlex.quote(env["nnUNet_extTrainer"])}')
     for cell in cells:
         step = next_step(cell)
@@ -319,10 +320,7 @@ def print_commands(cells: List[Cell], setup: Setup, env: Dict[str, str]) -> None
 def benchmark(options: BenchmarkOptions) -> Optional[dict]:
     """Runs (or prints) the selected cells, then writes the report; returns write_report's result (None where
     ``options.print_commands``)."""
-    from tqdm import tqdm
-    from nnunetv2_desd.trainers.lookup import with_ext_trainers
-
-    setup = Setup(options)
+    setup = BenchmarkSetup(options)
     cells = plan_cells(setup, create_folds=not options.collect_only)
     selected = [c for c in cells if options.only in (None, c.role)]
     for cell in cells:

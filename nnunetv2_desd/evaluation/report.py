@@ -32,7 +32,7 @@ CSV_FIELDS = ('comparison', 'fraction', 'label', 'fold', 'seed', 'tested_mean', 
 
 
 @dataclasses.dataclass(frozen=True)
-class Cell:
+class BenchmarkCell:
     """One run: a trainer in one role on one labelled fraction (and subset seed) of one base fold."""
     role: str
     trainer: str
@@ -133,7 +133,7 @@ def bootstrap_ci(values: Sequence[float], confidence: float = CONFIDENCE, resamp
 def signed_rank_test(differences: Sequence[float]) -> Tuple[Optional[float], int]:
     """(two-sided Wilcoxon signed-rank p, n): zero differences are dropped first, n counts the others (exact p
     without ties, the normal approximation with ties). p is None where n is 0."""
-    from scipy.stats import wilcoxon
+    from scipy.stats import wilcoxon  # here: scipy.stats is slow to import
 
     d = np.asarray(differences, dtype=float)
     d = d[d != 0]
@@ -164,11 +164,12 @@ def unit_statistics(units: List[dict]) -> dict:
                 wilcoxon_p=p, n_units=len(units), n_nonzero=n_nonzero, n_cases=sum(u['n_cases'] for u in units))
 
 
-def _unit_key(cell: Cell) -> Tuple[int, int]:
+def _unit_key(cell: BenchmarkCell) -> Tuple[int, int]:
     return cell.fold, -1 if cell.seed is None else cell.seed
 
 
-def compare(cells: Sequence[Cell], names: Dict[str, str]) -> Tuple[List[dict], List[dict], List[Cell]]:
+def compare(cells: Sequence[BenchmarkCell], names: Dict[str, str]
+            ) -> Tuple[List[dict], List[dict], List[BenchmarkCell]]:
     """(aggregate rows, per-(fold, seed) rows, missing cells). Rows exist per comparison whose roles both run,
     fraction, and label (then FOREGROUND)."""
     missing = [c for c in cells if not c.done]
@@ -206,15 +207,15 @@ def compare(cells: Sequence[Cell], names: Dict[str, str]) -> Tuple[List[dict], L
     return rows, unit_rows, missing
 
 
-def _fmt(value: Optional[float], spec: str = '.4f') -> str:
+def _number_or_na(value: Optional[float], spec: str = '.4f') -> str:
     return 'n/a' if value is None else format(value, spec)
 
 
-def _ci(row: dict) -> str:
+def _confidence_interval_text(row: dict) -> str:
     return 'n/a' if row['ci_low'] is None else f'[{row["ci_low"]:+.4f}, {row["ci_high"]:+.4f}]'
 
 
-def markdown(rows: List[dict], unit_rows: List[dict], missing: List[Cell], meta: ReportMeta) -> str:
+def markdown(rows: List[dict], unit_rows: List[dict], missing: List[BenchmarkCell], meta: ReportMeta) -> str:
     t = meta.trainers
     lines = [f'# {t["tested"]} vs {" and ".join(t[r] for r in ROLES[1:] if r in t)}: {meta.dataset}, '
              f'{meta.configuration}', '', f'- dataset: {meta.dataset}; configuration: {meta.configuration}']
@@ -240,8 +241,9 @@ def markdown(rows: List[dict], unit_rows: List[dict], missing: List[Cell], meta:
                   f'| fraction | label | {t[first]} | {t[second]} | Δ Dice | {CONFIDENCE:.0%} CI | p (Wilcoxon) | n |',
                   '|---:|---|---|---|---|---|---:|---|']
         for r in mine:
-            lines.append(f'| {r["fraction"]:g} | {r["label"]} | {_fmt(r["tested_mean"])} | {_fmt(r["other_mean"])} '
-                         f'| {_fmt(r["diff_mean"], "+.4f")} | {_ci(r)} | {_fmt(r["wilcoxon_p"], ".4g")} | '
+            lines.append(f'| {r["fraction"]:g} | {r["label"]} | {_number_or_na(r["tested_mean"])} '
+                         f'| {_number_or_na(r["other_mean"])} | {_number_or_na(r["diff_mean"], "+.4f")} '
+                         f'| {_confidence_interval_text(r)} | {_number_or_na(r["wilcoxon_p"], ".4g")} | '
                          f'{r["n_units"]} / {r["n_nonzero"]} / {r["n_cases"]} |')
         for r in mine:
             if r['label'] == FOREGROUND and smallest_possible_p(r['n_nonzero']) >= 0.05:
@@ -277,7 +279,7 @@ def csv_text(rows: List[dict], unit_rows: List[dict]) -> str:
 def figure(rows: List[dict], unit_rows: List[dict], meta: ReportMeta, path: str) -> None:
     """Per label: mean Dice over units against the labelled fraction for each trainer; last panel: Δ foreground
     mean with its confidence interval, per comparison."""
-    import matplotlib
+    import matplotlib  # here: slow to import, and the backend is set before pyplot loads
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
@@ -321,7 +323,7 @@ def figure(rows: List[dict], unit_rows: List[dict], meta: ReportMeta, path: str)
     plt.close(fig)
 
 
-def write_report(output_folder: str, cells: Sequence[Cell], names: Dict[str, str], meta: ReportMeta) -> dict:
+def write_report(output_folder: str, cells: Sequence[BenchmarkCell], names: Dict[str, str], meta: ReportMeta) -> dict:
     """Writes <stem>.md, .csv and .png into output_folder (atomically: concurrent cluster cells may all report).
     Returns {'md', 'csv', 'png': path, 'rows', 'unit_rows', 'missing', 'text': the Markdown}."""
     rows, unit_rows, missing = compare(cells, names)

@@ -75,7 +75,7 @@ class ProjectionHead(nn.Module):
 
     i.e. a bias-free weight-normalised Linear whose gain weight_g is fixed to 1 (DINO's
     "norm_last_layer"): every logit is a cosine similarity in [-1, 1], and rescaling V changes nothing.
-    The trainer may freeze `prototypes` during the first epoch(s) (see `prototype_parameters`).
+    The trainer freezes `prototypes` during the first epoch(s) (see `cancel_prototype_gradients`).
     """
 
     def __init__(self, in_dim: int, out_dim: int = 60000, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -103,9 +103,10 @@ class ProjectionHead(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def prototype_parameters(self):
-        """The last layer's parameters (frozen during the first epoch(s) of pre-training)."""
-        return [self.prototypes]
+    def cancel_prototype_gradients(self, epoch: int, frozen_epochs: int) -> None:
+        """Drop the prototypes' gradient while ``epoch < frozen_epochs`` (DINO's frozen last layer)."""
+        if epoch < frozen_epochs:
+            self.prototypes.grad = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_dim) -> logits (B, out_dim)."""

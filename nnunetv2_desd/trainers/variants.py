@@ -10,8 +10,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_desd.trainers.dmd import nnUNetTrainerDMD
-from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS,
-                                             nnUNetTrainerDeSD, nnUNetTrainerPretrained, nnUNetTrainerReFs)
+from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, nnUNetTrainerDeSD, nnUNetTrainerReFs
 
 TINY = dict(num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)  # warm-up: 1 epoch (scaled)
 DEMO = dict(num_epochs=10, num_iterations_per_epoch=10, num_val_iterations_per_epoch=2)  # warm-up: 1 epoch
@@ -88,29 +87,139 @@ class nnUNetTrainerReFsDemo(_NoMirroring, _ShortSchedule, nnUNetTrainerReFs):
     schedule = DEMO
 
 
-def _recipe_variant(trainer: type, recipe: str) -> type:
-    return type(f'{trainer.__name__}_{recipe}Recipe', (trainer,),
-                {'recipe': recipe, '__module__': __name__, '__doc__': f'{trainer.__name__} with the {recipe!r} '
-                                                                         f'fine-tuning recipe.'})
+# The other fine-tuning recipe and the from-scratch twins of every pre-trained trainer above and in ``finetune``.
 
 
-def _scratch_twin(trainer: type) -> type:
-    return type(f'{trainer.__name__}_scratch', (trainer,),
-                {'from_scratch': True, '__module__': __name__,
-                 '__doc__': f'{trainer.__name__} from nnU-Net\'s random initialisation (no -pretrained_weights).'})
+class nnUNetTrainerDeSD_scratch(nnUNetTrainerDeSD):
+    """nnUNetTrainerDeSD from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
 
 
-def _generated_variants() -> dict:
-    named = [v for v in globals().values() if isinstance(v, type) and issubclass(v, nnUNetTrainerPretrained)
-             and v is not nnUNetTrainerPretrained]
-    generated = {}
-    for trainer in named:
-        for recipe in FINETUNE_RECIPES:
-            variant = trainer if recipe == trainer.recipe else _recipe_variant(trainer, recipe)
-            generated[variant.__name__] = variant
-            generated[variant.__name__ + '_scratch'] = _scratch_twin(variant)
-    return generated
+class nnUNetTrainerDeSD_pretrainedRecipe(nnUNetTrainerDeSD):
+    """nnUNetTrainerDeSD with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
 
 
-GENERATED_VARIANTS = _generated_variants()  # re-exported by ext/ for nnU-Net's lookup
-globals().update(GENERATED_VARIANTS)
+class nnUNetTrainerDeSD_pretrainedRecipe_scratch(nnUNetTrainerDeSD_pretrainedRecipe):
+    """nnUNetTrainerDeSD_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerCADS_scratch(nnUNetTrainerCADS):
+    """nnUNetTrainerCADS from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerCADS_pretrainedRecipe(nnUNetTrainerCADS):
+    """nnUNetTrainerCADS with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerCADS_pretrainedRecipe_scratch(nnUNetTrainerCADS_pretrainedRecipe):
+    """nnUNetTrainerCADS_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerReFs_scratch(nnUNetTrainerReFs):
+    """nnUNetTrainerReFs from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerReFs_pretrainedRecipe(nnUNetTrainerReFs):
+    """nnUNetTrainerReFs with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerReFs_pretrainedRecipe_scratch(nnUNetTrainerReFs_pretrainedRecipe):
+    """nnUNetTrainerReFs_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerDeSDTiny_scratch(nnUNetTrainerDeSDTiny):
+    """nnUNetTrainerDeSDTiny from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerDeSDTiny_pretrainedRecipe(nnUNetTrainerDeSDTiny):
+    """nnUNetTrainerDeSDTiny with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerDeSDTiny_pretrainedRecipe_scratch(nnUNetTrainerDeSDTiny_pretrainedRecipe):
+    """nnUNetTrainerDeSDTiny_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerCADSTiny_scratch(nnUNetTrainerCADSTiny):
+    """nnUNetTrainerCADSTiny from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerCADSTiny_pretrainedRecipe(nnUNetTrainerCADSTiny):
+    """nnUNetTrainerCADSTiny with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerCADSTiny_pretrainedRecipe_scratch(nnUNetTrainerCADSTiny_pretrainedRecipe):
+    """nnUNetTrainerCADSTiny_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerReFsTiny_scratch(nnUNetTrainerReFsTiny):
+    """nnUNetTrainerReFsTiny from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerReFsTiny_pretrainedRecipe(nnUNetTrainerReFsTiny):
+    """nnUNetTrainerReFsTiny with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerReFsTiny_pretrainedRecipe_scratch(nnUNetTrainerReFsTiny_pretrainedRecipe):
+    """nnUNetTrainerReFsTiny_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerDeSDDemo_scratch(nnUNetTrainerDeSDDemo):
+    """nnUNetTrainerDeSDDemo from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerDeSDDemo_pretrainedRecipe(nnUNetTrainerDeSDDemo):
+    """nnUNetTrainerDeSDDemo with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerDeSDDemo_pretrainedRecipe_scratch(nnUNetTrainerDeSDDemo_pretrainedRecipe):
+    """nnUNetTrainerDeSDDemo_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerCADSDemo_scratch(nnUNetTrainerCADSDemo):
+    """nnUNetTrainerCADSDemo from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerCADSDemo_pretrainedRecipe(nnUNetTrainerCADSDemo):
+    """nnUNetTrainerCADSDemo with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerCADSDemo_pretrainedRecipe_scratch(nnUNetTrainerCADSDemo_pretrainedRecipe):
+    """nnUNetTrainerCADSDemo_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerReFsDemo_scratch(nnUNetTrainerReFsDemo):
+    """nnUNetTrainerReFsDemo from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True
+
+
+class nnUNetTrainerReFsDemo_pretrainedRecipe(nnUNetTrainerReFsDemo):
+    """nnUNetTrainerReFsDemo with the 'pretrained' fine-tuning recipe."""
+    recipe = 'pretrained'
+
+
+class nnUNetTrainerReFsDemo_pretrainedRecipe_scratch(nnUNetTrainerReFsDemo_pretrainedRecipe):
+    """nnUNetTrainerReFsDemo_pretrainedRecipe from nnU-Net's random initialisation (no -pretrained_weights)."""
+    from_scratch = True

@@ -191,9 +191,8 @@ class Pretrainer:
         self.metrics = {**method_metrics, **self.loss.diagnostics}  # tensors: read at logging time
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.epoch < self.cfg.freeze_last_layer_epochs:
-            for head in self.student.heads:
-                head.prototypes.grad = None
+        for head in self.student.heads:
+            head.cancel_prototype_gradients(self.epoch, self.cfg.freeze_last_layer_epochs)
         if self.cfg.clip_grad > 0:
             clip_per_parameter_(self.student.parameters(), self.cfg.clip_grad)
         if self.scaler is not None:
