@@ -9,19 +9,31 @@ pre-training over several seeds. Uses its own nnU-Net folders under ``--workdir`
 """
 import argparse
 import glob
+import math
 import os
 import subprocess
 import sys
 from typing import List, Sequence, Tuple
 
 import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                  plan_experiment_dataset, preprocess_dataset)
+from nnunetv2.paths import nnUNet_preprocessed
 
+from nnunetv2_desd.cli.benchmark import parse_options as benchmark_options
+from nnunetv2_desd.cli.pretrain import parse_config
+from nnunetv2_desd.cli.probe import build_parser as probe_parser
+from nnunetv2_desd.common.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
 from nnunetv2_desd.common.errors import ArgumentParser, DesdError, command_errors
+from nnunetv2_desd.data.raw import resolve_dataset_name
 from nnunetv2_desd.data.sources import REAL_CT_SOURCES, write_chest_ct_datasets, write_real_ct_crops
+from nnunetv2_desd.evaluation.benchmark import benchmark
+from nnunetv2_desd.evaluation.probe import ProbeResult, probe_markdown, run_probe, seed_spread
+from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE
+from nnunetv2_desd.pretraining.run import run
+from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
 from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
-
-# The pipeline's modules are imported inside the functions, after _use_workdir: nnunetv2.paths reads the nnU-Net
-# folders from the environment once, when it is first imported.
 
 POOL_ID, LABELLED_ID = 500, 501
 REAL_CT_IDS = (502, 503)  # one per entry of data.sources.REAL_CT_SOURCES
@@ -75,11 +87,6 @@ def write_demo_datasets(raw_root: str, n_unlabelled: int = 8) -> Tuple[List[str]
 
 
 def _plan_labelled_dataset() -> None:
-    from batchgenerators.utilities.file_and_folder_operations import isfile, join
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                      plan_experiment_dataset, preprocess_dataset)
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2_desd.data.raw import resolve_dataset_name
     name = resolve_dataset_name(str(LABELLED_ID))
     if isfile(join(nnUNet_preprocessed, name, 'nnUNetPlans.json')) and \
             os.path.isdir(join(nnUNet_preprocessed, name, 'nnUNetPlans_3d_fullres')):
@@ -93,10 +100,6 @@ def _write_cpu_plans(name: str = DEMO_PLANS, feature_divisor: int = 1) -> None:
     """501's nnUNetPlans with a 32^3 patch and its own name; same data_identifier (no re-preprocessing). On 2 CPU
     cores an iteration takes about a tenth of the time of the planned patch. ``feature_divisor`` > 1 narrows every
     stage (the study's smaller network)."""
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2_desd.data.raw import resolve_dataset_name
-    from nnunetv2_desd.common.checkpoint import atomic_write_json
     folder = join(nnUNet_preprocessed, resolve_dataset_name(str(LABELLED_ID)))
     plans = load_json(join(folder, 'nnUNetPlans.json'))
     plans['plans_name'] = name
@@ -110,8 +113,6 @@ def _write_cpu_plans(name: str = DEMO_PLANS, feature_divisor: int = 1) -> None:
 
 def loss_against_ln_k(export: str) -> str:
     """The pre-training loss per epoch against ln K (what a uniform student scores), from the run's final checkpoint."""
-    import math
-    from nnunetv2_desd.common.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(os.path.join(os.path.dirname(export), 'checkpoint_final.pth'))
     losses = checkpoint['progress']['loss']['value']
     ln_k = math.log(checkpoint['config']['out_dim'])
@@ -122,8 +123,6 @@ def loss_against_ln_k(export: str) -> str:
 
 def _study_export(folders: dict) -> str:
     """The study's DeSD export; pre-trains only where no finished export exists."""
-    from nnunetv2_desd.cli.pretrain import parse_config
-    from nnunetv2_desd.pretraining.run import run
     found = glob.glob(os.path.join(folders['nnUNet_results'], f'Dataset{POOL_ID}_*',
                                    f'desd__{STUDY_PLANS}_from{LABELLED_ID}__3d_fullres', 'pretrained_export.pth'))
     if found:
@@ -136,11 +135,6 @@ def _study_export(folders: dict) -> str:
 def run_study(workdir: str) -> str:
     """The label-efficiency study (module docstring); returns the path of its summary."""
     folders = _use_workdir(workdir)
-    from nnunetv2_desd.cli.benchmark import parse_options as benchmark_options
-    from nnunetv2_desd.cli.probe import build_parser as probe_parser
-    from nnunetv2_desd.common.checkpoint import atomic_write_text
-    from nnunetv2_desd.evaluation.benchmark import benchmark
-    from nnunetv2_desd.evaluation.probe import probe_markdown, run_probe
     pool, labelled = write_chest_ct_datasets(folders['nnUNet_raw'], POOL_ID, LABELLED_ID, n_unlabelled=STUDY_POOL)
     print(f'[1/5] real chest CT crops written: {pool} ({STUDY_POOL} unlabelled crops), {labelled} (labelled)')
     _plan_labelled_dataset()
@@ -157,7 +151,6 @@ def run_study(workdir: str) -> str:
     main_report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr', 'nnUNetTrainerDeSDDemo',
                                                *STUDY_BENCHMARK]))
     # the other recipe against the default: the default's cells exist now and are reused
-    from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
     other = next(r for r in FINETUNE_RECIPES if r != DEFAULT_FINETUNE_RECIPE)
     recipe_args = list(STUDY_BENCHMARK)
     recipe_args[recipe_args.index('--baseline') + 1] = 'nnUNetTrainerDeSDDemo'
@@ -180,9 +173,8 @@ def pretraining_arguments(pool_ids: List[str], method: str, seed: int, full: boo
             *(GPU_SETTINGS if full else CPU_SETTINGS + CPU_LR[method])]
 
 
-def probe_gain_line(probe, seed: int) -> str:
-    """This run's probe gain (``probe``: a ProbeResult), next to the spread that the seed study measured."""
-    from nnunetv2_desd.evaluation.probe import seed_spread
+def probe_gain_line(probe: ProbeResult, seed: int) -> str:
+    """This run's probe gain, next to the spread that the seed study measured."""
     group = next(g for g in probe.groups() if g != 'random')
     spread = seed_spread(probe, group)
     mean, sd, seeds = SEED_STUDY_GAIN
@@ -196,10 +188,6 @@ def run_seed_study(workdir: str, seeds: Sequence[int], method: str = 'desd') -> 
     against 3 random initialisations; writes seed_study.md and returns its path. A seed whose export exists is not
     pre-trained again."""
     folders = _use_workdir(workdir)
-    from nnunetv2_desd.cli.probe import build_parser as probe_parser
-    from nnunetv2_desd.common.checkpoint import atomic_write_text
-    from nnunetv2_desd.evaluation.probe import run_probe, seed_spread
-    from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE
     pool_ids, labelled, pool_text = write_demo_datasets(folders['nnUNet_raw'])
     _plan_labelled_dataset()
     exports = []
@@ -272,13 +260,6 @@ def main(argv=None) -> None:
 def run_demo(workdir: str, method: str, seed: int, full: bool) -> str:
     """The quick start (module docstring); returns the path of its summary."""
     folders = _use_workdir(workdir)
-    from nnunetv2_desd.cli.benchmark import parse_options as benchmark_options
-    from nnunetv2_desd.cli.pretrain import parse_config
-    from nnunetv2_desd.cli.probe import build_parser as probe_parser
-    from nnunetv2_desd.common.checkpoint import atomic_write_text
-    from nnunetv2_desd.evaluation.benchmark import benchmark
-    from nnunetv2_desd.evaluation.probe import probe_markdown, run_probe
-    from nnunetv2_desd.pretraining.run import run
     pool_ids, labelled, pool_text = write_demo_datasets(folders['nnUNet_raw'])
     _plan_labelled_dataset()
     print(f'[2/5] {labelled} planned and preprocessed by nnU-Net')

@@ -452,7 +452,7 @@ def run_probe(dataset: str, exports: Sequence[str], labels: Optional[Sequence[st
     if device == 'cuda' and not torch.cuda.is_available():
         raise DesdError('no CUDA device is visible. Use -device cpu.')
     torch_device = torch.device('cuda' if device != 'cpu' and torch.cuda.is_available() else 'cpu')
-    if nnUNet_preprocessed is None:
+    if not nnUNet_preprocessed:
         raise DesdError('nnUNet_preprocessed must be set.')
     dataset_name = resolve_dataset_name(dataset)
     read, encoders = read_exports(exports, labels)
