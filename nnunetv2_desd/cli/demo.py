@@ -44,7 +44,7 @@ CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--head-hidd
                 '--batch-size', '2', '-np', '1', '--deterministic']
 CPU_LR = {'desd': ['--lr', '5.0'], 'cads': ['--lr', '0.1']}
 GPU_SETTINGS = ['-device', 'cuda']
-PROBE_SETTINGS = ['--voxels-per-class', '1000']
+PROBE_SETTINGS = ['--voxels-per-class', '250']  # the ranking of 1000 voxels, a quarter of the time (docs/demo_seed_study.md)
 DEMO_PLANS = 'nnUNetPlans_demo'
 # the vanilla baseline only: the same-schedule scratch baseline is the study's (desd_demo --study), which has the folds
 # and seeds to measure it
