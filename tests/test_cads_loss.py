@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.losses import DeepSelfDistillationLoss
 
 LN2, LN3 = math.log(2), math.log(3)
 TAU_S = 0.1

@@ -24,7 +24,7 @@ from nnunetv2_desd.pretraining.engine.ema import ema_update
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog, RunningMeans, stop_on_signals
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
-from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.losses import DeepSelfDistillationLoss
 from nnunetv2_desd.pretraining.methods.registry import METHODS
 from nnunetv2_desd.pretraining.network import (MultiStageDistillationNetwork, build_planned_network, planned_encoder,
                                                planned_patch, resolve_stages)
