@@ -32,7 +32,8 @@ class DeepSelfDistillationLoss(nn.Module):
     """Deep self-distillation: the cross-entropy between the teacher's deepest output and each student depth.
 
     Shapes: D student depths (distilled stages), S student inputs, T teacher inputs (views), B volumes, K
-    prototypes (``out_dim``); ``pairs`` lists the (teacher input a, student input b) compared (DeSD: S = T = 2 views, pairs (0, 1), (1, 0); CADS: S = 3 inputs [view 1, view 2, DRR], 4 pairs).
+    prototypes (``out_dim``); ``pairs`` lists the (teacher input a, student input b) compared (DeSD: S = T = 2
+    views, pairs (0, 1), (1, 0); CADS: S = 3 inputs [view 1, view 2, DRR], 4 pairs).
 
         L = 1/(D |pairs|) sum_{d=1..D} sum_{(a,b) in pairs} H(P_t^a, P_{s,d}^b)
         H(p, q) = -1/B sum_{i=1..B} sum_{k=1..K} p_ik log q_ik

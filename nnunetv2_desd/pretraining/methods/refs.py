@@ -43,7 +43,7 @@ steps' gradients, on the whole encoder).
 """
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,97 +54,10 @@ from nnunetv2_desd.data.planning import plans_copied_from
 from nnunetv2_desd.data.reference import WithReference, build_reference_loader, open_reference
 from nnunetv2_desd.pretraining.distributed import (average_gradients, check_finite_everywhere, derived_seed,
                                                    nan_unless_finite)
+from nnunetv2_desd.pretraining.gradient_matching import fish_gradients, gradient_cosine
 from nnunetv2_desd.pretraining.methods.desd import DeSD
 
 MATCHING_FORMS = ('fish', 'cosine')
-
-
-def gradient_cosine(loss_a: Tensor, loss_b: Tensor, params: Sequence[Tensor], create_graph: bool = True,
-                    eps: float = 1e-12) -> Tensor:
-    """cos(g_a, g_b) = <g_a, g_b> / (|g_a| |g_b|), g_t = dL_t/dparams flattened and concatenated over ``params``.
-
-    With ``create_graph`` the result is differentiable in the parameters (the double backward of the cosine
-    form). A parameter one loss does not reach contributes zeros. Computed in float32 or wider; scaling a loss
-    (AMP's loss scale) does not change the result.
-    """
-    grads = []
-    for loss in (loss_a, loss_b):
-        g = torch.autograd.grad(loss, list(params), create_graph=create_graph, retain_graph=True, allow_unused=True)
-        grads.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
-    a, b = [[_wide(g) for g in gs] for gs in grads]
-    dot = sum((x * y).sum() for x, y in zip(a, b))
-    norm_a = torch.sqrt(sum(x.pow(2).sum() for x in a))
-    norm_b = torch.sqrt(sum(y.pow(2).sum() for y in b))
-    return dot / (norm_a * norm_b).clamp_min(eps)
-
-
-def _wide(t: Tensor) -> Tensor:
-    """float32 at least (AMP's half precision gradients would overflow in the sums of squares)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def matching_loss(loss_a: Tensor, loss_b: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """1 - cos(g_a, g_b) in [0, 2], differentiable in the parameters (see ``gradient_cosine``)."""
-    return 1 - gradient_cosine(loss_a, loss_b, params, create_graph=True)
-
-
-def fish_gradients(params: Dict[str, Tensor], losses: Sequence[Callable[[Dict[str, Tensor]], Tensor]],
-                   inner_lr: float, loss_scale: float = 1.0, match: Sequence[str] = ()
-                   ) -> Tuple[Dict[str, Tensor], Optional[float], bool]:
-    """Fish's update direction G = (theta - theta~) / alpha = sum_k g_k(theta_{k-1}), where
-    theta_0 = ``params`` and theta_k = theta_{k-1} - alpha g_k(theta_{k-1}) (one plain SGD step per loss, in the
-    given order; ``losses[k](theta)`` evaluates loss k at the parameter values ``theta``, a dict like ``params``).
-
-    ``loss_scale``: the losses come multiplied by it (AMP); the inner steps use the unscaled gradients, G stays
-    scaled, as the gradients of a scaled backward would be. Returns (G by name (parameters no loss reaches are
-    left out), the cosine between the first two inner gradients over the names in ``match`` (None without
-    ``match`` or after a non-finite gradient), whether every gradient was finite). Every loss is evaluated
-    whatever happens, so that each process issues the same collectives (the SSL loss all-reduces its centre);
-    after a non-finite gradient no further inner step is taken, G holds it, and AMP's scaler skips the step.
-    One host sync; ``fish_gradients_on_device`` is the same without it.
-    """
-    total, cosine, finite = fish_gradients_on_device(params, losses, inner_lr, loss_scale, match)
-    if cosine is None:
-        return total, None, bool(finite)
-    flag, value = torch.stack([finite.to(cosine.dtype), cosine]).tolist()
-    return total, value if flag else None, bool(flag)
-
-
-def fish_gradients_on_device(params: Dict[str, Tensor], losses: Sequence[Callable[[Dict[str, Tensor]], Tensor]],
-                             inner_lr: float, loss_scale: Union[float, Tensor] = 1.0, match: Sequence[str] = ()
-                             ) -> Tuple[Dict[str, Tensor], Optional[Tensor], Tensor]:
-    """``fish_gradients`` with no host sync: the cosine is a 0-d tensor (NaN after a non-finite gradient; None
-    without ``match``), finiteness a 0-d bool tensor, and the inner steps after a non-finite gradient are taken
-    by ``torch.where`` (to the same point)."""
-    current = dict(params)
-    total: Dict[str, Tensor] = {}
-    cosine, all_finite = None, None
-    for k, loss_at in enumerate(losses):
-        names = list(current)
-        grads = torch.autograd.grad(loss_at(current), [current[n] for n in names], allow_unused=True)
-        grads = {n: g for n, g in zip(names, grads) if g is not None}
-        if k == 1 and match:  # total holds the first gradient alone
-            common = [n for n in match if n in total and n in grads]
-            if common:
-                dot = sum((_wide(total[n]) * _wide(grads[n])).sum() for n in common)
-                norms = torch.sqrt(sum(_wide(total[n]).pow(2).sum() for n in common)) * \
-                    torch.sqrt(sum(_wide(grads[n]).pow(2).sum() for n in common))
-                cosine = dot / norms.clamp_min(1e-12)
-        if grads:  # one flag over all gradients: the largest magnitudes are finite (NaN propagates)
-            finite = torch.isfinite(torch.stack([_wide(m) for m in torch._foreach_norm(list(grads.values()),
-                                                                                       math.inf)])).all()
-            all_finite = finite if all_finite is None else all_finite & finite
-        if all_finite is not None and k < len(losses) - 1:
-            with torch.no_grad():
-                current = {n: (torch.where(all_finite, p - (inner_lr / loss_scale) * grads[n], p) if n in grads
-                               else p.detach()).requires_grad_() for n, p in current.items()}
-        for n, g in grads.items():  # fresh tensors from autograd: accumulated in place
-            total[n] = total[n].add_(g) if n in total else g
-    if all_finite is None:
-        all_finite = torch.ones((), dtype=torch.bool, device=next(iter(params.values())).device)
-    if cosine is not None:
-        cosine = torch.where(all_finite, cosine, math.nan)
-    return total, cosine, all_finite
 
 
 def encoder_stage_of(name: str) -> int:
@@ -367,7 +280,7 @@ class ReFs(DeSD):
 
         # the order from this process's seed and the step: no draw on the device, and the same after a resume
         ssl_first = derived_seed(trainer.cfg.seed, trainer.dist.rank, 'fish order', trainer.step) % 2 == 0
-        grads, cosine, finite = fish_gradients_on_device(params, [ssl, ref] if ssl_first else [ref, ssl],
+        grads, cosine, finite = fish_gradients(params, [ssl, ref] if ssl_first else [ref, ssl],
                                                          self.fish_inner_lr, scale, self.encoder_names)
         metrics = {'ssl_loss': values['ssl'].detach(), 'reference_loss': values['reference'].detach()}
         # AMP: a non-finite loss or gradient anywhere skips the step everywhere (the averaged gradients carry it)
