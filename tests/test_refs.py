@@ -18,8 +18,8 @@ from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 from nnunetv2_desd.data.reference import (augmentation_geometry, copied_plans_name,
                                           reference_plans_candidates)
-from nnunetv2_desd.pretraining.methods.refs import (deep_supervision_scales, encoder_stage_of, fish_gradients,
-                                                    gradient_cosine, matched_encoder_names, matching_loss,
+from nnunetv2_desd.pretraining.gradient_matching import fish_gradients, gradient_cosine
+from nnunetv2_desd.pretraining.methods.refs import (deep_supervision_scales, encoder_stage_of, matched_encoder_names,
                                                     reference_loss)
 
 W0 = [[1.0, 2.0], [0.0, 1.0]]
@@ -75,7 +75,7 @@ def test_matching_term_gradient_by_hand():
     the heads: d cos(a, b) / da = b / (|a||b|) - (a.b) a / (|a|^3 |b|)."""
     toy = Toy()
     weight = 0.7
-    loss = weight * matching_loss(toy.loss_a(), toy.loss_b(), [toy.encoder.weight])
+    loss = weight * (1 - gradient_cosine(toy.loss_a(), toy.loss_b(), [toy.encoder.weight]))  # the matching term
     grads = torch.autograd.grad(loss, [toy.encoder.weight, toy.head_a.weight, toy.head_b.weight])
     a, b, xa, xb = (np.array(v) for v in (A0, B0, XA, XB))
     sign, cos_x = -1.0, xa @ xb / (np.linalg.norm(xa) * np.linalg.norm(xb))   # r_a r_b = -14 < 0
@@ -93,7 +93,7 @@ def test_matching_term_gradient_through_a_nonlinear_encoder_matches_finite_diffe
     """With tanh the cosine depends on W itself: the double backward equals central differences of the value."""
     toy = Toy(nonlinear=True)
     w = toy.encoder.weight
-    grad, = torch.autograd.grad(matching_loss(toy.loss_a(), toy.loss_b(), [w]), [w])
+    grad, = torch.autograd.grad(1 - gradient_cosine(toy.loss_a(), toy.loss_b(), [w]), [w])
     assert grad.abs().max() > 1e-3
     numeric = torch.zeros_like(w)
     eps = 1e-6
@@ -155,7 +155,7 @@ def test_fish_outer_step_equals_the_written_out_inner_steps():
     # the heads got their own task's gradient only: b's at the inner point theta_1
     np.testing.assert_allclose(grads['head_b.weight'].numpy()[0], g2['b'], rtol=1e-12)
     expected_cos = (g1['W'] * g2['W']).sum() / (np.linalg.norm(g1['W']) * np.linalg.norm(g2['W']))
-    assert cosine == pytest.approx(expected_cos, rel=1e-9)
+    assert cosine.item() == pytest.approx(expected_cos, rel=1e-9)
 
 
 def test_fish_averaged_over_orders_follows_the_inner_product_gradient():
@@ -194,7 +194,7 @@ def test_fish_evaluates_every_loss_after_a_non_finite_gradient_but_takes_no_inne
         return lb(theta)
 
     grads, cosine, finite = fish_gradients(params, [overflow, second], 0.1, 1.0, match=['encoder.weight'])
-    assert not finite and cosine is None and len(seen) == 1
+    assert not finite and torch.isnan(cosine) and len(seen) == 1  # no cosine reported
     assert all(torch.equal(seen[0][n], p.detach()) for n, p in params.items())
     assert not torch.isfinite(grads['encoder.weight']).all()
 
