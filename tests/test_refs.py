@@ -18,9 +18,12 @@ from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 from nnunetv2_desd.data.reference import (augmentation_geometry, copied_plans_name,
                                           reference_plans_candidates)
+from nnunetv2_desd.pretraining.engine.loop import ARCHITECTURE_KEYS
 from nnunetv2_desd.pretraining.gradient_matching import fish_gradients, gradient_cosine
-from nnunetv2_desd.pretraining.methods.refs import (deep_supervision_scales, encoder_stage_of, matched_encoder_names,
-                                                    reference_loss)
+from nnunetv2_desd.pretraining.methods.cads import CADS
+from nnunetv2_desd.pretraining.methods.desd import DeSD
+from nnunetv2_desd.pretraining.methods.refs import (ReFs, deep_supervision_scales, encoder_stage_of,
+                                                    matched_encoder_names, reference_loss)
 
 W0 = [[1.0, 2.0], [0.0, 1.0]]
 A0, B0 = [1.0, -1.0], [2.0, 1.0]
@@ -229,6 +232,11 @@ def test_matched_encoder_stages():
         encoder_stage_of('head.weight')
     with pytest.raises(DesdError, match='1..3'):
         matched_encoder_names(net.encoder, 3, 4)
+
+
+def test_refs_declares_its_resume_key_and_the_engine_adds_it():
+    assert ReFs.resume_keys == ('reference',) and DeSD.resume_keys == () and CADS.resume_keys == ()
+    assert 'reference' not in ARCHITECTURE_KEYS
 
 
 def test_deep_supervision_scales_and_reference_loss():

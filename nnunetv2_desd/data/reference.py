@@ -124,7 +124,7 @@ def build_reference_loader(reference: PreparedData, patch_size: Sequence[int], b
                                         pin_memory=pin_memory)
 
 
-class WithReference:
+class ViewAndReferenceBatches:
     """Pairs the SSL view loader with the reference loader: each batch is the view batch plus
     ``'reference'``: the reference batch."""
 
