@@ -30,6 +30,7 @@ from nnunetv2_desd.benchmarks.timing import (IN_MEMORY_BATCHES, RATIO_TABLE_HEAD
                                              ratio_row, reset_peak, setup_table, time_steps, typical_step_pretrainer,
                                              write_report)
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.wrappers import unwrapped
 from nnunetv2_desd.pretraining.config import PretrainConfig
 from nnunetv2_desd.pretraining.network import planned_patch
 
@@ -114,7 +115,7 @@ def _time_supervised(cfg: PretrainConfig, prepared, patch: List[int], device: to
         batch = supervised_batch(trainer, cfg.batch_size, patch, cfg.seed, device.type == 'cuda')
         seconds = time_steps(lambda: trainer.train_step(batch), warmup, measure, device)
         phase = Phase('supervised', PHASES[2][1], seconds, peak_mib(device))
-        compiled = hasattr(trainer.network, '_orig_mod')
+        compiled = unwrapped(trainer.network) is not trainer.network  # one process: no DDP, so torch.compile's
         return phase, network_signature(trainer.network), compiled
 
 

@@ -23,6 +23,7 @@ import torch
 
 from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.wrappers import unwrapped
 
 IN_MEMORY_BATCHES = 4                 # distinct pre-fetched batches an in-memory loop cycles through
 BAR_COLORS = ('tab:blue', 'tab:orange', 'tab:red', 'tab:pink', 'tab:green')
@@ -110,7 +111,7 @@ def device_name(device: torch.device) -> str:
 
 def network_signature(network: torch.nn.Module) -> Tuple[str, int]:
     """(class name, number of parameters), of the network itself under torch.compile."""
-    network = getattr(network, '_orig_mod', network)
+    network = unwrapped(network)
     return type(network).__name__, sum(p.numel() for p in network.parameters())
 
 

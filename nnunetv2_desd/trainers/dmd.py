@@ -56,14 +56,13 @@ import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.wrappers import unwrapped
 from nnunetv2_desd.trainers.dmd_loss import DeepSupervisedMutualDistillation, MutualDistillationLoss
 
 DMD_FILE = 'dmd.json'  # written into fold_X: recipe and unlabelled pool of the run
@@ -138,8 +137,7 @@ class nnUNetTrainerDMD(nnUNetTrainer):
 
     @property
     def pair(self) -> DMDPair:
-        network = self.network.module if isinstance(self.network, DDP) else self.network
-        return network._orig_mod if isinstance(network, OptimizedModule) else network
+        return unwrapped(self.network)
 
     def initialize(self):
         from nnunetv2_desd.trainers.finetune import weights_nnunet_will_load
