@@ -9,7 +9,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2_desd.common.pretrained_weights import (PretrainedExport, adapt_input_channels,
                                                      mismatch_message, plan_loading)
 from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
-from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS, nnUNetTrainerDeSD,
+from nnunetv2_desd.trainers.finetune import (FINETUNE_PRESETS, nnUNetTrainerCADS, nnUNetTrainerDeSD,
                                              nnUNetTrainerReFs, scaled_warmup_epochs, weights_nnunet_will_load)
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
 
@@ -47,10 +47,10 @@ def test_every_method_names_its_own_trainer():
 
 
 def test_recipes_and_their_generated_variants():
-    assert FINETUNE_RECIPES['pretrained'] == {'initial_lr': 1e-3, 'enable_deep_supervision': False}
-    assert FINETUNE_RECIPES['vanilla'] == {'initial_lr': 1e-2, 'enable_deep_supervision': True}
+    assert FINETUNE_PRESETS['pretrained'] == {'initial_lr': 1e-3, 'enable_deep_supervision': False}
+    assert FINETUNE_PRESETS['vanilla'] == {'initial_lr': 1e-2, 'enable_deep_supervision': True}
     from nnunetv2_desd.trainers.ext import nnunetv2_desd_trainers as ext
-    other = next(r for r in FINETUNE_RECIPES if r != nnUNetTrainerDeSD.recipe)
+    other = next(r for r in FINETUNE_PRESETS if r != nnUNetTrainerDeSD.recipe)
     variant = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe')
     twin = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe_scratch')
     assert variant.recipe == other and not variant.from_scratch and issubclass(twin, variant) and twin.from_scratch

@@ -43,22 +43,22 @@ import sys
 from typing import Optional
 
 import torch
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.checkpoint import atomic_write_json
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.pretrained_weights import mismatch_message, plan_loading, read_export
+from nnunetv2_desd.common.wrappers import unwrapped
 from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler
-from nnunetv2_desd.common.pretrained_weights import mismatch_message, plan_loading, read_export
 
 
-FINETUNE_RECIPES = {
+# what a trainer's ``recipe`` (and its ``_<name>Recipe`` variant) sets; pre-training's recipes are config.RECIPES
+FINETUNE_PRESETS = {
     'pretrained': {'initial_lr': 1e-3, 'enable_deep_supervision': False},  # nnU-Net main's PretrainedTrainer
     'vanilla': {'initial_lr': 1e-2, 'enable_deep_supervision': True},  # nnUNetTrainer's own values
 }
-DEFAULT_FINETUNE_RECIPE = 'vanilla'  # measured: README, label-efficiency study
+DEFAULT_FINETUNE_PRESET = 'vanilla'  # measured: README, label-efficiency study
 WARMUP_SHARE = 0.05  # nnU-Net main: 50 warm-up epochs of 1000
 
 
@@ -100,13 +100,13 @@ def preferred_optimizer(network: torch.nn.Module) -> str:
 class nnUNetTrainerPretrained(nnUNetTrainer):
     """nnU-Net's trainer with a pre-trained encoder from ``-pretrained_weights`` and the fine-tuning schedule."""
     method = None  # the pre-training method this trainer is named after; another method's export only warns
-    recipe = DEFAULT_FINETUNE_RECIPE
+    recipe = DEFAULT_FINETUNE_PRESET
     from_scratch = False  # the _scratch twins: same recipe and schedule, nnU-Net's random initialisation
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for key, value in FINETUNE_RECIPES[self.recipe].items():
+        for key, value in FINETUNE_PRESETS[self.recipe].items():
             setattr(self, key, value)
         self.warmup_epochs = None  # None: scaled_warmup_epochs(num_epochs)
         self.encoder_lr_multiplier = 1.0
@@ -119,8 +119,7 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
 
     @property
     def bare_network(self) -> torch.nn.Module:
-        network = self.network.module if isinstance(self.network, DDP) else self.network
-        return network._orig_mod if isinstance(network, OptimizedModule) else network
+        return unwrapped(self.network)
 
     @property
     def warmup_epoch_count(self) -> int:

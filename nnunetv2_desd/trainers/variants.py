@@ -14,7 +14,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_desd.trainers.dmd import nnUNetTrainerDMD
-from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS,
+from nnunetv2_desd.trainers.finetune import (FINETUNE_PRESETS, nnUNetTrainerCADS,
                                              nnUNetTrainerDeSD, nnUNetTrainerPretrained, nnUNetTrainerReFs)
 
 TINY = dict(num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)  # warm-up: 1 epoch (scaled)
@@ -109,7 +109,7 @@ def _generated_variants() -> dict:
              and v is not nnUNetTrainerPretrained]
     generated = {}
     for trainer in named:
-        for recipe in FINETUNE_RECIPES:
+        for recipe in FINETUNE_PRESETS:
             variant = trainer if recipe == trainer.recipe else _recipe_variant(trainer, recipe)
             generated[variant.__name__] = variant
             generated[variant.__name__ + '_scratch'] = _scratch_twin(variant)
