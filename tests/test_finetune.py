@@ -1,5 +1,6 @@
 """Fine-tuning building blocks: stem adaptation, warm-up + poly schedule, argument lookup, load planning."""
 import contextlib
+import importlib
 import math
 import sys
 
@@ -9,8 +10,10 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2_desd.common.pretrained_weights import (PretrainedExport, adapt_input_channels,
                                                      mismatch_message, plan_loading)
 from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
-from nnunetv2_desd.trainers.finetune import (FINETUNE_PRESETS, nnUNetTrainerCADS, nnUNetTrainerDeSD,
-                                             nnUNetTrainerReFs, scaled_warmup_epochs, weights_nnunet_will_load)
+from nnunetv2_desd.common.wrappers import unwrapped
+from nnunetv2_desd.trainers.finetune import (FINETUNE_PRESETS, NNUNET_LOADER_ARGUMENTS, NNUNET_WEIGHTS_LOADER,
+                                             nnUNetTrainerCADS, nnUNetTrainerDeSD, nnUNetTrainerReFs,
+                                             scaled_warmup_epochs, weights_nnunet_will_load)
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
 
 
@@ -113,6 +116,17 @@ def test_the_weights_file_comes_from_nnunets_loader_on_every_path(tmp_path, monk
     # nnU-Net does not initialise there at all
     assert trainer.seen == ['w.pth', None, None]
     assert weights_nnunet_will_load() is None  # outside nnU-Net's loader
+
+
+def test_nnunets_loader_still_has_the_arguments_the_frame_walk_reads():
+    module, function = NNUNET_WEIGHTS_LOADER
+    code = getattr(importlib.import_module(module), function).__code__
+    assert set(NNUNET_LOADER_ARGUMENTS) <= set(code.co_varnames[:code.co_argcount]), code.co_varnames
+
+
+def test_unwrapped_takes_off_torch_compile():
+    network = torch.nn.Linear(2, 2)
+    assert unwrapped(network) is network and unwrapped(torch.compile(network)) is network
 
 
 def _unet(in_channels=1, features=(8, 16, 32)):

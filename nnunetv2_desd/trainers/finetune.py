@@ -60,6 +60,9 @@ FINETUNE_PRESETS = {
 }
 DEFAULT_FINETUNE_PRESET = 'vanilla'  # measured: README, label-efficiency study
 WARMUP_SHARE = 0.05  # nnU-Net main: 50 warm-up epochs of 1000
+# nnU-Net's one loader of -pretrained_weights (module, function) and the arguments of it read here
+NNUNET_WEIGHTS_LOADER = ('nnunetv2.run.run_training', 'maybe_load_checkpoint')
+NNUNET_LOADER_ARGUMENTS = ('continue_training', 'validation_only', 'pretrained_weights_file')
 
 
 def scaled_warmup_epochs(num_epochs: int) -> int:
@@ -74,17 +77,24 @@ def weights_nnunet_will_load() -> Optional[str]:
     pretrained_weights_file)`` is the one place that loads such weights, on every path: ``nnUNetv2_train``, the
     ``run_training(..., pretrained_weights=X)`` API and each DDP child. For a fresh training with weights it calls
     ``trainer.initialize()`` right before its own loader; ``--c`` and ``--val`` reach ``initialize()`` through it
-    too, and then load no weights. So the file is read from that function's frame up the call stack (nothing of
-    nnU-Net's is changed); None where ``initialize()`` runs elsewhere (nnU-Net then loads no weights).
+    too, and then load no weights. None where ``initialize()`` runs elsewhere (nnU-Net then loads no weights).
+
+    Why a frame walk: nnU-Net 2.8.1 declares no contract that names the file. It is an argument of that function
+    only: the trainer is built without it and holds no attribute for it, ``initialize()`` takes no argument, the
+    plans and dataset.json do not record it, and ``load_pretrained_weights`` runs after ``initialize()``. So the
+    file is read from that function's frame up the call stack (nothing of nnU-Net's is changed). The names read
+    are ``NNUNET_WEIGHTS_LOADER`` and ``NNUNET_LOADER_ARGUMENTS``; tests/test_finetune.py fails when nnU-Net
+    renames them.
     """
+    module, function = NNUNET_WEIGHTS_LOADER
+    continue_training, validation_only, weights_file = NNUNET_LOADER_ARGUMENTS
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == 'maybe_load_checkpoint' and \
-                frame.f_globals.get('__name__') == 'nnunetv2.run.run_training':
+        if frame.f_code.co_name == function and frame.f_globals.get('__name__') == module:
             local = frame.f_locals
-            if local.get('continue_training') or local.get('validation_only'):
+            if local.get(continue_training) or local.get(validation_only):
                 return None
-            return local.get('pretrained_weights_file')
+            return local.get(weights_file)
         frame = frame.f_back
     return None
 
