@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nnunetv2_desd.pretraining.heads import ProjectionHead, global_average_pool
+from nnunetv2_desd.pretraining.heads import ProjectionHead, RunningBatchNorm1d, global_average_pool
 from nnunetv2_desd.pretraining.losses import DeepSelfDistillationLoss, sinkhorn_knopp
 from nnunetv2_desd.pretraining.methods.desd import cross_view_pairs
 
@@ -201,7 +201,6 @@ def test_sinkhorn_targets_use_a_fifo_queue_of_teacher_rows():
 
 
 def test_running_batch_norm_uses_bias_corrected_running_statistics():
-    from nnunetv2_desd.pretraining.heads import RunningBatchNorm1d
     norm = RunningBatchNorm1d(1, momentum=0.5, eps=0.0)
     x1, x2 = torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [9.0]])
     # step 1: mean 2, var 1; bias-corrected EMA = the batch's own -> (x - 2) / 1

@@ -6,14 +6,16 @@ import sys
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.run.run_training import maybe_load_checkpoint
 
 from nnunetv2_desd.common.pretrained_weights import (PretrainedExport, adapt_input_channels,
                                                      mismatch_message, plan_loading)
-from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
 from nnunetv2_desd.common.wrappers import unwrapped
+from nnunetv2_desd.trainers.ext import nnunetv2_desd_trainers as ext
 from nnunetv2_desd.trainers.finetune import (FINETUNE_PRESETS, NNUNET_LOADER_ARGUMENTS, NNUNET_WEIGHTS_LOADER,
                                              nnUNetTrainerCADS, nnUNetTrainerDeSD, nnUNetTrainerReFs,
                                              scaled_warmup_epochs, weights_nnunet_will_load)
+from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
 
 
@@ -52,7 +54,6 @@ def test_every_method_names_its_own_trainer():
 def test_recipes_and_their_generated_variants():
     assert FINETUNE_PRESETS['pretrained'] == {'initial_lr': 1e-3, 'enable_deep_supervision': False}
     assert FINETUNE_PRESETS['vanilla'] == {'initial_lr': 1e-2, 'enable_deep_supervision': True}
-    from nnunetv2_desd.trainers.ext import nnunetv2_desd_trainers as ext
     other = next(r for r in FINETUNE_PRESETS if r != nnUNetTrainerDeSD.recipe)
     variant = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe')
     twin = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe_scratch')
@@ -104,7 +105,6 @@ class _Stop(Exception):
 
 
 def test_the_weights_file_comes_from_nnunets_loader_on_every_path(tmp_path, monkeypatch):
-    from nnunetv2.run.run_training import maybe_load_checkpoint
     monkeypatch.setattr(sys, 'argv', ['python'])  # the Python API: nothing on the command line
     (tmp_path / 'checkpoint_final.pth').write_bytes(b'')
     trainer = _RecordingTrainer(tmp_path)

@@ -11,9 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 from torch.func import functional_call
 
+from nnunetv2_desd.benchmarks.refs import RefsComparison, write_refs_comparison
+from nnunetv2_desd.benchmarks.timing import Phase, saved_tensors_peak_mib
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 from nnunetv2_desd.data.reference import (augmentation_geometry, copied_plans_name,
@@ -219,7 +222,6 @@ def test_fish_under_a_loss_scale_takes_the_unscaled_inner_steps():
 
 
 def test_matched_encoder_stages():
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
     net = PlainConvUNet(1, 3, [4, 8, 8], nn.Conv3d, 3, [1, 2, 2], 1, 2, 1, True, nn.InstanceNorm3d,
                         {'affine': True}, None, None, nn.LeakyReLU, {}, deep_supervision=True)
     every = matched_encoder_names(net.encoder, 3, None)
@@ -307,7 +309,6 @@ def test_reference_plans_candidates_and_augmentation_geometry():
 
 
 def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
-    from nnunetv2_desd.benchmarks.timing import saved_tensors_peak_mib
     x = torch.zeros(2 ** 18, requires_grad=True)  # 1 MiB of float32
     w = torch.nn.Parameter(torch.ones(2 ** 18))
 
@@ -322,8 +323,6 @@ def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
 
 
 def test_refs_benchmark_report(tmp_path):
-    from nnunetv2_desd.benchmarks.refs import RefsComparison, write_refs_comparison
-    from nnunetv2_desd.benchmarks.timing import Phase
     phases = {'desd': Phase('desd', 'DeSD', [1.0, 1.2], 100.0),
               'fish': Phase('fish', 'ReFs fish (default)', [2.2], 150.0),
               'cosine': Phase('cosine', 'ReFs cosine, all encoder stages', [4.4], 400.0)}
