@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
+from nnunetv2.paths import nnUNet_results
 
 from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
 from nnunetv2_desd.common.errors import DesdError
@@ -256,7 +257,6 @@ def write_report(out: str, name: str, text: str, quantities: Iterable[Tuple[str,
 
 def default_out_folder(dataset_name: str) -> str:
     """nnUNet_results/<dataset>/desd_benchmark, where desd_pretrain_benchmark writes without --out."""
-    from nnunetv2.paths import nnUNet_results  # it reads the environment when first imported
     if not nnUNet_results:  # nnU-Net's _EnvPath: false when the variable is unset
         raise DesdError('nnUNet_results is not set: set it or give --out FOLDER.')
     return os.path.join(os.fspath(nnUNet_results), dataset_name, 'desd_benchmark')

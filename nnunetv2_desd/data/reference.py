@@ -13,6 +13,8 @@ import numpy as np
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from nnunetv2.configuration import ANISO_THRESHOLD
+from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -42,7 +44,6 @@ def open_reference(reference: str, pretraining_plans: dict, plans_identifier: st
     ``plans_identifier``: the pre-training plans' name; ``plans_source``: the dataset they were copied from
     (named in the fix).
     """
-    from nnunetv2.paths import nnUNet_preprocessed  # it reads the environment when first imported
     name = resolve_dataset_name(reference)
     root = join(nnUNet_preprocessed, name)
     candidates = reference_plans_candidates(plans_identifier)
@@ -91,7 +92,6 @@ def augmentation_geometry(patch_size: Sequence[int]):
     """nnU-Net's 3D rule (``configure_rotation_dummyDA_mirroring_and_inital_patch_size``): rotation +-30 deg, or
     +-180 deg in-plane only (dummy 2D) for anisotropic patches; the larger patch that rotation and scaling need;
     mirroring on all axes. Returns (rotation, dummy_2d, initial_patch_size, mirror_axes)."""
-    from nnunetv2.configuration import ANISO_THRESHOLD  # it reads the environment when first imported
     patch_size = [int(p) for p in patch_size]
     dummy_2d = max(patch_size) / patch_size[0] > ANISO_THRESHOLD
     rotation = (-np.pi, np.pi) if dummy_2d else (-np.pi / 6, np.pi / 6)

@@ -8,6 +8,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
+from nnunetv2.paths import nnUNet_results
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -42,7 +43,6 @@ ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'sinkhorn_queue', 'stages', 'he
 
 def output_folder_for(prepared: Union[PreparedPool, PreparedData], method: str) -> str:
     """``<nnUNet_results>/<first dataset>/<method>__<plans>__<configuration>[__pool_<ids of the others>]``."""
-    from nnunetv2.paths import nnUNet_results  # it reads the environment when first imported
     if not nnUNet_results:
         raise DesdError('nnUNet_results must be set: checkpoints and the export are written there.')
     names = as_pool(prepared).dataset_names

@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.paths import nnUNet_preprocessed
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -163,7 +164,6 @@ class ReFs(DeSD):
     def check_before_preparing(cls, cfg, raw) -> None:
         """The reference must be preprocessed with the plans the pre-training data will get (those of
         ``--plans-from``, by default the reference's own)."""
-        from nnunetv2.paths import nnUNet_preprocessed  # it reads the environment when first imported
         cls._require_reference(cfg)
         reference = cfg.reference = resolve_dataset_name(cfg.reference)  # as the checkpoint records it
         source = resolve_dataset_name(cfg.plans_from or cfg.reference)
