@@ -33,9 +33,9 @@ def seeds_per_rank_and_worker(dataset: str, folder: str, out: str) -> None:
     result = {'ranks': {}}
     for rank in (0, 1):
         trainer = Pretrainer(cfg, prepared, DistContext(rank, 1, torch.device('cpu')), folder)
-        seeds = trainer.worker_seeds(2)
+        seeds = trainer.context.worker_seeds(2)
         trainer.step = 7  # a resumed run starts its workers on other streams
-        seeds_at_7 = trainer.worker_seeds(2)
+        seeds_at_7 = trainer.context.worker_seeds(2)
         result['ranks'][rank] = {
             'network': {k: v.clone() for k, v in trainer.network.state_dict().items()},
             'torch_draw': torch.rand(16), 'numpy_draw': np.random.rand(16),

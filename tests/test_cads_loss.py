@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.losses import DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.methods.cads import CADS_PAIRS
 
 LN2, LN3 = math.log(2), math.log(3)
 TAU_S = 0.1
@@ -56,7 +57,6 @@ def cads_loss(student, teacher, centre=CENTRE, tau_t=TAU_T, momentum=0.9):
 
 
 def test_pairs_match_the_cads_method():
-    from nnunetv2_desd.pretraining.methods.cads import CADS_PAIRS
     assert list(CADS_PAIRS) == PAIRS
 
 

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss, cross_view_pairs
-from nnunetv2_desd.pretraining.heads import ProjectionHead, global_average_pool
+from nnunetv2_desd.pretraining.heads import ProjectionHead, RunningBatchNorm1d, global_average_pool
+from nnunetv2_desd.pretraining.losses import DeepSelfDistillationLoss, sinkhorn_knopp
+from nnunetv2_desd.pretraining.methods.desd import cross_view_pairs
 
 LN2, LN3 = math.log(2), math.log(3)
 TAU_S = 0.1
@@ -176,7 +177,6 @@ def test_uniform_student_scores_ln_k_and_diagnostics_tell_collapse():
 
 
 def test_sinkhorn_knopp_by_hand_and_its_marginals():
-    from nnunetv2_desd.pretraining.methods.desd import sinkhorn_knopp
     # one iteration on exp(scores) = [[e, 1], [1, 1]] (N = K = 2): columns -> mass 1/2 each,
     # column 0: [e, 1] / (e + 1) / 2, column 1: [1/4, 1/4]; then rows to 1
     e = math.e
@@ -191,7 +191,6 @@ def test_sinkhorn_knopp_by_hand_and_its_marginals():
 
 
 def test_sinkhorn_targets_use_a_fifo_queue_of_teacher_rows():
-    from nnunetv2_desd.pretraining.methods.desd import sinkhorn_knopp
     loss_fn = DeepSelfDistillationLoss(out_dim=3, queue_size=6)
     first, second = torch.randn(2, 2, 3), torch.randn(2, 2, 3)
     loss_fn(torch.zeros(1, 2, 2, 3), first, 0.5, cross_view_pairs(2))
@@ -207,7 +206,6 @@ def test_sinkhorn_targets_use_a_fifo_queue_of_teacher_rows():
 
 
 def test_running_batch_norm_uses_bias_corrected_running_statistics():
-    from nnunetv2_desd.pretraining.heads import RunningBatchNorm1d
     norm = RunningBatchNorm1d(1, momentum=0.5, eps=0.0)
     x1, x2 = torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [9.0]])
     # step 1: mean 2, var 1; bias-corrected EMA = the batch's own -> (x - 2) / 1

@@ -1,5 +1,6 @@
 """Fine-tuning building blocks: stem adaptation, warm-up + poly schedule, argument lookup, load planning."""
 import contextlib
+import importlib
 import math
 import sys
 
@@ -11,10 +12,12 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
 from nnunetv2_desd.common.pretrained_weights import (PretrainedExport, adapt_input_channels,
                                                      mismatch_message, plan_loading)
+from nnunetv2_desd.common.wrappers import unwrapped
 from nnunetv2_desd.trainers.ext import nnunetv2_desd_trainers as ext
+from nnunetv2_desd.trainers.finetune import (FINETUNE_PRESETS, NNUNET_LOADER_ARGUMENTS, NNUNET_WEIGHTS_LOADER,
+                                             nnUNetTrainerCADS, nnUNetTrainerDeSD, nnUNetTrainerReFs,
+                                             scaled_warmup_epochs, weights_nnunet_will_load)
 from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
-from nnunetv2_desd.trainers.finetune import (FINETUNE_RECIPES, nnUNetTrainerCADS, nnUNetTrainerDeSD,
-                                             nnUNetTrainerReFs, scaled_warmup_epochs, weights_nnunet_will_load)
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler, warmup_poly
 
 
@@ -51,9 +54,9 @@ def test_every_method_names_its_own_trainer():
 
 
 def test_recipes_and_their_variants():
-    assert FINETUNE_RECIPES['pretrained'] == {'initial_lr': 1e-3, 'enable_deep_supervision': False}
-    assert FINETUNE_RECIPES['vanilla'] == {'initial_lr': 1e-2, 'enable_deep_supervision': True}
-    other = next(r for r in FINETUNE_RECIPES if r != nnUNetTrainerDeSD.recipe)
+    assert FINETUNE_PRESETS['pretrained'] == {'initial_lr': 1e-3, 'enable_deep_supervision': False}
+    assert FINETUNE_PRESETS['vanilla'] == {'initial_lr': 1e-2, 'enable_deep_supervision': True}
+    other = next(r for r in FINETUNE_PRESETS if r != nnUNetTrainerDeSD.recipe)
     variant = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe')
     twin = getattr(ext, f'nnUNetTrainerDeSDDemo_{other}Recipe_scratch')
     assert variant.recipe == other and not variant.from_scratch and issubclass(twin, variant) and twin.from_scratch
@@ -104,7 +107,7 @@ def test_nnunets_lookup_finds_every_trainer_and_variant_by_name():
         assert cls.__bases__ == (getattr(ext, parent),), name
         assert cls.from_scratch == name.endswith('_scratch') and not getattr(ext, parent).from_scratch, name
         assert cls.recipe == ('pretrained' if '_pretrainedRecipe' in name else nnUNetTrainerDeSD.recipe), name
-    assert nnUNetTrainerDeSD.recipe != 'pretrained' and 'pretrained' in FINETUNE_RECIPES
+    assert nnUNetTrainerDeSD.recipe != 'pretrained' and 'pretrained' in FINETUNE_PRESETS
 
 
 def test_warmup_poly_by_hand():
@@ -161,6 +164,17 @@ def test_the_weights_file_comes_from_nnunets_loader_on_every_path(tmp_path, monk
     # nnU-Net does not initialise there at all
     assert trainer.seen == ['w.pth', None, None]
     assert weights_nnunet_will_load() is None  # outside nnU-Net's loader
+
+
+def test_nnunets_loader_still_has_the_arguments_the_frame_walk_reads():
+    module, function = NNUNET_WEIGHTS_LOADER
+    code = getattr(importlib.import_module(module), function).__code__
+    assert set(NNUNET_LOADER_ARGUMENTS) <= set(code.co_varnames[:code.co_argcount]), code.co_varnames
+
+
+def test_unwrapped_takes_off_torch_compile():
+    network = torch.nn.Linear(2, 2)
+    assert unwrapped(network) is network and unwrapped(torch.compile(network)) is network
 
 
 def _unet(in_channels=1, features=(8, 16, 32)):

@@ -16,7 +16,7 @@ from conftest import nnunet_env, run_command
 from nnunetv2_desd.data.fractions import find_fraction_fold
 from nnunetv2_desd.common.checkpoint import file_sha256
 from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
-from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
+from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_PRESET, FINETUNE_PRESETS
 
 pytestmark = pytest.mark.e2e
 
@@ -67,15 +67,15 @@ def test_benchmark_runs_reports_and_reuses(finetune_datasets, tmp_path):
             if trainer == TESTED:
                 provenance = json.loads((folder / PROVENANCE_FILE).read_text())
                 assert provenance['file_sha256'] == file_sha256(str(export))
-                recipe = FINETUNE_RECIPES[DEFAULT_FINETUNE_RECIPE]  # the default recipe, as applied
-                assert provenance['recipe']['name'] == DEFAULT_FINETUNE_RECIPE
+                recipe = FINETUNE_PRESETS[DEFAULT_FINETUNE_PRESET]  # the default recipe, as applied
+                assert provenance['recipe']['name'] == DEFAULT_FINETUNE_PRESET
                 assert provenance['recipe']['peak_lr'] == recipe['initial_lr']
                 assert provenance['recipe']['deep_supervision'] is recipe['enable_deep_supervision']
                 assert 'loaded ' in log and 'encoder tensors' in log
             if trainer == SCRATCH:
                 assert not (folder / PROVENANCE_FILE).exists() and 'encoder tensors' not in log
-                recipe = FINETUNE_RECIPES[DEFAULT_FINETUNE_RECIPE]
-                assert f"fine-tuning recipe '{DEFAULT_FINETUNE_RECIPE}': sgd, peak lr {recipe['initial_lr']}, deep " \
+                recipe = FINETUNE_PRESETS[DEFAULT_FINETUNE_PRESET]
+                assert f"fine-tuning recipe '{DEFAULT_FINETUNE_PRESET}': sgd, peak lr {recipe['initial_lr']}, deep " \
                        f"supervision {'on' if recipe['enable_deep_supervision'] else 'off'}, warm-up 1 of 2 epochs" in log
                 assert 'from scratch' in log
 

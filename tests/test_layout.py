@@ -14,7 +14,8 @@ ROOT = os.path.dirname(PACKAGE)
 # the pipeline, first to last: a module imports from its own layer or earlier ones only
 LAYERS = ['common', 'data', 'architectures',
           'pretraining.views', 'pretraining.heads', 'pretraining.network', 'pretraining.distributed',
-          'pretraining.methods', 'pretraining.config', 'pretraining.engine', 'pretraining.run',
+          'pretraining.losses', 'pretraining.gradient_matching', 'pretraining.methods', 'pretraining.config',
+          'pretraining.engine', 'pretraining.run',
           'trainers', 'planning', 'evaluation', 'benchmarks', 'cli']
 NOT_IN_THE_PIPELINE = {'nnunetv2_desd', 'nnunetv2_desd.pretraining'}
 
@@ -115,6 +116,10 @@ def test_the_engine_names_no_method():
     source = open(os.path.join(PACKAGE, 'pretraining', 'engine', 'loop.py')).read()
     for name in ('refs', 'cads', 'ReFs', 'CADS', 'reference_loss', 'drr_projection'):
         assert name not in source, name
+    # of the methods, the engine imports the hooks' contract and the registry only
+    imported = import_graph(package_modules())['nnunetv2_desd.pretraining.engine.loop']
+    assert {m for m in imported if '.methods.' in m} <= {'nnunetv2_desd.pretraining.methods.base',
+                                                         'nnunetv2_desd.pretraining.methods.registry'}
 
 
 def test_init_files_hand_names_on_and_modules_say_what_they_own():

@@ -11,16 +11,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 from torch.func import functional_call
 
+from nnunetv2_desd.benchmarks.refs import RefsComparison, write_refs_comparison
+from nnunetv2_desd.benchmarks.timing import Phase, saved_tensors_peak_mib
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 from nnunetv2_desd.data.reference import (augmentation_geometry, copied_plans_name,
                                           reference_plans_candidates)
-from nnunetv2_desd.pretraining.methods.refs import (deep_supervision_scales, encoder_stage_of, fish_gradients,
-                                                    gradient_cosine, matched_encoder_names, matching_loss,
-                                                    reference_loss)
+from nnunetv2_desd.pretraining.engine.loop import ARCHITECTURE_KEYS
+from nnunetv2_desd.pretraining.gradient_matching import fish_gradients, gradient_cosine
+from nnunetv2_desd.pretraining.methods.cads import CADS
+from nnunetv2_desd.pretraining.methods.desd import DeSD
+from nnunetv2_desd.pretraining.methods.refs import (ReFs, deep_supervision_scales, encoder_stage_of,
+                                                    matched_encoder_names, reference_loss)
 
 W0 = [[1.0, 2.0], [0.0, 1.0]]
 A0, B0 = [1.0, -1.0], [2.0, 1.0]
@@ -75,7 +81,7 @@ def test_matching_term_gradient_by_hand():
     the heads: d cos(a, b) / da = b / (|a||b|) - (a.b) a / (|a|^3 |b|)."""
     toy = Toy()
     weight = 0.7
-    loss = weight * matching_loss(toy.loss_a(), toy.loss_b(), [toy.encoder.weight])
+    loss = weight * (1 - gradient_cosine(toy.loss_a(), toy.loss_b(), [toy.encoder.weight]))  # the matching term
     grads = torch.autograd.grad(loss, [toy.encoder.weight, toy.head_a.weight, toy.head_b.weight])
     a, b, xa, xb = (np.array(v) for v in (A0, B0, XA, XB))
     sign, cos_x = -1.0, xa @ xb / (np.linalg.norm(xa) * np.linalg.norm(xb))   # r_a r_b = -14 < 0
@@ -93,7 +99,7 @@ def test_matching_term_gradient_through_a_nonlinear_encoder_matches_finite_diffe
     """With tanh the cosine depends on W itself: the double backward equals central differences of the value."""
     toy = Toy(nonlinear=True)
     w = toy.encoder.weight
-    grad, = torch.autograd.grad(matching_loss(toy.loss_a(), toy.loss_b(), [w]), [w])
+    grad, = torch.autograd.grad(1 - gradient_cosine(toy.loss_a(), toy.loss_b(), [w]), [w])
     assert grad.abs().max() > 1e-3
     numeric = torch.zeros_like(w)
     eps = 1e-6
@@ -155,7 +161,7 @@ def test_fish_outer_step_equals_the_written_out_inner_steps():
     # the heads got their own task's gradient only: b's at the inner point theta_1
     np.testing.assert_allclose(grads['head_b.weight'].numpy()[0], g2['b'], rtol=1e-12)
     expected_cos = (g1['W'] * g2['W']).sum() / (np.linalg.norm(g1['W']) * np.linalg.norm(g2['W']))
-    assert cosine == pytest.approx(expected_cos, rel=1e-9)
+    assert cosine.item() == pytest.approx(expected_cos, rel=1e-9)
 
 
 def test_fish_averaged_over_orders_follows_the_inner_product_gradient():
@@ -194,7 +200,7 @@ def test_fish_evaluates_every_loss_after_a_non_finite_gradient_but_takes_no_inne
         return lb(theta)
 
     grads, cosine, finite = fish_gradients(params, [overflow, second], 0.1, 1.0, match=['encoder.weight'])
-    assert not finite and cosine is None and len(seen) == 1
+    assert not finite and torch.isnan(cosine) and len(seen) == 1  # no cosine reported
     assert all(torch.equal(seen[0][n], p.detach()) for n, p in params.items())
     assert not torch.isfinite(grads['encoder.weight']).all()
 
@@ -216,7 +222,6 @@ def test_fish_under_a_loss_scale_takes_the_unscaled_inner_steps():
 
 
 def test_matched_encoder_stages():
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
     net = PlainConvUNet(1, 3, [4, 8, 8], nn.Conv3d, 3, [1, 2, 2], 1, 2, 1, True, nn.InstanceNorm3d,
                         {'affine': True}, None, None, nn.LeakyReLU, {}, deep_supervision=True)
     every = matched_encoder_names(net.encoder, 3, None)
@@ -229,6 +234,11 @@ def test_matched_encoder_stages():
         encoder_stage_of('head.weight')
     with pytest.raises(DesdError, match='1..3'):
         matched_encoder_names(net.encoder, 3, 4)
+
+
+def test_refs_declares_its_resume_key_and_the_engine_adds_it():
+    assert ReFs.resume_keys == ('reference',) and DeSD.resume_keys == () and CADS.resume_keys == ()
+    assert 'reference' not in ARCHITECTURE_KEYS
 
 
 def test_deep_supervision_scales_and_reference_loss():
@@ -299,7 +309,6 @@ def test_reference_plans_candidates_and_augmentation_geometry():
 
 
 def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
-    from nnunetv2_desd.benchmarks.timing import saved_tensors_peak_mib
     x = torch.zeros(2 ** 18, requires_grad=True)  # 1 MiB of float32
     w = torch.nn.Parameter(torch.ones(2 ** 18))
 
@@ -314,8 +323,6 @@ def test_saved_tensors_peak_counts_what_autograd_holds_at_one_time():
 
 
 def test_refs_benchmark_report(tmp_path):
-    from nnunetv2_desd.benchmarks.refs import RefsComparison, write_refs_comparison
-    from nnunetv2_desd.benchmarks.timing import Phase
     phases = {'desd': Phase('desd', 'DeSD', [1.0, 1.2], 100.0),
               'fish': Phase('fish', 'ReFs fish (default)', [2.2], 150.0),
               'cosine': Phase('cosine', 'ReFs cosine, all encoder stages', [4.4], 400.0)}

@@ -79,7 +79,7 @@ def count_host_syncs(cfg: PretrainConfig, warmup_steps: int, steps: int) -> dict
         trainer = Pretrainer(cfg, prepared, ctx, folder)
         loader = trainer.method_loader(build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
                                                          pin_memory=True, drr_files=prepared.drr_files,
-                                                         seeds=trainer.worker_seeds(workers)), workers)
+                                                         seeds=trainer.context.worker_seeds(workers)), workers)
 
         def step(batch: dict) -> None:  # train_epoch's body on a step that does not log
             torch.cuda.set_sync_debug_mode('warn')

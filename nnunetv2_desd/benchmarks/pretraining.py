@@ -13,17 +13,21 @@ import itertools
 import os
 import tempfile
 from copy import deepcopy
+from importlib.metadata import version
 from typing import Dict, List, Tuple
 
 import torch
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunetv2_desd.benchmarks.timing import (IN_MEMORY_BATCHES, RATIO_TABLE_HEADER, Phase, device_name, free,
                                              memory_kind, network_signature, peak_mib, prepare_pretraining,
                                              ratio_row, reset_peak, setup_table, time_steps, typical_step_pretrainer,
                                              write_report)
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.wrappers import unwrapped
 from nnunetv2_desd.pretraining.config import PretrainConfig
 from nnunetv2_desd.pretraining.network import planned_patch
+from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
 
 DESD_TO_SUPERVISED_TARGET = 1.5       # one DeSD step costs at most 1.5 supervised steps
 LOADING_TO_IN_MEMORY_TARGET = 0.9     # real loading keeps at least 90 % of the in-memory throughput
@@ -62,7 +66,7 @@ def supervised_trainer(prepared, device: torch.device, compile_network: bool):
     ``initialize()`` builds the network, SGD/poly-lr and the Dice+CE deep-supervision loss; it needs the
     preprocessed folder but no data loaders.
     """
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # heavy: imported when timed
     plans = deepcopy(prepared.plans)
     plans['continue_training'] = False  # nnUNetTrainer pops it (run_training sets it)
     previous = os.environ.get('nnUNet_results')
@@ -106,14 +110,13 @@ def _time_supervised(cfg: PretrainConfig, prepared, patch: List[int], device: to
         batch = supervised_batch(trainer, cfg.batch_size, patch, cfg.seed, device.type == 'cuda')
         seconds = time_steps(lambda: trainer.train_step(batch), warmup, measure, device)
         phase = Phase('supervised', PHASES[2][1], seconds, peak_mib(device))
-        compiled = hasattr(trainer.network, '_orig_mod')
+        compiled = unwrapped(trainer.network) is not trainer.network  # one process: no DDP, so torch.compile's
         return phase, network_signature(trainer.network), compiled
 
 
 def _time_desd(cfg: PretrainConfig, prepared, ctx, workers: int, warmup: int, measure: int
                ) -> Tuple[Phase, Phase, Tuple[str, int], List[int], int]:
     """In-memory then real-loading loop on one Pretrainer and one view loader."""
-    from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
     device = ctx.device
     free(device)
     reset_peak(device)
@@ -141,10 +144,6 @@ def _time_desd(cfg: PretrainConfig, prepared, ctx, workers: int, warmup: int, me
 def run_benchmark(cfg: PretrainConfig, warmup_iters: int, measure_iters: int,
                   supervised_compile: bool = False) -> Tuple[BenchmarkResult, object]:
     """Prepares the data, times the three loops; returns the result and the PreparedData."""
-    from importlib.metadata import version
-
-    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-
     if warmup_iters < 0 or measure_iters < 1:
         raise DesdError(f'--warmup-iters {warmup_iters} --measure-iters {measure_iters}: '
                         f'need warm-up >= 0 and at least 1 timed iteration.')
@@ -225,7 +224,7 @@ def markdown(result: BenchmarkResult) -> str:
 
 def plot(result: BenchmarkResult, path: str) -> None:
     """Bar chart of the three step times (ms, ± std) with the two ratios."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, and for the figure only
     from matplotlib.figure import Figure
     order = ('desd_in_memory', 'desd_real_loading', 'supervised')
     ms = [1e3 * result.phases[n].mean for n in order]

@@ -50,7 +50,7 @@ def _reference_batches(cfg: PretrainConfig, prepared, ctx, log_dir: str) -> Tupl
     """The pre-fetched batches, views and reference, from the method loader of a ReFs Pretrainer of ``cfg``
     (``-m refs``); and the reference dataset its method opened."""
     pretrainer = typical_step_pretrainer(cfg, prepared, ctx, log_dir)
-    return method_batches(pretrainer), pretrainer.method.data
+    return method_batches(pretrainer), pretrainer.method.reference_dataset
 
 
 def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tuple[RefsComparison, object]:
@@ -69,7 +69,7 @@ def compare_refs_with_desd(cfg: PretrainConfig, warmup: int, measure: int) -> Tu
             reset_peak(device)
             pretrainer = typical_step_pretrainer(loop_cfg, prepared, ctx, scratch)
             cycle = itertools.cycle(batches)
-            parameters = [*pretrainer.optimized_parameters(), *pretrainer.teacher.parameters()]
+            parameters = [*pretrainer.optimized_parameters, *pretrainer.teacher.parameters()]
             phases[name] = Phase(name, label, time_steps(lambda: pretrainer.train_step(next(cycle)), warmup, measure,
                                                          device), peak_mib(device))
             peaks[name] = saved_tensors_peak_mib(lambda: pretrainer.train_step(next(cycle)), parameters)

@@ -20,9 +20,15 @@ from typing import Callable, Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
+from nnunetv2.paths import nnUNet_results
 
 from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.wrappers import unwrapped
+from nnunetv2_desd.pretraining.distributed import init_distributed
+from nnunetv2_desd.pretraining.engine.loop import Pretrainer
+from nnunetv2_desd.pretraining.run import prepare_data
+from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
 
 IN_MEMORY_BATCHES = 4                 # distinct pre-fetched batches an in-memory loop cycles through
 BAR_COLORS = ('tab:blue', 'tab:orange', 'tab:red', 'tab:pink', 'tab:green')
@@ -110,7 +116,7 @@ def device_name(device: torch.device) -> str:
 
 def network_signature(network: torch.nn.Module) -> Tuple[str, int]:
     """(class name, number of parameters), of the network itself under torch.compile."""
-    network = getattr(network, '_orig_mod', network)
+    network = unwrapped(network)
     return type(network).__name__, sum(p.numel() for p in network.parameters())
 
 
@@ -169,8 +175,6 @@ def saved_tensors_peak_mib(step: Callable[[], object], parameters=()) -> float:
 def prepare_pretraining(cfg) -> Tuple[object, object]:
     """(DistContext, PreparedData) for ``cfg`` (a PretrainConfig), prepared as desd_pretrain prepares them;
     ``cfg.plans`` is set to the plans the data got."""
-    from nnunetv2_desd.pretraining.distributed import init_distributed
-    from nnunetv2_desd.pretraining.run import prepare_data
     ctx = init_distributed(cfg.device)
     prepared = prepare_data(cfg, ctx)
     cfg.plans = prepared.plans_identifier
@@ -179,7 +183,6 @@ def prepare_pretraining(cfg) -> Tuple[object, object]:
 
 def typical_step_pretrainer(cfg, prepared, ctx, log_dir: str):
     """A silently built ``Pretrainer`` at its typical step: past the first epoch(s), whose prototypes stay frozen."""
-    from nnunetv2_desd.pretraining.engine.loop import Pretrainer
     with contextlib.redirect_stdout(io.StringIO()):  # citation banner, device line
         pretrainer = Pretrainer(cfg, prepared, ctx, log_dir)
     pretrainer.step = cfg.freeze_last_layer_epochs * cfg.iters_per_epoch
@@ -189,7 +192,6 @@ def typical_step_pretrainer(cfg, prepared, ctx, log_dir: str):
 def method_batches(pretrainer, count: int = IN_MEMORY_BATCHES) -> List[dict]:
     """``count`` training batches of ``pretrainer``'s method, loaded in-process as desd_pretrain loads them: the view
     loader (with the DRRs the data have) through the method's loader hook (ReFs adds the reference batches)."""
-    from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
     prepared = pretrainer.prepared
     loader = pretrainer.method_loader(build_view_loader(prepared, pretrainer.patch_size, pretrainer.cfg.batch_size, 0,
                                                         drr_files=prepared.drr_files), 0)
@@ -214,7 +216,7 @@ def ratio_row(label: str, value: float, comparison: str, target: float) -> str:
 
 def bar_panels(path: str, labels: List[str], panels, suptitle: str, figsize=(8, 4), tick_size=None) -> None:
     """A PNG with one bar chart per panel: (y label, one value per label, title or None)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, and for the figure only
     from matplotlib.figure import Figure
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
@@ -255,7 +257,6 @@ def write_report(out: str, name: str, text: str, quantities: Iterable[Tuple[str,
 
 def default_out_folder(dataset_name: str) -> str:
     """nnUNet_results/<dataset>/desd_benchmark, where desd_pretrain_benchmark writes without --out."""
-    from nnunetv2.paths import nnUNet_results
     if not nnUNet_results:  # nnU-Net's _EnvPath: false when the variable is unset
         raise DesdError('nnUNet_results is not set: set it or give --out FOLDER.')
     return os.path.join(os.fspath(nnUNet_results), dataset_name, 'desd_benchmark')

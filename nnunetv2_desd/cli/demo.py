@@ -32,7 +32,7 @@ from nnunetv2_desd.evaluation.benchmark import benchmark
 from nnunetv2_desd.evaluation.probe import ProbeResult, probe_markdown, run_probe, seed_spread
 from nnunetv2_desd.pretraining.engine.loop import EXPORT_FILE
 from nnunetv2_desd.pretraining.run import run
-from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_RECIPE, FINETUNE_RECIPES
+from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_PRESET, FINETUNE_PRESETS
 from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
 
 POOL_ID, LABELLED_ID = 500, 501
@@ -151,7 +151,7 @@ def run_study(workdir: str) -> str:
     main_report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr', 'nnUNetTrainerDeSDDemo',
                                                *STUDY_BENCHMARK]))
     # the other recipe against the default: the default's cells exist now and are reused
-    other = next(r for r in FINETUNE_RECIPES if r != DEFAULT_FINETUNE_RECIPE)
+    other = next(r for r in FINETUNE_PRESETS if r != DEFAULT_FINETUNE_PRESET)
     recipe_args = list(STUDY_BENCHMARK)
     recipe_args[recipe_args.index('--baseline') + 1] = 'nnUNetTrainerDeSDDemo'
     recipe_report = benchmark(benchmark_options(['-d', str(LABELLED_ID), '-w', export, '-tr',

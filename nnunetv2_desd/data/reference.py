@@ -11,7 +11,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from nnunetv2.configuration import ANISO_THRESHOLD
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.data.loading import WorkerSeeded, start_augmenter
@@ -39,8 +43,6 @@ def open_reference(reference: str, pretraining_plans: dict, plans_identifier: st
     ``plans_identifier``: the pre-training plans' name; ``plans_source``: the dataset they were copied from
     (named in the fix).
     """
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     name = resolve_dataset_name(reference)
     root = join(nnUNet_preprocessed, name)
     candidates = reference_plans_candidates(plans_identifier)
@@ -89,8 +91,6 @@ def augmentation_geometry(patch_size: Sequence[int]):
     """nnU-Net's 3D rule (``configure_rotation_dummyDA_mirroring_and_inital_patch_size``): rotation +-30 deg, or
     +-180 deg in-plane only (dummy 2D) for anisotropic patches; the larger patch that rotation and scaling need;
     mirroring on all axes. Returns (rotation, dummy_2d, initial_patch_size, mirror_axes)."""
-    from nnunetv2.configuration import ANISO_THRESHOLD
-    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     patch_size = [int(p) for p in patch_size]
     dummy_2d = max(patch_size) / patch_size[0] > ANISO_THRESHOLD
     rotation = (-np.pi, np.pi) if dummy_2d else (-np.pi / 6, np.pi / 6)
@@ -110,8 +110,7 @@ def build_reference_loader(reference: PreparedData, patch_size: Sequence[int], b
     """Infinite iterator of nnU-Net training batches of the reference: {'data': (B, C, *patch), 'target': one
     (B, 1, *patch * scale) label map per deep-supervision output, 'keys'}; nnU-Net's loader (a third of the
     samples around foreground), its training augmentation and its deep-supervision targets."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # heavy: imported when ReFs runs
     lm, cm = reference.label_manager, reference.configuration_manager
     rotation, dummy_2d, initial_patch, mirror_axes = augmentation_geometry(patch_size)
     transforms = nnUNetTrainer.get_training_transforms(
@@ -124,7 +123,7 @@ def build_reference_loader(reference: PreparedData, patch_size: Sequence[int], b
     return start_augmenter(loader, num_workers, seeds, pin_memory, ordered)
 
 
-class WithReference:
+class ViewAndReferenceBatches:
     """Pairs the SSL view loader with the reference loader: each batch is the view batch plus
     ``'reference'``: the reference batch."""
 

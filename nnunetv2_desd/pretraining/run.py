@@ -146,7 +146,7 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False, share: Tuple[int, in
     loader = trainer.method_loader(build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
                                                      pin_memory=ctx.device.type == 'cuda',
                                                      drr_files=prepared.drr_files,
-                                                     seeds=trainer.worker_seeds(workers),
+                                                     seeds=trainer.context.worker_seeds(workers),
                                                      ordered=cfg.deterministic), workers)
     try:
         trainer.run(loader)

@@ -19,15 +19,19 @@ import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.wrappers import unwrapped
+from nnunetv2_desd.data.fractions import fraction_fold_info
+from nnunetv2_desd.data.pool import (CASE_SEPARATOR, PoolDataset, check_pool, pool_paths, preprocess_command,
+                                     read_pool_record)
 from nnunetv2_desd.trainers.dmd_loss import DeepSupervisedMutualDistillation, MutualDistillationLoss
+from nnunetv2_desd.trainers.finetune import weights_nnunet_will_load
 
 DMD_FILE = 'dmd.json'  # written into fold_X: recipe and unlabelled pool of the run
 
@@ -101,11 +105,9 @@ class nnUNetTrainerDMD(nnUNetTrainer):
 
     @property
     def pair(self) -> DMDPair:
-        network = self.network.module if isinstance(self.network, DDP) else self.network
-        return network._orig_mod if isinstance(network, OptimizedModule) else network
+        return unwrapped(self.network)
 
     def initialize(self):
-        from nnunetv2_desd.trainers.finetune import weights_nnunet_will_load
         if weights_nnunet_will_load() is not None:
             raise DesdError(f'{type(self).__name__} trains two randomly initialised networks that teach each other; '
                             f'-pretrained_weights is not supported. Remove it.')
@@ -137,9 +139,6 @@ class nnUNetTrainerDMD(nnUNetTrainer):
     # ---------------------------------------------------------------------------------------------- unlabelled data
     def find_unlabelled_pool(self) -> Dict[str, Tuple[str, str]]:
         """pool key -> (preprocessed folder, case id); DesdError naming the fix where the fold has no pool."""
-        from nnunetv2_desd.data.fractions import fraction_fold_info
-        from nnunetv2_desd.data.pool import (CASE_SEPARATOR, check_pool, pool_paths, preprocess_command,
-                                             read_pool_record)
         base, data_id = self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier
         dataset = self.plans_manager.dataset_name
         pool = {}
@@ -171,7 +170,6 @@ class nnUNetTrainerDMD(nnUNetTrainer):
     def get_unlabelled_dataloader(self, pool: Dict[str, Tuple[str, str]]):
         """nnUNetDataLoader over the pool: random patches (no foreground oversampling), nnU-Net's training
         augmentation, its own workers. The targets it yields are never used in a loss."""
-        from nnunetv2_desd.data.pool import PoolDataset
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -201,7 +199,6 @@ class nnUNetTrainerDMD(nnUNetTrainer):
             f'; unlabelled pool: {len(self.unlabelled_pool)} cases ({left_out} left out of this labelled fraction, '
             f'{len(self.unlabelled_pool) - left_out} from desd_preprocess_unlabelled)')
         if self.local_rank == 0:
-            from nnunetv2_desd.common.checkpoint import atomic_write_json
             atomic_write_json({
                 'trainer': type(self).__name__, 'lambda': self.dmd_lambda, 'temperature': self.dmd_temperature,
                 'nonlinearity': self.dmd_loss.loss.nonlinearity, 'batch_dice': self.dmd_loss.loss.batch_dice,

@@ -3,7 +3,7 @@
 
     nnUNetv2_train D 3d_fullres FOLD -tr nnUNetTrainerDeSD [-p nnUNetPlans_pretrained] -pretrained_weights EXPORT
 
-``FINETUNE_RECIPES`` holds the two recipes (``vanilla``, the default, and ``pretrained``); the trainer attributes
+``FINETUNE_PRESETS`` holds the two recipes (``vanilla``, the default, and ``pretrained``); the trainer attributes
 ``warmup_epochs``, ``from_scratch``, ``encoder_lr_multiplier`` and ``freeze_encoder_epochs`` adjust them, and the
 network class may ask for AdamW (``preferred_optimizer``). ``initialize()`` loads the export's encoder itself,
 comparing every tensor first and adapting the stem to other input channels.
@@ -14,23 +14,26 @@ import sys
 from typing import Optional
 
 import torch
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.checkpoint import atomic_write_json
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.pretrained_weights import mismatch_message, plan_loading, read_export
+from nnunetv2_desd.common.wrappers import unwrapped
 from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
 from nnunetv2_desd.trainers.lr_schedule import WarmupPolyLRScheduler
-from nnunetv2_desd.common.pretrained_weights import mismatch_message, plan_loading, read_export
 
 
-FINETUNE_RECIPES = {
+# what a trainer's ``recipe`` (and its ``_<name>Recipe`` variant) sets; pre-training's recipes are config.RECIPES
+FINETUNE_PRESETS = {
     'pretrained': {'initial_lr': 1e-3, 'enable_deep_supervision': False},  # nnU-Net main's PretrainedTrainer
     'vanilla': {'initial_lr': 1e-2, 'enable_deep_supervision': True},  # nnUNetTrainer's own values
 }
-DEFAULT_FINETUNE_RECIPE = 'vanilla'  # measured: docs/studies.md, label-efficiency study
+DEFAULT_FINETUNE_PRESET = 'vanilla'  # measured: docs/studies.md, label-efficiency study
 WARMUP_SHARE = 0.05  # nnU-Net main: 50 warm-up epochs of 1000
+# nnU-Net's one loader of -pretrained_weights (module, function) and the arguments of it read here
+NNUNET_WEIGHTS_LOADER = ('nnunetv2.run.run_training', 'maybe_load_checkpoint')
+NNUNET_LOADER_ARGUMENTS = ('continue_training', 'validation_only', 'pretrained_weights_file')
 
 
 def scaled_warmup_epochs(num_epochs: int) -> int:
@@ -45,17 +48,24 @@ def weights_nnunet_will_load() -> Optional[str]:
     pretrained_weights_file)`` is the one place that loads such weights, on every path: ``nnUNetv2_train``, the
     ``run_training(..., pretrained_weights=X)`` API and each DDP child. For a fresh training with weights it calls
     ``trainer.initialize()`` right before its own loader; ``--c`` and ``--val`` reach ``initialize()`` through it
-    too, and then load no weights. So the file is read from that function's frame up the call stack (nothing of
-    nnU-Net's is changed); None where ``initialize()`` runs elsewhere (nnU-Net then loads no weights).
+    too, and then load no weights. None where ``initialize()`` runs elsewhere (nnU-Net then loads no weights).
+
+    Why a frame walk: nnU-Net 2.8.1 declares no contract that names the file. It is an argument of that function
+    only: the trainer is built without it and holds no attribute for it, ``initialize()`` takes no argument, the
+    plans and dataset.json do not record it, and ``load_pretrained_weights`` runs after ``initialize()``. So the
+    file is read from that function's frame up the call stack (nothing of nnU-Net's is changed). The names read
+    are ``NNUNET_WEIGHTS_LOADER`` and ``NNUNET_LOADER_ARGUMENTS``; tests/test_finetune.py fails when nnU-Net
+    renames them.
     """
+    module, function = NNUNET_WEIGHTS_LOADER
+    continue_training, validation_only, weights_file = NNUNET_LOADER_ARGUMENTS
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == 'maybe_load_checkpoint' and \
-                frame.f_globals.get('__name__') == 'nnunetv2.run.run_training':
+        if frame.f_code.co_name == function and frame.f_globals.get('__name__') == module:
             local = frame.f_locals
-            if local.get('continue_training') or local.get('validation_only'):
+            if local.get(continue_training) or local.get(validation_only):
                 return None
-            return local.get('pretrained_weights_file')
+            return local.get(weights_file)
         frame = frame.f_back
     return None
 
@@ -71,13 +81,13 @@ def preferred_optimizer(network: torch.nn.Module) -> str:
 class nnUNetTrainerPretrained(nnUNetTrainer):
     """nnU-Net's trainer with a pre-trained encoder from ``-pretrained_weights`` and the fine-tuning schedule."""
     method = None  # the pre-training method this trainer is named after; another method's export only warns
-    recipe = DEFAULT_FINETUNE_RECIPE
+    recipe = DEFAULT_FINETUNE_PRESET
     from_scratch = False  # the _scratch twins: same recipe and schedule, nnU-Net's random initialisation
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for key, value in FINETUNE_RECIPES[self.recipe].items():
+        for key, value in FINETUNE_PRESETS[self.recipe].items():
             setattr(self, key, value)
         self.warmup_epochs = None  # None: scaled_warmup_epochs(num_epochs)
         self.encoder_lr_multiplier = 1.0
@@ -90,8 +100,7 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
 
     @property
     def bare_network(self) -> torch.nn.Module:
-        network = self.network.module if isinstance(self.network, DDP) else self.network
-        return network._orig_mod if isinstance(network, OptimizedModule) else network
+        return unwrapped(self.network)
 
     @property
     def warmup_epoch_count(self) -> int:

@@ -1,7 +1,7 @@
 """Short schedules for tests and the CPU demo, the other fine-tuning recipe, and the from-scratch twins.
 
 ``*Tiny`` and ``*Demo`` trainers pair with ``nnUNetTrainerTiny`` / ``nnUNetTrainerDemo``. For every pre-trained
-fine-tuning trainer T there are ``T_<recipe>Recipe`` (the other recipe of ``finetune.FINETUNE_RECIPES``) and
+fine-tuning trainer T there are ``T_<recipe>Recipe`` (the other recipe of ``finetune.FINETUNE_PRESETS``) and
 ``T_scratch`` / ``T_<recipe>Recipe_scratch`` (the same recipe from random initialisation: ``desd_benchmark``'s
 second baseline). Your own ``MyTrainer`` gets its twin with ``class MyTrainer_scratch(MyTrainer): from_scratch = True``.
 Details: docs/finetuning.md.

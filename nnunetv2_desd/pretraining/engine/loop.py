@@ -8,6 +8,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
+from nnunetv2.paths import nnUNet_results
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -24,7 +25,8 @@ from nnunetv2_desd.pretraining.engine.ema import ema_update
 from nnunetv2_desd.pretraining.engine.optim import clip_per_parameter_
 from nnunetv2_desd.pretraining.engine.progress import ProgressLog, RunningMeans, stop_on_signals
 from nnunetv2_desd.pretraining.engine.schedules import cosine, linear_warmup_constant, warmup_cosine
-from nnunetv2_desd.pretraining.methods.desd import DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.losses import DeepSelfDistillationLoss
+from nnunetv2_desd.pretraining.methods.base import StepContext
 from nnunetv2_desd.pretraining.methods.registry import METHODS
 from nnunetv2_desd.pretraining.network import (MultiStageDistillationNetwork, build_planned_network, planned_encoder,
                                                planned_patch, resolve_stages)
@@ -34,14 +36,13 @@ EXPORT_FILE = 'pretrained_export.pth'
 LOG_EVERY_STEPS = 25     # the progress bar's loss is read (one host sync) this often
 STOP_CHECK_STEPS = 10    # under DDP the processes agree on a stop signal this often (one all-reduce)
 SCHEDULE_KEYS = ('epochs', 'iters_per_epoch')  # a change moves every schedule: refused on resume unless allowed
-# a resumed run must build the same modules as the checkpoint
-ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'sinkhorn_queue', 'stages', 'head_hidden_dim', 'head_bottleneck_dim', 'head_norm',
-                     'reference')
+# a resumed run must build the same modules as the checkpoint (and keep the method's resume_keys)
+ARCHITECTURE_KEYS = ('configuration', 'out_dim', 'sinkhorn_queue', 'stages', 'head_hidden_dim', 'head_bottleneck_dim',
+                     'head_norm')
 
 
 def output_folder_for(prepared: Union[PreparedPool, PreparedData], method: str) -> str:
     """``<nnUNet_results>/<first dataset>/<method>__<plans>__<configuration>[__pool_<ids of the others>]``."""
-    from nnunetv2.paths import nnUNet_results
     if not nnUNet_results:
         raise DesdError('nnUNet_results must be set: checkpoints and the export are written there.')
     names = as_pool(prepared).dataset_names
@@ -93,18 +94,20 @@ class Pretrainer:
             if self.method.ddp_wrapper:
                 self.student_forward = DDP(self.student, device_ids=[self.device.index]
                                            if self.device.type == 'cuda' else None)
-        self.method.attach(self)
 
         self.global_batch = cfg.batch_size * dist_ctx.world_size
         self.peak_lr = cfg.lr * self.global_batch / 256  # a resumed run keeps its own (load_checkpoint)
         self.epoch_sums = RunningMeans(self.device)  # the current epoch's per-step values, summed on the device
         self.stop_signal: Optional[str] = None
         self.total_steps = cfg.epochs * cfg.iters_per_epoch
+        # the student (encoder and heads), plus the method's own
+        self.optimized_parameters = list(self.student.parameters()) + self.method.extra_parameters(self.network)
         self.optimizer = self._build_optimizer()
         # autocast: float16 on CUDA, bfloat16 on CPU; the GradScaler works on either
         self.amp = self.device.type == 'cuda' if cfg.amp is None else bool(cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp else None
         self.step = 0
+        self.method.attach(self.context)
         self.metrics = {}  # extra per-step values of the method (e.g. its losses)
         self.progress = ProgressLog(output_folder, dist_ctx.is_main, name=cfg.method,
                                     reference_lines={'loss': (math.log(cfg.out_dim), 'ln K (uniform student)'),
@@ -117,23 +120,19 @@ class Pretrainer:
             module.to(target)
         return self
 
-    def worker_seeds(self, num_workers: int, *loader: str) -> list:
-        """A seed per loader worker, distinct per process, loader, worker and start (step), from --seed."""
-        return [derived_seed(self.cfg.seed, self.dist.rank, 'worker', *loader, worker, self.step)
-                for worker in range(num_workers)]
+    @property
+    def context(self) -> StepContext:
+        """What the method's hooks see of the engine, at the current step."""
+        return StepContext(self.dist, self.cfg.seed, self.amp, self.scaler, self.student, self.network, self.ssl_loss,
+                           self.optimized_parameters, self.step, self.cfg.deterministic)
 
     def method_loader(self, views, num_workers: int):
         """The training batches of the method: ``views`` (the view loader's batches), or more."""
-        return self.method.loader(self, views, num_workers)
-
-    def optimized_parameters(self) -> list:
-        """The student (encoder and heads), plus the method's own (``extra_parameters``)."""
-        return list(self.student.parameters()) + self.method.extra_parameters(self)
+        return self.method.loader(self.context, views, num_workers)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        params = self.optimized_parameters()
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]  # biases and norms
+        decay = [p for p in self.optimized_parameters if p.ndim > 1]
+        no_decay = [p for p in self.optimized_parameters if p.ndim <= 1]  # biases and norms
         groups = [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0, 'no_decay': True}]
         if self.cfg.optimizer == 'sgd':
             return torch.optim.SGD(groups, lr=self.peak_lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
@@ -187,7 +186,7 @@ class Pretrainer:
             if not group.get('no_decay'):
                 group['weight_decay'] = self.weight_decay()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, method_metrics = self.method.compute_gradients(self, batch)  # fills .grad
+        loss, method_metrics = self.method.compute_gradients(self.context, batch)  # fills .grad
         self.metrics = {**method_metrics, **self.loss.diagnostics}  # tensors: read at logging time
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -312,7 +311,8 @@ class Pretrainer:
         if ckpt.get('format') != 'nnunetv2_desd.pretraining':
             raise DesdError(f'{path} is not a pre-training checkpoint of nnunetv2_desd.')
         saved, now = ckpt['config'], self.cfg.to_dict()
-        changed = [f'{k}: {saved.get(k)} -> {now[k]}' for k in ARCHITECTURE_KEYS if saved.get(k) != now[k]]
+        changed = [f'{k}: {saved.get(k)} -> {now[k]}' for k in ARCHITECTURE_KEYS + self.method.resume_keys
+                   if saved.get(k) != now[k]]
         if changed:
             raise DesdError(f'--c: {path} was made with other settings ({"; ".join(changed)}); '
                             f'continue with the original ones.')
@@ -356,7 +356,7 @@ class Pretrainer:
         method changes, ``export_weights``), plus metadata."""
         network = copy.deepcopy(self.network).cpu()
         network.encoder.load_state_dict(cpu_state_dict(self.teacher.encoder))
-        weights = self.method.export_weights(self, cpu_state_dict(network))
+        weights = self.method.export_weights(self.context, cpu_state_dict(network))
         pm, cm = self.prepared.plans_manager, self.prepared.configuration_manager
         metadata = {
             'format': 'nnunetv2_desd.export', 'version': 1, 'method': self.cfg.method,

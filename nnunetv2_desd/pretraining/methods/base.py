@@ -3,18 +3,45 @@
 The engine (``engine/loop.py``) calls these hooks and knows no method by name. The defaults are plain
 self-distillation: the student's loss, one backward (scaled under AMP), DDP's gradient averaging.
 """
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from nnunetv2_desd.pretraining.distributed import check_finite_everywhere, nan_unless_finite
+from nnunetv2_desd.pretraining.distributed import DistContext, check_finite_everywhere, derived_seed, nan_unless_finite
+from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the engine hands the method's hooks, at the current ``step``."""
+    dist: DistContext                       # rank, world size, device
+    seed: int                               # --seed
+    amp: bool                               # autocast on
+    scaler: Optional[torch.amp.GradScaler]  # AMP's loss scaler; None without AMP
+    student: MultiStageDistillationNetwork  # encoder and heads
+    network: nn.Module                      # the planned network; its encoder is the student's
+    ssl_loss: Callable[..., Tensor]         # ssl_loss(batch, student=None): the self-distillation loss of a batch
+    parameters: List[nn.Parameter]          # every optimised parameter
+    step: int
+    deterministic: bool                     # --deterministic: loader workers taken in turn
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def worker_seeds(self, num_workers: int, *loader: str) -> List[int]:
+        """A seed per loader worker, distinct per process, loader, worker and start (step), from --seed."""
+        return [derived_seed(self.seed, self.dist.rank, 'worker', *loader, worker, self.step)
+                for worker in range(num_workers)]
 
 
 class PretrainingMethod:
     name: str = ''
     official_settings: Dict[str, object] = {}  # what the method's published run changes in PretrainConfig
     exclusive_options: Tuple[str, ...] = ()  # PretrainConfig fields (None unless given) only this method reads
+    resume_keys: Tuple[str, ...] = ()  # PretrainConfig fields a resumed run must keep (they shape what it builds)
     drr_path = False  # the encoder also takes 2D inputs (planned_encoder's drr_path)
     ddp_wrapper = True  # under DDP the student's forward runs through DDP; False: compute_gradients averages .grad
     n_student_inputs: int
@@ -48,33 +75,33 @@ class PretrainingMethod:
         """Whether the heads may use SyncBatchNorm under CUDA DDP."""
         return True
 
-    def attach(self, trainer) -> None:
-        """Called once the student and teacher exist."""
-
-    def extra_parameters(self, trainer) -> List[torch.nn.Parameter]:
-        """Parameters optimised besides the student's."""
+    def extra_parameters(self, network: nn.Module) -> List[nn.Parameter]:
+        """Parameters of the planned ``network`` optimised besides the student's."""
         return []
+
+    def attach(self, context: StepContext) -> None:
+        """Called once the networks and the optimiser exist."""
 
     # a step
     def inputs(self, batch: Dict[str, Tensor], device: torch.device) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """Teacher input and student inputs of a view batch."""
         raise NotImplementedError
 
-    def loader(self, trainer, views, num_workers: int):
+    def loader(self, context: StepContext, views, num_workers: int):
         """The training batches: the view loader's, or more."""
         return views
 
-    def compute_gradients(self, trainer, batch: dict) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def compute_gradients(self, context: StepContext, batch: dict) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Leaves the step's gradient in ``.grad`` (scaled by AMP's loss scale, if any); returns (loss, metrics), as
         tensors read at logging time. A non-finite loss raises; under AMP it makes the scaler skip the step."""
-        loss = trainer.ssl_loss(batch)
-        amp = trainer.scaler is not None
-        check_finite_everywhere({'loss': loss}, trainer.step, trainer.device, skippable=('loss',) if amp else ())
-        (trainer.scaler.scale(nan_unless_finite(loss)) if amp else loss).backward()
+        loss = context.ssl_loss(batch)
+        amp = context.scaler is not None
+        check_finite_everywhere({'loss': loss}, context.step, context.device, skippable=('loss',) if amp else ())
+        (context.scaler.scale(nan_unless_finite(loss)) if amp else loss).backward()
         return loss, {}
 
     # the export
-    def export_weights(self, trainer, weights: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def export_weights(self, context: StepContext, weights: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return weights
 
     def metadata(self) -> dict:
