@@ -7,6 +7,7 @@ import os
 from typing import List, Optional, Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_desd.common.checkpoint import atomic_write_json
@@ -48,7 +49,6 @@ def preprocess_unlabelled(dataset: str, unlabelled: Sequence[str], plans_name: s
                           parts: int = 1) -> List[str]:
     """Writes the pool of every configuration (see ``desd_preprocess_unlabelled -h``); returns the record files
     (none while other parts' cases are missing)."""
-    from nnunetv2.paths import nnUNet_preprocessed  # read from the environment at its first import
     name = resolve_dataset_name(dataset)
     folder = os.path.join(os.fspath(nnUNet_preprocessed), name)
     plans_file = os.path.join(folder, plans_name + '.json')
