@@ -12,10 +12,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.nn import functional as F
+from tqdm import tqdm
 
+from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.export_record import ExportRecord
+from nnunetv2_desd.common.pretrained_weights import ENCODER, read_export
+from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
+from nnunetv2_desd.data.raw import resolve_dataset_name
+from nnunetv2_desd.pretraining.network import build_planned_network, planned_encoder
 
 DEFAULT_RANDOM_SEEDS = 3
 
@@ -149,8 +160,6 @@ class Encoder:
 def export_plans_differences(record: ExportRecord, plans: dict, configuration: str) -> List[str]:
     """What in ``plans`` (configuration) differs from the export's: architecture, then preprocessing (spacing,
     axis order, normalisation, CT statistics), each as 'ENTRY ACTUAL instead of EXPORTED'."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
     if configuration not in plans['configurations']:
         return [f'no configuration {configuration!r}']
     cm = PlansManager(plans).get_configuration(configuration)
@@ -177,8 +186,7 @@ def find_export_plans(dataset_name: str, exports: Sequence, plans_name: Optional
     """The plans of ``dataset_name`` that every export fits, with preprocessed data; ``plans_name`` or, by default,
     the first fitting one in nnUNet_preprocessed (the exports' own plans name first). DesdError naming the fixing
     command otherwise."""
-    from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.paths import nnUNet_preprocessed  # reads the nnU-Net folders when imported
     folder = join(nnUNet_preprocessed, dataset_name)
     if plans_name is not None:
         candidates = [plans_name]
@@ -220,11 +228,7 @@ def load_probe_cases(plans: dict, dataset_json: dict, dataset_name: str, configu
     """Each preprocessed case, through nnU-Net's dataset class, cropped to one ``patch_size`` window centred on its
     foreground bounding box. -> images (C, *patch), labels (*patch) as class indices (-1: padding, ignore label or
     nnU-Net's outside-mask), and the label values the class indices stand for."""
-    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-    from batchgenerators.utilities.file_and_folder_operations import join
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.paths import nnUNet_preprocessed  # reads the nnU-Net folders when imported
     label_manager = PlansManager(plans).get_label_manager(dataset_json)
     if label_manager.has_regions:
         raise DesdError(f'{dataset_name} is region-based; the probe needs plain integer labels.')
@@ -254,8 +258,6 @@ def load_probe_cases(plans: dict, dataset_json: dict, dataset_name: str, configu
 def encoder_features(encoder_spec: Encoder, plans: dict, dataset_json: dict, configuration: str,
                      images: Dict[str, torch.Tensor], device: torch.device) -> Dict[int, Dict[str, torch.Tensor]]:
     """stage -> case -> features (C_s, *s) of the frozen encoder (eval mode), on CPU."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_desd.pretraining.network import build_planned_network, planned_encoder
     pm = PlansManager(plans)
     label_manager = pm.get_label_manager(dataset_json)
     with torch.random.fork_rng(devices=[]):
@@ -280,7 +282,6 @@ def encoder_features(encoder_spec: Encoder, plans: dict, dataset_json: dict, con
 
 
 def read_exports(files: Sequence[str], groups: Optional[Sequence[str]]) -> Tuple[list, List[Encoder]]:
-    from nnunetv2_desd.common.pretrained_weights import ENCODER, read_export
     if groups is not None and len(groups) != len(files):
         raise DesdError(f'--labels: {len(groups)} label(s) for {len(files)} export(s); give one per export.')
     exports, encoders = [], []
@@ -391,7 +392,7 @@ def probe_csv(result: ProbeResult) -> str:
 
 
 def probe_figure(result: ProbeResult, file) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, for the figure only
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
@@ -415,7 +416,6 @@ def probe_figure(result: ProbeResult, file) -> None:
 
 
 def write_probe_report(result: ProbeResult, out: str) -> Dict[str, str]:
-    from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f'probe.{k}') for k in ('md', 'csv', 'png')}
     atomic_write_text(probe_markdown(result), paths['md'])
@@ -436,11 +436,7 @@ def run_probe(dataset: str, exports: Sequence[str], labels: Optional[Sequence[st
     the number of cases); ``plans``: the plans identifier (default: the first that fits the exports); ``device``
     auto, cuda or cpu. Writes the report to ``output`` (default nnUNet_results/<Dataset>/desd_probe); returns the
     result and the report's paths."""
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-    from tqdm import tqdm
-    from nnunetv2_desd.data.raw import resolve_dataset_name
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results  # reads the nnU-Net folders when imported
     if device == 'cuda' and not torch.cuda.is_available():
         raise DesdError('no CUDA device is visible. Use -device cpu.')
     torch_device = torch.device('cuda' if device != 'cpu' and torch.cuda.is_available() else 'cpu')

@@ -16,11 +16,15 @@ import traceback
 from typing import List, Optional, Sequence
 
 import numpy as np
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.export_record import NNSSL_FORMAT, ExportRecord
 from nnunetv2_desd.common.pretrained_weights import read_export
-from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
+from nnunetv2_desd.data.planning import find_planner_class
+from nnunetv2_desd.data.raw import read_raw_dataset, resolve_dataset_name
+from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
 
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pretrained'
 PROVENANCE_KEY = 'desd_pretrained'  # top-level plans entry naming the export these plans were made for
@@ -49,8 +53,7 @@ def _reorder(values, from_forward: Sequence[int], to_forward: Sequence[int]) -> 
 
 # -------------------------------------------------------------------------------------------------------- dataset
 def _resolve_raw_dataset(dataset: str):
-    from nnunetv2.paths import nnUNet_raw
-    from nnunetv2_desd.data.raw import read_raw_dataset, resolve_dataset_name
+    from nnunetv2.paths import nnUNet_raw  # reads the nnU-Net folders when imported
     name = resolve_dataset_name(dataset)
     if not re.fullmatch(r'Dataset\d{3}_.+', name):
         raise DesdError(f'{name!r} is not an nnU-Net dataset name (DatasetXXX_Name).')
@@ -91,7 +94,6 @@ def _reason(error: BaseException) -> str:
 
 def _run_planner(planner_class, name: str, kwargs: dict) -> dict:
     """plan_experiment() without its own plans file: returns the plans dict, nnU-Net's printout hidden."""
-    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             planner = planner_class(name, **kwargs)
@@ -209,9 +211,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
                          gpu_memory_gb: Optional[float] = None, preprocess: bool = True,
                          num_processes: int = 2) -> str:
     """Writes ``nnUNet_preprocessed/<Dataset>/<plans_name>.json`` (and its preprocessed data); returns its path."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2_desd.data.planning import find_planner_class
-    from nnunetv2_desd.common.checkpoint import atomic_write_json
+    from nnunetv2.paths import nnUNet_preprocessed  # reads the nnU-Net folders when imported
 
     if not re.fullmatch(r'[A-Za-z0-9_.-]+', plans_name) or plans_name.startswith('.'):
         raise DesdError(f'-p {plans_name!r}: a plans name is a file name without folders or spaces.')
@@ -251,6 +251,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
 
 
 def _extract_fingerprint(name: str, dataset_id: int, num_processes: int) -> None:
+    # imports nnunetv2.paths, which reads the nnU-Net folders when imported
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
     print(f'extracting the dataset fingerprint of {name}')
     try:
@@ -262,7 +263,7 @@ def _extract_fingerprint(name: str, dataset_id: int, num_processes: int) -> None
 
 
 def _preprocess(name: str, dataset_id: int, plans_name: str, configuration: str, num_processes: int) -> None:
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset  # imports nnunetv2.paths
     print(f'preprocessing {name} ({configuration}, {num_processes} process(es))')
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -274,7 +275,6 @@ def _preprocess(name: str, dataset_id: int, plans_name: str, configuration: str,
 
 def _print_report(plans: dict, planned: dict, record: ExportRecord, raw, configuration: str, plans_file: str,
                   preprocessed: bool) -> None:
-    from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER
     cfg = plans['configurations'][configuration]
     prov = plans[PROVENANCE_KEY]
     arch = cfg['architecture']

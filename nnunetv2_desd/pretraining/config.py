@@ -17,7 +17,7 @@ pre-trains with the reference dataset's plans (``plans_from = reference``), so t
 data fit the network as they are.
 """
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional, Tuple, Union, get_args, get_origin
 
 from nnunetv2_desd.common.errors import DesdError
@@ -60,7 +60,7 @@ class Option:
         return (self.low, self.above, self.high) != (None, None, None)
 
 
-def option(default=MISSING, *, factory=MISSING, **declared) -> field:
+def option(default=MISSING, *, factory=MISSING, **declared) -> Field:
     """A PretrainConfig field with its Option (``declared``: Option's fields)."""
     return field(default=default, default_factory=factory, metadata={'option': Option(**declared)})
 
