@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_desd.cli import pretrain as cli
-from nnunetv2_desd.pretraining.config import LIMITS, option_name
+from nnunetv2_desd.pretraining.config import OPTIONS, option_name
 from nnunetv2_desd.data.raw import check_cases, read_raw_dataset
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 from nnunetv2_desd.cli import plan_like_pretrained
@@ -164,18 +164,21 @@ def test_channels_on_different_grids_are_refused(folders, capsys):
 
 
 def _bad_values(name: str, rng) -> list:
-    kind, low, high, _ = LIMITS[name]
-    values = ['abc'] + (['1.5'] if kind in ('int', 'ints') else ['nan', 'inf'])
-    if low is not None:
-        values.append(str(low - 1 if kind in ('int', 'ints') else (low if kind == '(float' else low - 0.5)))
-    if high is not None:
-        values.append(str(high + 1))
+    spec = OPTIONS[name]
+    integer = spec.type is int
+    values = ['abc'] + (['1.5'] if integer else ['nan', 'inf'])
+    if spec.low is not None:
+        values.append(str(spec.low - 1 if integer else spec.low - 0.5))
+    if spec.above is not None:
+        values.append(str(spec.above))
+    if spec.high is not None:
+        values.append(str(spec.high + 1))
     return [values[int(rng.integers(len(values)))]]
 
 
 def test_out_of_range_options_are_refused_in_one_line(folders, capsys):
     rng = np.random.default_rng([SEED, 200])
-    names = list(LIMITS)
+    names = [name for name, spec in OPTIONS.items() if spec.bounded]
     for name in rng.choice(names, size=12, replace=False):
         value = _bad_values(name, rng)
         count = 3 if name in ('patch_size', 'mask_patch') else (2 if name == 'stages' else 1)

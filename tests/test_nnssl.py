@@ -200,13 +200,12 @@ def test_bad_nnssl_checkpoints_are_refused_in_one_line_with_nothing_written(env,
 
 
 def test_the_resenc_l_preset_is_read_as_nnssls_architecture(tmp_path):
-    from nnunetv2_desd.common.nnssl import metadata_from_plan
+    from nnunetv2_desd.common.nnssl import record_from_plan
     plan = nnssl_checkpoint(tmp_path / 'small.pth')['nnssl_adaptation_plan']
     plan['architecture_plans'] = {'arch_class_name': 'ResEncL', 'arch_kwargs': {}, 'arch_kwargs_requiring_import': []}
     kwargs = {k: (pydoc.locate(v) if k in IMPORTED and v else v) for k, v in RESENC.items()}
     weights = ResidualEncoderUNet(1, num_classes=1, **kwargs).state_dict()  # only the key maps are checked here
-    meta = metadata_from_plan(plan, weights, 'BaseMAETrainer', 'x.pth')
-    arch = meta['architecture']
+    arch = record_from_plan(plan, weights, 'BaseMAETrainer', 'x.pth').architecture
     assert arch['network_class_name'] == 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'
     kw = arch['arch_kwargs']  # docs/nnssl.md: 6 stages, 32..320, 3x3x3, strides 1,2,2,2,2,2, blocks 1,3,4,6,6,6
     assert kw['features_per_stage'] == [32, 64, 128, 256, 320, 320] and kw['n_blocks_per_stage'] == [1, 3, 4, 6, 6, 6]

@@ -14,6 +14,7 @@ import torch
 
 from conftest import TINY, nnunet_env, run_command
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.export_record import ExportRecord
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 from nnunetv2_desd.cli.plan_like_pretrained import main
 from nnunetv2_desd.planning.plan_like_pretrained import (PROVENANCE_KEY, inverse_permutation, plan_like_pretrained,
@@ -52,6 +53,10 @@ def _meta(**overrides) -> dict:
             'patch_size': [16, 16, 16], 'plans_patch_size': [32, 32, 32], 'content_sha256': 'c' * 64}
     meta.update(overrides)
     return meta
+
+
+def _record(meta: dict) -> ExportRecord:
+    return ExportRecord.from_dict(meta, '/x/export.pth')
 
 
 def _planned() -> dict:
@@ -110,8 +115,8 @@ def test_total_stride_and_patch_rounding():
 
 def test_plans_take_export_architecture_spacing_transpose_and_normalisation():
     meta = _meta()
-    plans = plans_like_export(_planned(), meta, '/x/export.pth', 'f' * 64, 'nnUNetPlans_pretrained', '3d_fullres',
-                              {'channel_names': {'0': 'CT'}})
+    plans = plans_like_export(_planned(), _record(meta), '/x/export.pth', 'f' * 64, 'nnUNetPlans_pretrained',
+                              '3d_fullres', {'channel_names': {'0': 'CT'}})
     assert list(plans['configurations']) == ['3d_fullres']
     cfg = plans['configurations']['3d_fullres']
     assert cfg['architecture'] == meta['architecture'] and cfg['spacing'] == [3.0, 1.0, 1.5]
@@ -132,7 +137,8 @@ def test_plans_take_export_architecture_spacing_transpose_and_normalisation():
 def test_other_channels_keep_the_datasets_own_normalisation():
     planned = _planned()
     for channels in ({'0': 'MRI'}, {'0': 'CT', '1': 'CT'}):
-        plans = plans_like_export(planned, _meta(), '/x/e.pth', 'f' * 64, 'P', '3d_fullres', {'channel_names': channels})
+        plans = plans_like_export(planned, _record(_meta()), '/x/e.pth', 'f' * 64, 'P', '3d_fullres',
+                                  {'channel_names': channels})
         cfg = plans['configurations']['3d_fullres']
         assert cfg['normalization_schemes'] == ['ZScoreNormalization'] and cfg['use_mask_for_norm'] == [True]
         assert plans['foreground_intensity_properties_per_channel'] == {'0': {'mean': 7.0}}
@@ -145,7 +151,7 @@ def test_configurations_not_at_the_export_spacing_are_refused():
     for configuration, expected in (('2d', "'2d' is 2D"), ('3d_lowres', 'spacing [6.0, 2.0, 3.0], not at'),
                                     ('3d_cascade_fullres', 'cascade stage'), ('3d_big', 'no configuration')):
         with pytest.raises(DesdError, match=expected.replace('[', r'\[').replace(']', r'\]')):
-            plans_like_export(planned, _meta(), '/x/e.pth', 'f' * 64, 'P', configuration,
+            plans_like_export(planned, _record(_meta()), '/x/e.pth', 'f' * 64, 'P', configuration,
                               {'channel_names': {'0': 'CT'}})
 
 

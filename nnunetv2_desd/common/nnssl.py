@@ -14,6 +14,7 @@ import torch
 
 from nnunetv2_desd.common.checkpoint import tensor_digest
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.export_record import NNSSL_FORMAT, ExportRecord
 
 PLAN_KEY = 'nnssl_adaptation_plan'
 RESENC_L = {  # nnssl's ResEnc-L preset (dynamic-network-architectures ResidualEncoderUNet)
@@ -130,8 +131,9 @@ def architecture_from_plan(plan: dict, file: str) -> dict:
             '_kw_requires_import': list(arch.get('arch_kwargs_requiring_import') or REQUIRES_IMPORT)}
 
 
-def metadata_from_plan(plan, weights: Mapping[str, torch.Tensor], trainer_name: Optional[str], file: str) -> dict:
-    """Our export metadata for an nnssl checkpoint (``format`` 'nnssl'); DesdError for an unusable plan."""
+def record_from_plan(plan, weights: Mapping[str, torch.Tensor], trainer_name: Optional[str],
+                     file: str) -> ExportRecord:
+    """Our export record for an nnssl checkpoint (``format`` 'nnssl'); DesdError for an unusable plan."""
     if not isinstance(plan, dict):
         raise DesdError(f'{file}: {PLAN_KEY} is a {type(plan).__name__}, not a dict.')
     architecture = architecture_from_plan(plan, file)
@@ -152,15 +154,15 @@ def metadata_from_plan(plan, weights: Mapping[str, torch.Tensor], trainer_name: 
         raise DesdError(f'{file}: {PLAN_KEY}.recommended_downstream_patchsize {patch!r} is not 3 positive ints.')
     channels = int(plan.get('pretrain_num_input_channels', 1))
     schemes = list(configuration['normalization_schemes'])
-    return {
-        'format': 'nnssl', 'method': f'nnssl {trainer_name or "unknown trainer"}', 'trainer_name': trainer_name,
-        'source_dataset': pretrain.get('dataset_name'), 'plans_name': pretrain.get('plans_name'),
-        'architecture': architecture, 'num_input_channels': channels, 'channel_names': None,
-        'spacing': [float(s) for s in configuration['spacing']],
-        'transpose_forward': [int(i) for i in pretrain['transpose_forward']],
-        'normalization_schemes': schemes, 'use_mask_for_norm': list(configuration.get('use_mask_for_norm') or
-                                                                     [False] * len(schemes)),
-        'foreground_intensity_properties_per_channel': {},
-        'recommended_downstream_patchsize': [int(p) for p in patch],
-        'content_sha256': tensor_digest(weights),
-    }
+    return ExportRecord(
+        format=NNSSL_FORMAT, method=f'nnssl {trainer_name or "unknown trainer"}', trainer_name=trainer_name,
+        source_dataset=pretrain.get('dataset_name'), plans_name=pretrain.get('plans_name'),
+        architecture=architecture, num_input_channels=channels, channel_names=None,
+        spacing=[float(s) for s in configuration['spacing']],
+        transpose_forward=[int(i) for i in pretrain['transpose_forward']],
+        normalization_schemes=schemes, use_mask_for_norm=list(configuration.get('use_mask_for_norm') or
+                                                              [False] * len(schemes)),
+        foreground_intensity_properties_per_channel={},
+        recommended_downstream_patchsize=[int(p) for p in patch],
+        content_sha256=tensor_digest(weights),
+    )

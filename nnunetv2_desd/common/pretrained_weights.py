@@ -10,15 +10,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.checkpoint import file_sha256, load_checkpoint
-from nnunetv2_desd.common.nnssl import PLAN_KEY, metadata_from_plan
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.export_record import ExportRecord
+from nnunetv2_desd.common.nnssl import PLAN_KEY, record_from_plan
 
 ENCODER = 'encoder.'
-EXPORT_FORMAT = 'nnunetv2_desd.export'
-REQUIRED_METADATA = ('method', 'source_dataset', 'plans_name', 'architecture', 'num_input_channels', 'channel_names',
-                     'spacing', 'transpose_forward', 'normalization_schemes', 'use_mask_for_norm',
-                     'foreground_intensity_properties_per_channel', 'content_sha256')
 SEG_LAYERS = '.seg_layers.'  # nnU-Net never transfers the segmentation outputs
 
 
@@ -26,35 +23,13 @@ SEG_LAYERS = '.seg_layers.'  # nnU-Net never transfers the segmentation outputs
 class PretrainedExport:
     file: str
     weights: Dict[str, torch.Tensor]
-    metadata: dict
+    record: Optional[ExportRecord]  # read_export's is complete and 3D; None only where made by hand
     file_sha256: str
-
-    @property
-    def method(self) -> str:
-        return self.metadata.get('method', 'unknown')
-
-    def require_metadata(self) -> dict:
-        """The ``desd_export`` metadata that planning needs; DesdError when it is absent or incomplete."""
-        meta = self.metadata
-        if not meta:
-            raise DesdError(f'{self.file} is not an nnunetv2_desd export (no "desd_export" metadata). Use the '
-                            f'pretrained_export.pth that desd_pretrain writes.')
-        if meta.get('format') not in (EXPORT_FORMAT, 'nnssl'):
-            raise DesdError(f'{self.file} is not an nnunetv2_desd export (format {meta.get("format")!r}, '
-                            f'expected {EXPORT_FORMAT!r}).')
-        missing = [k for k in REQUIRED_METADATA if k not in meta]
-        if missing:
-            raise DesdError(f'{self.file} is not an nnunetv2_desd export (incomplete: missing {missing}).')
-        strides = meta['architecture'].get('arch_kwargs', {}).get('strides')
-        if not strides or any(len(s) != 3 for s in strides) or sorted(meta['transpose_forward']) != [0, 1, 2]:
-            raise DesdError(f'{self.file} is not a 3D nnunetv2_desd export (strides {strides}, transpose '
-                            f'{meta["transpose_forward"]}).')
-        return meta
 
 
 def read_export(path: str) -> PretrainedExport:
     """An export (``{'network_weights': ..., 'desd_export': ...}``) or an nnssl checkpoint (``network_weights`` +
-    ``nnssl_adaptation_plan``, read into the same metadata), loaded on CPU with ``weights_only=True``."""
+    ``nnssl_adaptation_plan``, read into the same record), loaded on CPU with ``weights_only=True``."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise DesdError(f'export file not found: {path}')
@@ -68,15 +43,14 @@ def read_export(path: str) -> PretrainedExport:
         raise DesdError(f'{path}: "network_weights" maps {odd!r} to a {type(weights[odd]).__name__}, not a tensor; '
                         f'the file is not a network\'s state dict.')
     if isinstance(checkpoint.get('desd_export'), dict):
-        metadata = checkpoint['desd_export']
+        record = ExportRecord.from_dict(checkpoint['desd_export'], path)
     elif PLAN_KEY in checkpoint:  # an nnssl checkpoint (OpenMind, or nnssl's own runs)
         trainer = checkpoint.get('trainer_name')
-        metadata = metadata_from_plan(checkpoint[PLAN_KEY], weights, trainer if isinstance(trainer, str) else None,
-                                      path)
+        record = record_from_plan(checkpoint[PLAN_KEY], weights, trainer if isinstance(trainer, str) else None, path)
     else:
         raise DesdError(f'{path} has network_weights but neither "desd_export" (nnunetv2_desd) nor "{PLAN_KEY}" '
                         f'(nnssl) metadata: nothing says which network and preprocessing it was trained with.')
-    return PretrainedExport(path, weights, metadata, file_sha256(path))
+    return PretrainedExport(path, weights, record.check_3d(path), file_sha256(path))
 
 
 def adapt_input_channels(weight: torch.Tensor, num_channels: int) -> torch.Tensor:
@@ -145,10 +119,10 @@ def mismatch_message(plan: LoadPlan, export: PretrainedExport, dataset: str, pla
     if plan.missing:
         lines.append(f'  missing from the export: {", ".join(plan.missing[:limit])}'
                      + (f' and {len(plan.missing) - limit} more' if len(plan.missing) > limit else ''))
-    meta = export.metadata
-    if meta:
-        lines.append(f'The export was pre-trained with plans \'{meta.get("plans_name")}\' on '
-                     f'{meta.get("source_dataset")} ({meta.get("architecture", {}).get("network_class_name")}).')
+    record = export.record
+    if record:
+        lines.append(f'The export was pre-trained with plans \'{record.plans_name}\' on '
+                     f'{record.source_dataset} ({record.architecture.get("network_class_name")}).')
     lines.append(f'Fix: desd_plan_like_pretrained -d {dataset} -w {export.file}  (writes plans '
                  f'\'nnUNetPlans_pretrained\' with the export\'s architecture), then train with '
                  f'-p nnUNetPlans_pretrained.')
@@ -171,7 +145,7 @@ def initialise_encoder(network, export: PretrainedExport, plans_identifier: str,
                      'plans made like it with desd_plan_like_pretrained).')
         raise DesdError('; '.join(lines))
     network.encoder.load_state_dict(plan.encoder_tensors)
-    meta = export.metadata
-    return {'file': export.file, 'file_sha256': export.file_sha256, 'method': export.method,
-            'format': meta.get('format'), 'source_dataset': meta.get('source_dataset'),
+    record = export.record
+    return {'file': export.file, 'file_sha256': export.file_sha256, 'method': record.method,
+            'format': record.format, 'source_dataset': record.source_dataset,
             'loaded_encoder_tensors': plan.num_loaded, 'adapted_stem': plan.stem_key}

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_text
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.export_record import ExportRecord
 from nnunetv2_desd.common.pretrained_weights import ENCODER, read_export
 from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 from nnunetv2_desd.data.raw import resolve_dataset_name
@@ -156,14 +157,14 @@ class Encoder:
     distilled_stages: Tuple[int, ...] = ()
 
 
-def export_plans_differences(meta: dict, plans: dict, configuration: str) -> List[str]:
+def export_plans_differences(record: ExportRecord, plans: dict, configuration: str) -> List[str]:
     """What in ``plans`` (configuration) differs from the export's: architecture, then preprocessing (spacing,
     axis order, normalisation, CT statistics), each as 'ENTRY ACTUAL instead of EXPORTED'."""
     if configuration not in plans['configurations']:
         return [f'no configuration {configuration!r}']
     cm = PlansManager(plans).get_configuration(configuration)
     differences = []
-    arch = meta['architecture']
+    arch = record.architecture
     if cm.network_arch_class_name != arch['network_class_name']:
         differences.append(f'architecture {cm.network_arch_class_name} instead of {arch["network_class_name"]}')
     elif dict(cm.network_arch_init_kwargs) != dict(arch['arch_kwargs']):
@@ -171,13 +172,13 @@ def export_plans_differences(meta: dict, plans: dict, configuration: str) -> Lis
                       if arch['arch_kwargs'].get(k) != cm.network_arch_init_kwargs.get(k))
         differences.append(f'architecture arguments {keys} differ')
     exported = copy.deepcopy(plans)
-    exported['transpose_forward'] = meta['transpose_forward']
-    exported['foreground_intensity_properties_per_channel'] = meta['foreground_intensity_properties_per_channel']
+    exported['transpose_forward'] = record.transpose_forward
+    exported['foreground_intensity_properties_per_channel'] = record.foreground_intensity_properties_per_channel
     exported_cfg = exported['configurations'][configuration]
     exported_cfg.pop('inherits_from', None)
     exported_cfg.update(PlansManager(plans).get_configuration(configuration).configuration,
-                        spacing=meta['spacing'], normalization_schemes=meta['normalization_schemes'],
-                        use_mask_for_norm=meta['use_mask_for_norm'])
+                        spacing=record.spacing, normalization_schemes=record.normalization_schemes,
+                        use_mask_for_norm=record.use_mask_for_norm)
     return differences + preprocessing_differences(exported, plans, configuration)
 
 
@@ -192,7 +193,7 @@ def find_export_plans(dataset_name: str, exports: Sequence, plans_name: Optional
         names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith('.json') and
                        f not in ('dataset.json', 'dataset_fingerprint.json', 'splits_final.json')) \
             if isdir(folder) else []
-        own = [e.metadata['plans_name'] for e in exports]
+        own = [e.record.plans_name for e in exports]
         candidates = sorted(names, key=lambda n: (n not in own, n))
     fix = (f'make plans that fit it: desd_plan_like_pretrained -d {dataset_name} -w {exports[0].file} '
            f'(then pass -p nnUNetPlans_pretrained)')
@@ -206,7 +207,7 @@ def find_export_plans(dataset_name: str, exports: Sequence, plans_name: Optional
         if 'configurations' not in plans:
             continue
         problems = [f'{os.path.basename(e.file)}: {d}' for e in exports
-                    for d in export_plans_differences(e.metadata, plans, configuration)]
+                    for d in export_plans_differences(e.record, plans, configuration)]
         if problems:
             reasons.append(f'{name}: ' + '; '.join(problems[:3]))
             continue
@@ -284,15 +285,14 @@ def read_exports(files: Sequence[str], groups: Optional[Sequence[str]]) -> Tuple
     exports, encoders = [], []
     for i, file in enumerate(files):
         export = read_export(file)
-        meta = export.require_metadata()
         state = {k[len(ENCODER):]: v for k, v in export.weights.items() if k.startswith(ENCODER)}
         if not state:
             raise DesdError(f'{file} holds no encoder.* tensors.')
-        group = groups[i] if groups is not None else meta['method']
+        group = groups[i] if groups is not None else export.record.method
         run = os.path.basename(os.path.dirname(export.file))
         name = f'{group}: {run}' if len(files) == 1 or groups is None else f'{group} #{groups[:i + 1].count(group)}'
         exports.append(export)
-        encoders.append(Encoder(name, group, state, distilled_stages=tuple(meta.get('distilled_stages', ()))))
+        encoders.append(Encoder(name, group, state, distilled_stages=tuple(export.record.distilled_stages or ())))
     names = [e.name for e in encoders]
     for i, e in enumerate(encoders):
         if names.count(e.name) > 1:
@@ -461,7 +461,7 @@ def run_probe(dataset: str, exports: Sequence[str], labels: Optional[Sequence[st
     found = find_export_plans(dataset_name, read, plans, configuration)
     dataset_json = load_json(join(nnUNet_preprocessed, dataset_name, 'dataset.json'))
     patch = list(patch_size or found['configurations'][configuration].get('patch_size')
-                 or read[0].metadata['plans_patch_size'])
+                 or read[0].record.plans_patch_size)
     images, case_labels, values = load_probe_cases(found, dataset_json, dataset_name, configuration, patch)
     k = min(folds, len(images))
     splits = generate_crossval_split(sorted(images), seed=12345, n_splits=k)

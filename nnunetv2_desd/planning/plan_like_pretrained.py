@@ -16,10 +16,15 @@ import traceback
 from typing import List, Optional, Sequence
 
 import numpy as np
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.export_record import NNSSL_FORMAT, ExportRecord
 from nnunetv2_desd.common.pretrained_weights import read_export
-from nnunetv2_desd.trainers.lookup import TRAINER_FOR_METHOD
+from nnunetv2_desd.data.planning import find_planner_class
+from nnunetv2_desd.data.raw import read_raw_dataset, resolve_dataset_name
+from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
 
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pretrained'
 PROVENANCE_KEY = 'desd_pretrained'  # top-level plans entry naming the export these plans were made for
@@ -48,8 +53,7 @@ def _reorder(values, from_forward: Sequence[int], to_forward: Sequence[int]) -> 
 
 # -------------------------------------------------------------------------------------------------------- dataset
 def _resolve_raw_dataset(dataset: str):
-    from nnunetv2.paths import nnUNet_raw
-    from nnunetv2_desd.data.raw import read_raw_dataset, resolve_dataset_name
+    from nnunetv2.paths import nnUNet_raw  # reads the nnU-Net folders when imported
     name = resolve_dataset_name(dataset)
     if not re.fullmatch(r'Dataset\d{3}_.+', name):
         raise DesdError(f'{name!r} is not an nnU-Net dataset name (DatasetXXX_Name).')
@@ -90,7 +94,6 @@ def _reason(error: BaseException) -> str:
 
 def _run_planner(planner_class, name: str, kwargs: dict) -> dict:
     """plan_experiment() without its own plans file: returns the plans dict, nnU-Net's printout hidden."""
-    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             planner = planner_class(name, **kwargs)
@@ -106,7 +109,7 @@ def _run_planner(planner_class, name: str, kwargs: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- plans
-def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: str, plans_name: str,
+def plans_like_export(planned: dict, record: ExportRecord, export_file: str, file_sha256: str, plans_name: str,
                       configuration: str, dataset_json: dict) -> dict:
     """The planner's plans for one configuration, aligned with the export (see ``desd_plan_like_pretrained -h``).
     Pure function."""
@@ -123,21 +126,21 @@ def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: 
         raise DesdError(f'configuration {configuration!r} is {len(cfg.get("patch_size", ()))}D; the export is a 3D '
                         f'network: use -c 3d_fullres.')
     cfg = copy.deepcopy(cfg)
-    export_forward = [int(i) for i in meta['transpose_forward']]
+    export_forward = [int(i) for i in record.transpose_forward]
     planner_forward = [int(i) for i in planned['transpose_forward']]
-    export_spacing = [float(s) for s in meta['spacing']]
+    export_spacing = [float(s) for s in record.spacing]
     planned_spacing = _reorder([float(s) for s in cfg['spacing']], planner_forward, export_forward)
     if not np.allclose(planned_spacing, export_spacing, rtol=1e-4, atol=1e-6):
         raise DesdError(f'the planner put configuration {configuration!r} at spacing {planned_spacing}, not at the '
                         f'export\'s {export_spacing} (only 3d_fullres follows the target spacing); use -c 3d_fullres.')
 
-    architecture = copy.deepcopy(meta['architecture'])
+    architecture = copy.deepcopy(record.architecture)
     architecture['_kw_requires_import'] = list(architecture.get('_kw_requires_import', []))
     stride = total_stride(architecture['arch_kwargs'])
     planner_patch = _reorder([int(p) for p in cfg['patch_size']], planner_forward, export_forward)
-    nnssl = meta.get('format') == 'nnssl'
+    nnssl = record.format == NNSSL_FORMAT
     if nnssl:  # nnU-Net main's route: the checkpoint's recommended downstream patch
-        planner_patch = [int(p) for p in meta['recommended_downstream_patchsize']]
+        planner_patch = [int(p) for p in record.recommended_downstream_patchsize]
     cfg.update(
         data_identifier=f'{plans_name}_{configuration}',
         patch_size=round_patch_to_stride(planner_patch, stride),
@@ -147,15 +150,15 @@ def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: 
         architecture=architecture,
     )
     plans = copy.deepcopy(planned)
-    same_channels = _channels(dataset_json) == _channels(meta)
+    same_channels = _channels(dataset_json['channel_names']) == _channels(record.channel_names)
     if nnssl:  # the normalisation the checkpoint was trained with, for every channel (as nnU-Net main does)
-        cfg['normalization_schemes'] = [meta['normalization_schemes'][0]] * len(dataset_json['channel_names'])
+        cfg['normalization_schemes'] = [record.normalization_schemes[0]] * len(dataset_json['channel_names'])
         cfg['use_mask_for_norm'] = [False] * len(dataset_json['channel_names'])
     elif same_channels:
-        cfg['normalization_schemes'] = list(meta['normalization_schemes'])
-        cfg['use_mask_for_norm'] = [bool(u) for u in meta['use_mask_for_norm']]
+        cfg['normalization_schemes'] = list(record.normalization_schemes)
+        cfg['use_mask_for_norm'] = [bool(u) for u in record.use_mask_for_norm]
         plans['foreground_intensity_properties_per_channel'] = copy.deepcopy(
-            meta['foreground_intensity_properties_per_channel'])
+            record.foreground_intensity_properties_per_channel)
     for key in ('original_median_spacing_after_transp', 'original_median_shape_after_transp'):
         if key in plans:
             plans[key] = _reorder(list(plans[key]), planner_forward, export_forward)
@@ -166,15 +169,15 @@ def plans_like_export(planned: dict, meta: dict, export_file: str, file_sha256: 
         configurations={configuration: cfg},
     )
     plans[PROVENANCE_KEY] = {
-        'file': os.path.abspath(export_file), 'file_sha256': file_sha256, 'content_sha256': meta['content_sha256'],
-        'method': meta['method'], 'source_dataset': meta['source_dataset'], 'plans_name': meta['plans_name'],
+        'file': os.path.abspath(export_file), 'file_sha256': file_sha256, 'content_sha256': record.content_sha256,
+        'method': record.method, 'source_dataset': record.source_dataset, 'plans_name': record.plans_name,
     }
     return plans
 
 
-def _channels(dataset_json_or_meta: dict) -> dict:
+def _channels(channel_names: Optional[dict]) -> dict:
     """Channel index -> name; {} where unknown (nnssl checkpoints do not record them)."""
-    return {str(k): str(v) for k, v in (dataset_json_or_meta['channel_names'] or {}).items()}
+    return {str(k): str(v) for k, v in (channel_names or {}).items()}
 
 
 @contextlib.contextmanager
@@ -208,9 +211,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
                          gpu_memory_gb: Optional[float] = None, preprocess: bool = True,
                          num_processes: int = 2) -> str:
     """Writes ``nnUNet_preprocessed/<Dataset>/<plans_name>.json`` (and its preprocessed data); returns its path."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2_desd.data.planning import find_planner_class
-    from nnunetv2_desd.common.checkpoint import atomic_write_json
+    from nnunetv2.paths import nnUNet_preprocessed  # reads the nnU-Net folders when imported
 
     if not re.fullmatch(r'[A-Za-z0-9_.-]+', plans_name) or plans_name.startswith('.'):
         raise DesdError(f'-p {plans_name!r}: a plans name is a file name without folders or spaces.')
@@ -218,7 +219,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
         raise DesdError(f'-np {num_processes}: need at least 1 process.')
     export_file = os.path.abspath(export_file)
     export = read_export(export_file)
-    meta = export.require_metadata()
+    record = export.record
     raw = _resolve_raw_dataset(dataset)
     planner_class = find_planner_class(planner)
     root = os.path.join(nnUNet_preprocessed, raw.name)
@@ -233,23 +234,24 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
             raise DesdError(f'{plans_file} exists and was not written by desd_plan_like_pretrained; not overwriting '
                             f'it. Choose another plans name with -p.')
     digest = export.file_sha256
-    planner_kwargs = _planner_kwargs(planner_class, plans_name, meta['spacing'], gpu_memory_gb)
+    planner_kwargs = _planner_kwargs(planner_class, plans_name, record.spacing, gpu_memory_gb)
     dataset_id = int(raw.name[7:10])
 
     with _undo_on_error(root, ('dataset.json', plans_name + '.json')):
         if not os.path.isfile(os.path.join(root, 'dataset_fingerprint.json')):
             _extract_fingerprint(raw.name, dataset_id, num_processes)
-        print(f'planning {raw.name} with {planner_class.__name__} at the export\'s spacing {meta["spacing"]}')
+        print(f'planning {raw.name} with {planner_class.__name__} at the export\'s spacing {record.spacing}')
         planned = _run_planner(planner_class, raw.name, planner_kwargs)
-        plans = plans_like_export(planned, meta, export_file, digest, plans_name, configuration, raw.dataset_json)
+        plans = plans_like_export(planned, record, export_file, digest, plans_name, configuration, raw.dataset_json)
         atomic_write_json(plans, plans_file)
         if preprocess:
             _preprocess(raw.name, dataset_id, plans_name, configuration, num_processes)
-    _print_report(plans, planned, meta, raw, configuration, plans_file, preprocess)
+    _print_report(plans, planned, record, raw, configuration, plans_file, preprocess)
     return plans_file
 
 
 def _extract_fingerprint(name: str, dataset_id: int, num_processes: int) -> None:
+    # imports nnunetv2.paths, which reads the nnU-Net folders when imported
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
     print(f'extracting the dataset fingerprint of {name}')
     try:
@@ -261,7 +263,7 @@ def _extract_fingerprint(name: str, dataset_id: int, num_processes: int) -> None
 
 
 def _preprocess(name: str, dataset_id: int, plans_name: str, configuration: str, num_processes: int) -> None:
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset  # imports nnunetv2.paths
     print(f'preprocessing {name} ({configuration}, {num_processes} process(es))')
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -271,25 +273,24 @@ def _preprocess(name: str, dataset_id: int, plans_name: str, configuration: str,
         raise DesdError(f'preprocessing {name} with plans {plans_name} failed: {_reason(e)}') from e
 
 
-def _print_report(plans: dict, planned: dict, meta: dict, raw, configuration: str, plans_file: str,
+def _print_report(plans: dict, planned: dict, record: ExportRecord, raw, configuration: str, plans_file: str,
                   preprocessed: bool) -> None:
-    from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER
     cfg = plans['configurations'][configuration]
     prov = plans[PROVENANCE_KEY]
     arch = cfg['architecture']
     kw = arch['arch_kwargs']
     planner_patch = _reorder(planned['configurations'][configuration]['patch_size'], planned['transpose_forward'],
                              plans['transpose_forward'])
-    if meta.get('format') == 'nnssl':
-        norm = f"the nnssl checkpoint's ({meta['normalization_schemes'][0]} for every channel)"
-    elif _channels(raw.dataset_json) == _channels(meta):
+    if record.format == NNSSL_FORMAT:
+        norm = f"the nnssl checkpoint's ({record.normalization_schemes[0]} for every channel)"
+    elif _channels(raw.dataset_json['channel_names']) == _channels(record.channel_names):
         norm = "the export's"
     else:
-        norm = (f"the dataset's own: its channels {_channels(raw.dataset_json)} differ from the export's "
-                f"{_channels(meta)}")
-        if len(raw.dataset_json['channel_names']) != int(meta['num_input_channels']):
-            norm += f"; the export's first convolution takes {meta['num_input_channels']} channel(s)"
-    trainer = TRAINER_FOR_METHOD.get(str(meta['method']).lower(), TRAINER_FOR_METHOD['desd'])
+        norm = (f"the dataset's own: its channels {_channels(raw.dataset_json['channel_names'])} differ from the "
+                f"export's {_channels(record.channel_names)}")
+        if len(raw.dataset_json['channel_names']) != int(record.num_input_channels):
+            norm += f"; the export's first convolution takes {record.num_input_channels} channel(s)"
+    trainer = TRAINER_FOR_METHOD.get(str(record.method).lower(), TRAINER_FOR_METHOD['desd'])
     lines = [
         f'plans {plans["plans_name"]} for {raw.name} ({configuration}) like the pre-trained export:',
         f'  export:        {prov["file"]} (method {prov["method"]}, pre-trained on {prov["source_dataset"]}, '

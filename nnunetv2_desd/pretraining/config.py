@@ -1,25 +1,29 @@
 """The one configuration object of a pre-training run, with the documented defaults.
 
 The dataclass defaults are DeSD's published run where it carries over to nnU-Net's networks (docs/methods.md,
-"DeSD"), with nnU-Net's 250 iterations per epoch; ``METHOD_DEFAULTS`` holds what CADS's published run changes
-(docs/methods.md, "CADS"), collected from each method's ``official_settings``. ``PretrainConfig.create`` applies
+"DeSD"), with nnU-Net's 250 iterations per epoch; each method's ``official_settings`` holds what its published run
+changes (docs/methods.md, "CADS"). Each field declares its option once (``option``: flag, help, bounds, choices);
+desd_pretrain's parser and ``check`` derive from ``OPTIONS``. ``PretrainConfig.create`` applies
 a method's defaults, then the recipe's (``RECIPES``), and scales the recipe's epoch counts to runs shorter than the
 official one; explicit values are never scaled. ReFs (``-m refs``, docs/refs.md) keeps DeSD's recipe and, without
 ``--plans-from``, pre-trains with the reference dataset's plans. Details: docs/pretraining.md.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import List, Optional, Union
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from typing import Dict, List, Optional, Tuple, Union, get_args, get_origin
 
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.drr_projection import ATTENUATIONS, VIEWS
+from nnunetv2_desd.pretraining.heads import HEAD_NORMS
+from nnunetv2_desd.pretraining.methods.refs import MATCHING_FORMS
 from nnunetv2_desd.pretraining.methods.registry import METHODS
 
-METHOD_DEFAULTS = {name: dict(method.official_settings) for name, method in METHODS.items()}
 SCALED_EPOCH_COUNTS = ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs')
-# --recipe: 'official' is the method's published recipe (the dataclass defaults plus METHOD_DEFAULTS); 'small-batch'
-# (the default) changes what breaks at nnU-Net's batch of 2 volumes x 2 views per process, as measured with
-# desd_probe and the loss diagnostics (docs/methods.md, "Small batches"): running statistics instead of
-# batch statistics in the heads, Sinkhorn-Knopp targets over a queue instead of a centre, K scaled to that queue
-# (K <= 4 x queue keeps the targets sharp), a sharper teacher, a faster-moving teacher.
+# --recipe: 'official' is the method's published recipe (the dataclass defaults plus the method's official_settings);
+# 'small-batch' (the default) changes what breaks at nnU-Net's batch of 2 volumes x 2 views per process, as measured
+# with desd_probe and the loss diagnostics (docs/methods.md, "Small batches"): running statistics
+# instead of batch statistics in the heads, Sinkhorn-Knopp targets over a queue instead of a centre, K scaled to that
+# queue (K <= 4 x queue keeps the targets sharp), a sharper teacher, a faster-moving teacher.
 RECIPES = {
     'official': {},
     'small-batch': dict(head_norm='running', sinkhorn_queue=64, out_dim=256, teacher_temp=0.02, warmup_teacher_temp=0.02,
@@ -27,134 +31,169 @@ RECIPES = {
 }
 
 
-# field -> (kind, lower, upper, what): every option's type and range, checked in one place (PretrainConfig.check)
-# kinds: 'int'/'float' with inclusive bounds (None: open), '(float' excludes the lower bound, 'ints' a list of ints
-LIMITS = {
-    'epochs': ('int', 1, None, 'a positive number of epochs'),
-    'iters_per_epoch': ('int', 1, None, 'a positive number of iterations'),
-    'batch_size': ('int', 1, None, 'a positive batch size'),
-    'patch_size': ('ints', 4, None, 'three patch lengths of at least 4 voxels'),
-    'out_dim': ('int', 2, None, 'at least 2 prototypes'),
-    'stages': ('ints', 0, None, 'encoder stage indices'),
-    'head_hidden_dim': ('int', 1, None, 'a positive width'),
-    'head_bottleneck_dim': ('int', 1, None, 'a positive width'),
-    'student_temp': ('(float', 0, None, 'a temperature above 0'),
-    'teacher_temp': ('(float', 0, None, 'a temperature above 0'),
-    'warmup_teacher_temp': ('(float', 0, None, 'a temperature above 0'),
-    'warmup_teacher_temp_epochs': ('int', 0, None, 'a number of epochs, 0 or more'),
-    'center_momentum': ('float', 0, 1, 'a momentum in [0, 1]'),
-    'sinkhorn_queue': ('int', 0, None, 'a queue length, 0 or more'),
-    'teacher_momentum': ('float', 0, 1, 'a momentum in [0, 1]'),
-    'teacher_momentum_end': ('float', 0, 1, 'a momentum in [0, 1]'),
-    'freeze_last_layer_epochs': ('int', 0, None, 'a number of epochs, 0 or more'),
-    'lr': ('(float', 0, None, 'a learning rate above 0'),
-    'min_lr': ('float', 0, None, 'a learning rate, 0 or more'),
-    'warmup_epochs': ('int', 0, None, 'a number of epochs, 0 or more'),
-    'weight_decay': ('float', 0, None, 'a weight decay, 0 or more'),
-    'weight_decay_end': ('float', 0, None, 'a weight decay, 0 or more'),
-    'clip_grad': ('float', 0, None, 'a gradient norm, 0 (off) or more'),
-    'mask_ratio': ('float', 0, 0.999, 'a share in [0, 1)'),
-    'mask_patch': ('ints', 1, None, 'three positive patch lengths'),
-    'reference_weight': ('float', 0, None, 'a weight, 0 or more'),
-    'matching_weight': ('float', 0, None, 'a weight, 0 or more'),
-    'matching_stages': ('int', 1, None, 'a positive number of stages'),
-    'fish_inner_lr': ('float', 0, None, 'a learning rate, 0 or more'),
-    'reference_batch_size': ('int', 1, None, 'a positive batch size'),
-    'num_workers': ('int', 0, None, 'a number of processes, 0 or more'),
-    'num_preprocessing_processes': ('int', 1, None, 'a positive number of processes'),
-    'seed': ('int', 0, 2 ** 32 - 1, 'a seed in [0, 2^32)'),
-}
-CHOICES = {'method': tuple(METHODS), 'device': ('cuda', 'cpu'), 'optimizer': ('sgd', 'adamw'),
-           'matching': ('fish', 'cosine')}
+@dataclass(frozen=True)
+class Option:
+    """What a PretrainConfig field declares once: its command-line option, its help and the values it accepts.
+    ``type`` and ``many`` (a list) come from the field's annotation."""
+    help: str
+    flag: str = ''                  # default: --field-name
+    low: Optional[float] = None     # inclusive bounds of a number (of every number of a list)
+    above: Optional[float] = None   # exclusive lower bound
+    high: Optional[float] = None
+    expect: str = ''                # a bounded value's description in the complaint, 'expected ...'
+    choices: Tuple[str, ...] = ()
+    length: Optional[int] = None    # a list of exactly this many values
+    group: Optional[str] = None     # its section of --help
+    type: type = str
+    many: bool = False
+
+    @property
+    def bounded(self) -> bool:
+        return (self.low, self.above, self.high) != (None, None, None)
 
 
-def option_name(field_name: str) -> str:
-    return {'num_preprocessing_processes': '-np', 'device': '-device', 'method': '-m'}.get(
-        field_name, '--' + field_name.replace('_', '-'))
+def option(default=MISSING, *, factory=MISSING, **declared) -> Field:
+    """A PretrainConfig field with its Option (``declared``: Option's fields)."""
+    return field(default=default, default_factory=factory, metadata={'option': Option(**declared)})
 
 
-def limit_problem(name: str, value) -> Optional[str]:
-    """None if ``value`` fits LIMITS[name] (None values always fit: not given), else the one-line complaint."""
-    kind, low, high, what = LIMITS[name]
-    if value is None:
-        return None
-    values = list(value) if kind == 'ints' and isinstance(value, (list, tuple)) else [value]
-    if kind == 'ints' and name in ('patch_size', 'mask_patch') and len(values) != 3:
-        return f'{option_name(name)} needs 3 values, got {len(values)}'
-    for v in values:
-        integral = isinstance(v, int) and not isinstance(v, bool)
-        number = integral or (isinstance(v, float) and math.isfinite(v))
-        if kind in ('int', 'ints') and not integral or not number:
-            return f'{option_name(name)} {value!r}: expected {what}'
-        if low is not None and (v <= low if kind == '(float' else v < low) or high is not None and v > high:
-            return f'{option_name(name)} {v!r}: expected {what}'
-    return None
+def _value_type(annotation) -> Tuple[type, bool]:
+    """(type of a value, whether a list): Optional[X] is X; List[X] and Union[str, List[str]] are lists of X."""
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = next((a for a in args if get_origin(a) is list), args[0])
+    if get_origin(annotation) is list:
+        return get_args(annotation)[0], True
+    return annotation, False
+
+
+CADS, REFS = 'CADS', 'ReFs'
 
 
 @dataclass
 class PretrainConfig:
-    dataset: Union[str, List[str]]         # one dataset, or the datasets of a pool (ids or names)
-    method: str = 'desd'
-    recipe: str = 'small-batch'            # see RECIPES
-    configuration: str = '3d_fullres'
-    plans: Optional[str] = None            # default: the planner's own plans name (nnUNetPlans)
-    planner: str = 'ExperimentPlanner'
-    plans_from: Optional[str] = None
-    continue_training: bool = False        # --c: continue this run's checkpoint_latest (a new run where none)
-    overwrite: bool = False                # replace an existing run instead of refusing to
-    allow_schedule_change: bool = False    # --c with other --epochs/--iters-per-epoch
-    init: Optional[str] = None             # start the encoder from this export or nnssl checkpoint
-    device: str = 'cuda'
-    amp: Optional[bool] = None             # mixed precision (autocast + GradScaler); None: on for CUDA only
+    dataset: Union[str, List[str]] = option(
+        flag='-d', help='dataset(s) in nnUNet_raw, ids or names (labels optional, not used); several pre-train one '
+                        'encoder on all their images, prepared with the plans of --plans-from, else the first\'s')
+    method: str = option('desd', flag='-m', choices=tuple(METHODS),
+                         help='desd: deep self-distillation; cads: DeSD + CT/DRR alignment with packed masking (CT '
+                              'only); refs: DeSD + a supervised reference task with gradient matching (needs '
+                              '--reference)')
+    recipe: str = option('small-batch', choices=tuple(RECIPES),
+                         help='small-batch: what makes self-distillation learn at nnU-Net\'s batch sizes (running '
+                              'head statistics, sharper and faster teacher); official: the method\'s published '
+                              'recipe, for large global batches. Options given explicitly override either')
+    configuration: str = option('3d_fullres', flag='-c', help='nnU-Net 3D configuration')
+    plans: Optional[str] = option(None, flag='-p', help='plans identifier (default: the planner\'s, nnUNetPlans)')
+    planner: str = option('ExperimentPlanner', flag='-pl',
+                          help='nnU-Net experiment planner, e.g. nnUNetPlannerResEncM')
+    plans_from: Optional[str] = option(None, help='use the plans nnU-Net made for this (labelled) dataset, so the '
+                                                  'encoder transfers 1:1 (-m refs: default --reference)')
+    continue_training: bool = option(False, flag='--c',
+                                     help='continue from checkpoint_latest, or start a new run where there is none '
+                                          '(one job line serves the first launch, a requeue and torchrun\'s restarts)')
+    overwrite: bool = option(False, help='start over, replacing the run in the output folder (without it, and '
+                                         'without --c, an existing run is refused)')
+    allow_schedule_change: bool = option(False, help='--c with other --epochs or --iters-per-epoch (the lr, teacher '
+                                                     'and weight-decay schedules change mid-run)')
+    init: Optional[str] = option(None, help='start student and teacher encoder from this checkpoint: a nnunetv2_desd '
+                                            'export or an nnssl checkpoint (network_weights + nnssl_adaptation_plan) '
+                                            'whose encoder the plans build; e.g. DeSD on top of an MAE-pretrained '
+                                            'ResEnc-L')
+    device: str = option('cuda', flag='-device', choices=('cuda', 'cpu'), help='where to train')
+    amp: Optional[bool] = option(None, help='mixed precision: autocast (float16 on CUDA, bfloat16 on CPU) with a '
+                                            'GradScaler (default: on for -device cuda only)')
     # schedule
-    epochs: int = 300
-    iters_per_epoch: int = 250
-    batch_size: int = 2                    # per process; each sample gives 2 views
-    patch_size: Optional[List[int]] = None  # default: the plans' patch size
+    epochs: int = option(300, low=1, expect='a positive number of epochs', help='pre-training epochs')
+    iters_per_epoch: int = option(250, low=1, expect='a positive number of iterations', help='iterations per epoch')
+    batch_size: int = option(2, low=1, expect='a positive batch size',
+                             help='per process; each sample gives 2 views')
+    patch_size: Optional[List[int]] = option(None, low=4, length=3, expect='three patch lengths of at least 4 voxels',
+                                             help='default: the plans\' patch size')
     # DeSD
-    out_dim: int = 60000
-    stages: Optional[List[int]] = None     # default: the deepest 4 encoder stages
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_norm: str = 'batch'               # 'batch' (DeSD), 'running' or 'none' (DINO ViT); see heads.py
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 20
-    center_momentum: float = 0.9
-    sinkhorn_queue: int = 0                # > 0: Sinkhorn-Knopp targets over this many past teacher rows, no centring
-    teacher_momentum: float = 0.996
-    teacher_momentum_end: float = 1.0      # cosine teacher_momentum -> this per iteration
-    freeze_last_layer_epochs: int = 1
+    out_dim: int = option(60000, low=2, expect='at least 2 prototypes', help='K, the number of prototypes')
+    stages: Optional[List[int]] = option(None, low=0, expect='encoder stage indices',
+                                         help='encoder stages to distil (default: the deepest 4; must include the '
+                                              'deepest)')
+    head_hidden_dim: int = option(2048, low=1, expect='a positive width', help='hidden width of the heads')
+    head_bottleneck_dim: int = option(256, low=1, expect='a positive width', help='bottleneck width of the heads')
+    head_norm: str = option('batch', choices=HEAD_NORMS,
+                            help='normalisation in the heads: batch = DeSD\'s BatchNorm1d over the per-process batch, '
+                                 'running = batch norm with running statistics over steps (small batches), none = '
+                                 'DINO\'s ViT recipe')
+    student_temp: float = option(0.1, above=0, expect='a temperature above 0', help='temperature of the student')
+    teacher_temp: float = option(0.07, above=0, expect='a temperature above 0',
+                                 help='temperature of the teacher after its warm-up')
+    warmup_teacher_temp: float = option(0.04, above=0, expect='a temperature above 0',
+                                        help='temperature of the teacher at the start')
+    warmup_teacher_temp_epochs: int = option(20, low=0, expect='a number of epochs, 0 or more',
+                                             help='epochs of the teacher temperature\'s linear warm-up')
+    center_momentum: float = option(0.9, low=0, high=1, expect='a momentum in [0, 1]',
+                                    help='EMA momentum of the teacher centre')
+    sinkhorn_queue: int = option(0, low=0, expect='a queue length, 0 or more',
+                                 help='teacher targets by Sinkhorn-Knopp equipartition over the current and this many '
+                                      'past teacher rows (0: DeSD\'s centring)')
+    teacher_momentum: float = option(0.996, low=0, high=1, expect='a momentum in [0, 1]',
+                                     help='EMA momentum of the teacher at the start')
+    teacher_momentum_end: float = option(1.0, low=0, high=1, expect='a momentum in [0, 1]',
+                                         help='the teacher momentum\'s cosine schedule ends here')
+    freeze_last_layer_epochs: int = option(1, low=0, expect='a number of epochs, 0 or more',
+                                           help='epochs with the prototypes frozen')
     # optimisation
-    optimizer: str = 'sgd'
-    lr: float = 0.3                        # per 256 samples: lr_peak = lr * global batch / 256
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 1e-6
-    weight_decay_end: Optional[float] = None  # cosine weight_decay -> weight_decay_end per iteration; None: constant
-    clip_grad: float = 0.0                 # per-parameter gradient-norm clipping (DINO); 0: off (DeSD does not clip)
+    optimizer: str = option('sgd', choices=('sgd', 'adamw'), help='optimiser')
+    lr: float = option(0.3, above=0, expect='a learning rate above 0',
+                       help='base lr per 256 samples (scaled by the global batch)')
+    min_lr: float = option(1e-6, low=0, expect='a learning rate, 0 or more', help='lr at the end of the cosine')
+    warmup_epochs: int = option(10, low=0, expect='a number of epochs, 0 or more', help='epochs of linear lr warm-up')
+    weight_decay: float = option(1e-6, low=0, expect='a weight decay, 0 or more',
+                                 help='weight decay (not on biases and norms)')
+    weight_decay_end: Optional[float] = option(None, low=0, expect='a weight decay, 0 or more',
+                                               help='cosine schedule weight-decay -> this per iteration')
+    clip_grad: float = option(0.0, low=0, expect='a gradient norm, 0 (off) or more',
+                              help='per-parameter gradient-norm clipping, 0 = off')
     # CADS
-    mask_ratio: float = 0.75               # keep 1 of every 2x2 in-plane block of patches
-    mask_patch: List[int] = field(default_factory=lambda: [4, 8, 8])
-    drr_view: str = 'lateral'
-    drr_attenuation: str = 'linear'
+    mask_ratio: float = option(0.75, low=0, high=0.999, expect='a share in [0, 1)', group=CADS,
+                               help='share of 3D patches masked: 1 - 1/k^2 keeps 1 of every k x k in-plane block '
+                                    '(0 = no masking)')
+    mask_patch: List[int] = option(factory=lambda: [4, 8, 8], low=1, length=3, expect='three positive patch lengths',
+                                   group=CADS, help='patch size of the masking, in voxels')
+    drr_view: str = option('lateral', choices=VIEWS, group=CADS, help='direction of the DRR\'s rays')
+    drr_attenuation: str = option('linear', choices=ATTENUATIONS, group=CADS, help='the DRR\'s attenuation model')
     # ReFs
-    reference: Optional[str] = None        # labelled dataset of the reference task
-    reference_weight: float = 1.0          # lambda_ref
-    matching: str = 'fish'                 # 'fish' (first order) or 'cosine' (explicit term, double backward)
-    matching_weight: float = 1.0           # lambda_match of the cosine term
-    matching_stages: Optional[int] = None  # cosine: match the deepest N encoder stages only; None: all
-    fish_inner_lr: float = 0.01            # alpha of Fish's inner SGD steps
-    reference_batch_size: Optional[int] = None  # default: batch_size
+    reference: Optional[str] = option(None, group=REFS,
+                                      help='labelled dataset (id or name) of the reference task, preprocessed by '
+                                           'nnU-Net with the pre-training plans')
+    reference_weight: float = option(1.0, low=0, expect='a weight, 0 or more', group=REFS,
+                                     help='lambda_ref, weight of the reference loss')
+    matching: str = option('fish', choices=MATCHING_FORMS, group=REFS,
+                           help='gradient matching: fish = first-order inner steps (Fish); cosine = explicit '
+                                'lambda_match (1 - cos(g_ssl, g_ref)) with double backward')
+    matching_weight: float = option(1.0, low=0, expect='a weight, 0 or more', group=REFS,
+                                    help='lambda_match of the cosine form')
+    matching_stages: Optional[int] = option(None, low=1, expect='a positive number of stages', group=REFS,
+                                            help='cosine form: match the gradients of the deepest N encoder stages '
+                                                 'only, to bound memory (default: all stages)')
+    fish_inner_lr: float = option(0.01, low=0, expect='a learning rate, 0 or more', group=REFS,
+                                  help='alpha, lr of the inner SGD steps of the fish form')
+    reference_batch_size: Optional[int] = option(None, low=1, expect='a positive batch size', group=REFS,
+                                                 help='reference cases per process and step (default: --batch-size)')
     # engine
-    num_workers: Optional[int] = None      # augmentation processes; default nnU-Net's get_allowed_n_proc_DA()
-    num_preprocessing_processes: Optional[int] = None  # default: nnU-Net's default_num_processes
-    seed: int = 12345
-    deterministic: bool = False            # ordered loader workers, deterministic torch algorithms
-    # the pool
-    dataset_weights: Optional[List[float]] = None  # sampling weight per dataset; None: uniform over cases
-    exclude_bad_cases: bool = False        # leave the cases the image check names out (recorded) instead of stopping
+    num_workers: Optional[int] = option(None, low=0, expect='a number of processes, 0 or more',
+                                        help='augmentation processes (default: nnU-Net\'s nnUNet_n_proc_DA logic; 0 = '
+                                             'in-process)')
+    num_preprocessing_processes: Optional[int] = option(
+        None, flag='-np', low=1, expect='a positive number of processes',
+        help='processes for checking, fingerprinting, preprocessing and DRRs (default: nnU-Net\'s '
+             'default_num_processes, nnUNet_def_n_proc)')
+    seed: int = option(12345, low=0, high=2 ** 32 - 1, expect='a seed in [0, 2^32)', help='random seed')
+    deterministic: bool = option(False, help='reproducible pre-training: ordered loader workers and deterministic '
+                                             'torch algorithms (slower); the same seed gives the same run on the same '
+                                             'machine')
+    # the pool (checked together with -d, in _pool_problem)
+    dataset_weights: Optional[List[float]] = option(None, help='sampling weight per dataset of -d (default: every '
+                                                               'case equally likely)')
+    exclude_bad_cases: bool = option(False, help='leave out the cases the image check names (recorded in the log and '
+                                                 'the export) instead of stopping')
 
     @property
     def datasets(self) -> List[str]:
@@ -164,17 +203,12 @@ class PretrainConfig:
         return asdict(self)
 
     def check(self) -> 'PretrainConfig':
-        """DesdError (one line) for the first option outside LIMITS or CHOICES; returns self."""
-        from nnunetv2_desd.common.errors import DesdError
-        problems = [limit_problem(name, getattr(self, name)) for name in LIMITS]
-        problems += [f'{option_name(name)} {getattr(self, name)!r}: choose one of {", ".join(choices)}'
-                     for name, choices in CHOICES.items() if getattr(self, name) not in choices]
+        """DesdError (one line) for the first option outside its declared bounds or choices; returns self."""
+        problems = [option_problem(name, getattr(self, name)) for name in OPTIONS]
         problems += [f'{option_name(name)} is an option of -m {other}, not of -m {self.method}'
                      for other, method in METHODS.items() if other != self.method
                      for name in method.exclusive_options if getattr(self, name) is not None]
         problems.append(self._pool_problem())
-        if self.recipe not in RECIPES:
-            problems.append(f'--recipe {self.recipe!r}: choose one of {", ".join(RECIPES)}')
         problems = [p for p in problems if p]
         if problems:
             raise DesdError(problems[0] + '.')
@@ -194,23 +228,19 @@ class PretrainConfig:
 
     @classmethod
     def create(cls, dataset: str, method: str = 'desd', **given) -> 'PretrainConfig':
-        """Dataclass defaults, then ``METHOD_DEFAULTS[method]`` with scaled epoch counts, then ``given``
+        """Dataclass defaults, then the method's ``official_settings`` with scaled epoch counts, then ``given``
         (options left at None count as not given)."""
         given = {k: v for k, v in given.items() if v is not None}
-        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        unknown = sorted(set(given) - set(OPTIONS))
         if unknown:
             raise TypeError(f'unknown PretrainConfig fields {unknown}')
         recipe = given.get('recipe', cls.recipe)
-        if recipe not in RECIPES:
-            from nnunetv2_desd.common.errors import DesdError
-            raise DesdError(f'--recipe {recipe!r}: choose one of {", ".join(RECIPES)}.')
-        official = {**cls(dataset).to_dict(), **METHOD_DEFAULTS.get(method, {})}
-        values = {**official, **RECIPES[recipe]}
+        official = {**cls(dataset).to_dict(), **(METHODS[method].official_settings if method in METHODS else {})}
         epochs = given.get('epochs', official['epochs'])
-        problem = limit_problem('epochs', epochs)
+        problem = option_problem('recipe', recipe) or option_problem('epochs', epochs)
         if problem:
-            from nnunetv2_desd.common.errors import DesdError
             raise DesdError(problem + '.')
+        values = {**official, **RECIPES[recipe]}
         if epochs < official['epochs']:
             for key in SCALED_EPOCH_COUNTS:  # a count the recipe has stays at least 1 epoch
                 scaled = round(official[key] * epochs / official['epochs'])
@@ -220,3 +250,37 @@ class PretrainConfig:
             METHODS[method].complete_settings(values)
         return cls(**values).check()
 
+
+def _resolved(f) -> Option:
+    declared = f.metadata['option']
+    value_type, many = _value_type(f.type)
+    return replace(declared, flag=declared.flag or '--' + f.name.replace('_', '-'), type=value_type, many=many)
+
+
+OPTIONS: Dict[str, Option] = {f.name: _resolved(f) for f in fields(PretrainConfig)}
+
+
+def option_name(field_name: str) -> str:
+    return OPTIONS[field_name].flag
+
+
+def option_problem(name: str, value) -> Optional[str]:
+    """None if ``value`` is one the option ``name`` accepts, else the one-line complaint. A number's None always
+    fits (not given); options without bounds or choices accept anything."""
+    spec = OPTIONS[name]
+    if spec.choices:
+        return None if value in spec.choices else f'{spec.flag} {value!r}: choose one of {", ".join(spec.choices)}'
+    if value is None or not spec.bounded:
+        return None
+    values = list(value) if spec.many and isinstance(value, (list, tuple)) else [value]
+    if spec.length is not None and len(values) != spec.length:
+        return f'{spec.flag} needs {spec.length} values, got {len(values)}'
+    for v in values:
+        integral = isinstance(v, int) and not isinstance(v, bool)
+        number = integral or (isinstance(v, float) and math.isfinite(v))
+        if spec.type is int and not integral or not number:
+            return f'{spec.flag} {value!r}: expected {spec.expect}'
+        if (spec.low is not None and v < spec.low or spec.above is not None and v <= spec.above
+                or spec.high is not None and v > spec.high):
+            return f'{spec.flag} {v!r}: expected {spec.expect}'
+    return None

@@ -18,6 +18,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.common.export_record import NNSSL_FORMAT
 from nnunetv2_desd.common.pretrained_weights import mismatch_message, plan_loading, read_export
 from nnunetv2_desd.common.wrappers import unwrapped
 from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
@@ -155,19 +156,20 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
             stem = network.get_parameter(plan.stem_key)
             self._stem_to_restore = (stem, stem.data.clone())
             stem.data = export.weights[plan.stem_key].to(stem.device, stem.dtype)  # what nnU-Net's loader checks
-        reference = (export.metadata.get('method_settings') or {}).get('reference')
-        if export.method == 'refs' and reference == dataset:
+        record = export.record
+        reference = (record.method_settings or {}).get('reference')
+        if record.method == 'refs' and reference == dataset:
             warning = (f'WARNING: {export.file} was pre-trained with {dataset} as its ReFs reference task: its '
                        f'encoder and decoder have already been trained on these labels, validation cases included, '
                        f'so this fold\'s validation is not independent of pre-training. Use a reference dataset '
                        f'other than the one you fine-tune on.')
             self.print_to_log_file(warning)
             print(warning, file=sys.stderr)
-        if self.method is not None and export.method != self.method:
+        if self.method is not None and record.method != self.method:
             self.print_to_log_file(f'WARNING: {type(self).__name__} is named after {self.method}, but the export '
-                                   f'was pre-trained with {export.method}.')
-        origin = f'an nnssl checkpoint trained by {export.metadata.get("trainer_name")}' \
-            if export.metadata.get('format') == 'nnssl' else f'a {export.method} export'
+                                   f'was pre-trained with {record.method}.')
+        origin = f'an nnssl checkpoint trained by {record.trainer_name}' \
+            if record.format == NNSSL_FORMAT else f'a {record.method} export'
         self.print_to_log_file(
             f'loaded {plan.num_loaded} of {plan.num_encoder_tensors} encoder tensors from {export.file} '
             f'({origin}, sha256 {export.file_sha256})' +
@@ -175,12 +177,11 @@ class nnUNetTrainerPretrained(nnUNetTrainer):
              f'{tuple(self._stem_to_restore[1].shape)} input channels' if plan.stem_key else ''))
         self.print_to_log_file(self.recipe_line())
         if self.local_rank == 0:
-            meta = export.metadata
             atomic_write_json({
                 'file': export.file, 'file_sha256': export.file_sha256,
-                'content_sha256': meta.get('content_sha256'), 'method': export.method,
-                'checkpoint_format': meta.get('format'), 'nnssl_trainer_name': meta.get('trainer_name'),
-                'source_dataset': meta.get('source_dataset'), 'export_plans_name': meta.get('plans_name'),
+                'content_sha256': record.content_sha256, 'method': record.method,
+                'checkpoint_format': record.format, 'nnssl_trainer_name': record.trainer_name,
+                'source_dataset': record.source_dataset, 'export_plans_name': record.plans_name,
                 'trainer': type(self).__name__, 'plans_name': self.plans_manager.plans_name,
                 'loaded_encoder_tensors': plan.num_loaded, 'encoder_tensors': plan.num_encoder_tensors,
                 'adapted_stem': plan.stem_key,

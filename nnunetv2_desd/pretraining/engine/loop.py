@@ -16,6 +16,7 @@ from tqdm import tqdm
 from nnunetv2_desd.common.checkpoint import (atomic_save, capture_rng_state, cpu_state_dict, load_checkpoint,
                                              restore_rng_state, rng_state_of_process, tensor_digest)
 from nnunetv2_desd.common.errors import DesdError, RunInterrupted
+from nnunetv2_desd.common.export_record import ExportRecord
 from nnunetv2_desd.common.nnssl import PLAN_KEY, adaptation_plan, citations
 from nnunetv2_desd.common.pretrained_weights import PretrainedExport, initialise_encoder
 from nnunetv2_desd.data.planning import PreparedData, PreparedPool, as_pool
@@ -358,27 +359,26 @@ class Pretrainer:
         network.encoder.load_state_dict(cpu_state_dict(self.teacher.encoder))
         weights = self.method.export_weights(self.context, cpu_state_dict(network))
         pm, cm = self.prepared.plans_manager, self.prepared.configuration_manager
-        metadata = {
-            'format': 'nnunetv2_desd.export', 'version': 1, 'method': self.cfg.method,
-            'source_dataset': self.prepared.dataset_name, 'plans_source': self.prepared.plans_source,
-            'pool': self.prepared.summary(),
-            'plans_name': self.prepared.plans_identifier, 'configuration': self.prepared.configuration,
-            'architecture': {'network_class_name': cm.network_arch_class_name,
-                             'arch_kwargs': cm.network_arch_init_kwargs,
-                             '_kw_requires_import': list(cm.network_arch_init_kwargs_req_import)},
-            'num_input_channels': self.prepared.num_input_channels,
-            'channel_names': self.prepared.dataset_json['channel_names'],
-            'spacing': list(cm.spacing), 'transpose_forward': list(pm.transpose_forward),
-            'normalization_schemes': list(cm.normalization_schemes), 'use_mask_for_norm': list(cm.use_mask_for_norm),
-            'foreground_intensity_properties_per_channel': pm.foreground_intensity_properties_per_channel,
-            'patch_size': self.patch_size, 'plans_patch_size': list(cm.patch_size),
-            'distilled_stages': self.stages, 'epochs': self.epoch, 'steps': self.step,
-            'method_settings': self.method.metadata(), 'initialised_from': self.initialised_from,
-            'content_sha256': tensor_digest(weights),
-        }
+        record = ExportRecord(
+            method=self.cfg.method, source_dataset=self.prepared.dataset_name,
+            plans_source=self.prepared.plans_source, pool=self.prepared.summary(),
+            plans_name=self.prepared.plans_identifier, configuration=self.prepared.configuration,
+            architecture={'network_class_name': cm.network_arch_class_name,
+                          'arch_kwargs': cm.network_arch_init_kwargs,
+                          '_kw_requires_import': list(cm.network_arch_init_kwargs_req_import)},
+            num_input_channels=self.prepared.num_input_channels,
+            channel_names=self.prepared.dataset_json['channel_names'],
+            spacing=list(cm.spacing), transpose_forward=list(pm.transpose_forward),
+            normalization_schemes=list(cm.normalization_schemes), use_mask_for_norm=list(cm.use_mask_for_norm),
+            foreground_intensity_properties_per_channel=pm.foreground_intensity_properties_per_channel,
+            patch_size=self.patch_size, plans_patch_size=list(cm.patch_size),
+            distilled_stages=self.stages, epochs=self.epoch, steps=self.step,
+            method_settings=self.method.metadata(), initialised_from=self.initialised_from,
+            content_sha256=tensor_digest(weights),
+        )
         plan = adaptation_plan(pm, cm, self.network, self.prepared.num_input_channels, self.patch_size,
                                '+'.join(self.prepared.dataset_names))
-        return {'network_weights': weights, 'desd_export': metadata, 'citations': citations(self.cfg.method),
+        return {'network_weights': weights, 'desd_export': record.to_dict(), 'citations': citations(self.cfg.method),
                 **({PLAN_KEY: plan} if plan is not None else {})}
 
     def save_export(self, name: str = EXPORT_FILE) -> str:

@@ -96,14 +96,6 @@ class ReFs(DeSD):
     def __init__(self, reference: str, reference_weight: float = 1.0, matching: str = 'fish',
                  matching_weight: float = 1.0, matching_stages: Optional[int] = None, fish_inner_lr: float = 0.01,
                  reference_batch_size: Optional[int] = None):
-        if matching not in MATCHING_FORMS:
-            raise DesdError(f'--matching {matching!r}: choose {" or ".join(MATCHING_FORMS)}.')
-        for option, value in (('--reference-weight', reference_weight), ('--matching-weight', matching_weight),
-                              ('--fish-inner-lr', fish_inner_lr)):
-            if not value >= 0:
-                raise DesdError(f'{option} {value}: must be >= 0.')
-        if reference_batch_size is not None and reference_batch_size < 1:
-            raise DesdError(f'--reference-batch-size {reference_batch_size}: must be >= 1.')
         self.reference = reference
         self.reference_weight = float(reference_weight)
         self.matching = matching
