@@ -137,6 +137,18 @@ def pytest_xdist_make_scheduler(config, log):
     return WorkUnitScheduling(config, log)
 
 
+def pytest_configure(config):
+    """A pytest-xdist worker gets its share of the CPU cores as torch's (OpenMP's) threads, for itself and the
+    commands it starts (they inherit the environment), unless OMP_NUM_THREADS is set: two workers on 2 cores then
+    run one thread each instead of four threads that wait for one another."""
+    workers = getattr(config, 'workerinput', {}).get('workercount')
+    if workers and 'OMP_NUM_THREADS' not in os.environ:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if 'torch' in sys.modules:
+            sys.modules['torch'].set_num_threads(int(threads))
+
+
 def _order_for_workers(items) -> None:
     """Longest unit first, a unit's tests together and in their order (every worker orders alike)."""
     units = [work_unit(item.nodeid) for item in items]
