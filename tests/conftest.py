@@ -154,7 +154,8 @@ def _order_for_workers(items) -> None:
     units = [work_unit(item.nodeid) for item in items]
     cost, first = {}, {}
     for i, (item, unit) in enumerate(zip(items, units)):
-        test = item.nodeid.split('/')[-1]
+        path, _, name = item.nodeid.partition('::')
+        test = f"{path.rsplit('/', 1)[-1]}::{name}"
         cost[unit] = cost.get(unit, 0) + EXPECTED_SECONDS.get(test, 20 if item.get_closest_marker('e2e') else 1)
         first.setdefault(unit, i)
     order = sorted(range(len(items)), key=lambda i: (-cost[units[i]], first[units[i]], i))
