@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python -m pytest tests -q -p no:cacheprovider --durations=15
+# Two pytest-xdist workers (DESD_TEST_WORKERS to change): the end-to-end tests spend much of their time in
+# subprocess start-up, spawned pools, sleeps and signals, which a second worker overlaps. tests/conftest.py sends
+# out one test module (or the modules that share a prepared fixture) at a time, the longest first.
+python -m pytest tests -q -p no:cacheprovider --durations=15 -n "${DESD_TEST_WORKERS:-2}" --dist loadfile

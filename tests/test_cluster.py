@@ -51,13 +51,11 @@ def _log_text(folder) -> str:
 
 
 @pytest.fixture(scope='module')
-def pool(tmp_path_factory):
-    """Dataset 900 (2 cases, 24^3) prepared once; each run writes into its own nnUNet_results."""
-    root = tmp_path_factory.mktemp('cluster')
-    env = nnunet_env(root)
-    name = write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=2, shape=(24, 24, 24))
-    run_command(['desd_pretrain', '-d', '900', '--preprocess-only', *TINY], env, timeout=900)
-    return root, env, name
+def pool(pool_900, tmp_path_factory):
+    """Dataset 900 (2 cases, 24^3) prepared once (conftest's pool_900); each run writes into its own nnUNet_results
+    below this module's root."""
+    _, env, name = pool_900
+    return tmp_path_factory.mktemp('cluster'), env, name
 
 
 @pytest.fixture(scope='module')
@@ -297,18 +295,11 @@ def test_augmentations_differ_per_rank_and_worker_and_repeat_per_seed(tmp_path):
         taken[owners[0]] += 1
 
 
-def test_refs_cast_to_float64_steps(tmp_path):
+def test_refs_cast_to_float64_steps(refs_data, tmp_path):
     """``Pretrainer.to`` moves every module the engine runs: cast to float64 (the CPU stand-in for a move to CUDA),
     one ReFs step on float64 views and reference runs, and the decoder (trained by the reference task) is float64
-    and has moved."""
-    env = nnunet_env(tmp_path)
-    write_synthetic_dataset(env['nnUNet_raw'], 920, n_cases=2, shape=(24, 24, 24))
-    write_synthetic_dataset(env['nnUNet_raw'], 921, name='SyntheticLabelled', n_cases=2, shape=(24, 24, 24),
-                            labelled=True, seed=1)
-    run_command(['nnUNetv2_plan_and_preprocess', '-d', '921', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env,
-                timeout=900)
-    run_command(['desd_pretrain', '-d', '920', '-m', 'refs', '--reference', '921', '--preprocess-only', *TINY], env,
-                timeout=900)
+    and has moved. The pool (920) and reference (921) come prepared for -m refs (conftest's refs_data)."""
+    env = _with_results(refs_data, tmp_path / 'results')
     out = tmp_path / 'refs.pt'
     _helper('refs_float64_step', env, '920', '921', tmp_path / 'run', out)
     r = torch.load(out, weights_only=False)

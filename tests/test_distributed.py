@@ -65,12 +65,12 @@ def _spawn(world_size: int, env: dict, data: torch.Tensor, results) -> None:
 
 
 @pytest.mark.e2e
-def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
-    env = nnunet_env(tmp_path)
+def test_two_gloo_processes_equal_one_process(pool_900, tmp_path, monkeypatch):
+    """On dataset 900 prepared once (conftest's pool_900), with this test's own nnUNet_results."""
+    env = dict(pool_900[1], nnUNet_results=str(tmp_path / 'results'))
+    os.makedirs(env['nnUNet_results'])
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.setenv(key, env.get(key, ''))
-    write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=2, shape=(24, 24, 24))
-    run_command(['desd_pretrain', '-d', '900', '--preprocess-only', *TINY], env)
     data = torch.randn(STEPS, BATCH, 2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with mp.Manager() as manager:
         results = manager.dict()

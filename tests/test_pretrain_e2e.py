@@ -61,12 +61,12 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     """--c restores weights, centre, optimiser, schedule position and RNG: same result as never stopping."""
     args = ['--epochs', '3', '--iters-per-epoch', '3', '--freeze-last-layer-epochs', '1', *TINY]
     env_a = nnunet_env(tmp_path / 'a')
-    write_synthetic_dataset(env_a['nnUNet_raw'], 900, n_cases=3, shape=(32, 32, 32))
+    name = write_synthetic_dataset(env_a['nnUNet_raw'], 900, n_cases=3, shape=(32, 32, 32))
     run_command(['desd_pretrain', '-d', '900', *args], env_a)
 
-    env_b = nnunet_env(tmp_path / 'b')
-    name = write_synthetic_dataset(env_b['nnUNet_raw'], 900, n_cases=3, shape=(32, 32, 32))
-    run_command(['desd_pretrain', '-d', '900', '--preprocess-only', *TINY], env_b)
+    # run b: the same raw and preprocessed folders (prepared by run a), its own nnUNet_results
+    env_b = dict(env_a, nnUNet_results=str(tmp_path / 'b' / 'results'))
+    (tmp_path / 'b' / 'results').mkdir(parents=True)
     latest = tmp_path / 'b' / 'results' / name / RUN / 'checkpoint_latest.pth'
     proc = subprocess.Popen([str(BIN / 'desd_pretrain'), '-d', '900', *args], env=env_b,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,28 +11,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.data.sources import write_synthetic_dataset
 from test_distributed import _free_port
 
 STEPS = 2
 BATCH = 4
 
 
-@pytest.fixture(scope='module')
-def refs_data(tmp_path_factory):
-    """A pool (920) and a labelled reference (921), planned and preprocessed for -m refs."""
-    env = nnunet_env(tmp_path_factory.mktemp('refs_distributed'))
-    write_synthetic_dataset(env['nnUNet_raw'], 920, n_cases=2, shape=(24, 24, 24))
-    write_synthetic_dataset(env['nnUNet_raw'], 921, name='SyntheticLabelled', n_cases=2, shape=(24, 24, 24),
-                            labelled=True, seed=1)
-    run_command(['nnUNetv2_plan_and_preprocess', '-d', '921', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env)
-    run_command(['desd_pretrain', '-d', '920', '-m', 'refs', '--reference', '921', '--preprocess-only', *TINY], env)
-    return env
-
-
 def _use_folders(refs_data: dict, monkeypatch) -> dict:
-    """This process on the fixture's nnU-Net folders; returns the environment for the spawned processes."""
+    """This process on the nnU-Net folders of conftest's refs_data (pool 920 and reference 921 prepared for
+    -m refs); returns the environment for the spawned processes."""
     env = dict(refs_data)
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(key, env[key])
