@@ -37,14 +37,16 @@ from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER, TRAINER_FOR_METHOD
 
 POOL_ID, LABELLED_ID = 500, 501
 REAL_CT_IDS = (502, 503)  # one per entry of data.sources.REAL_CT_SOURCES
-SEED_STUDY_GAIN = (0.083, 0.028, (1, 2, 3))  # mean and sd over seeds of the probe gain, and the seeds: docs/demo_seed_study.md
+# the seed study's probe gain: mean and sd over its seeds, and the seeds (docs/demo_seed_study.md)
+SEED_STUDY_GAIN = (0.083, 0.028, (1, 2, 3))
 DEMO_SEED = 1  # the first seed of the seed study (docs/demo_seed_study.md): the demo repeats that run
 CPU_SETTINGS = ['-device', 'cpu', '--patch-size', '32', '32', '32', '--head-hidden-dim', '512',
                 '--head-bottleneck-dim', '128', '--epochs', '10', '--iters-per-epoch', '10', '--warmup-epochs', '2',
                 '--batch-size', '2', '-np', '1', '--deterministic']
 CPU_LR = {'desd': ['--lr', '5.0'], 'cads': ['--lr', '0.1']}
 GPU_SETTINGS = ['-device', 'cuda']
-PROBE_SETTINGS = ['--voxels-per-class', '250']  # the ranking of 1000 voxels, a quarter of the time (docs/demo_seed_study.md)
+# 250 voxels per class rank encoders as 1000 do, in under half the time (docs/demo_seed_study.md)
+PROBE_SETTINGS = ['--voxels-per-class', '250']
 DEMO_PLANS = 'nnUNetPlans_demo'
 # the vanilla baseline only: the same-schedule scratch baseline is the study's (desd_demo --study), which has the folds
 # and seeds to measure it

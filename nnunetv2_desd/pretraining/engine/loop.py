@@ -56,7 +56,7 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, prepared: Union[PreparedPool, PreparedData], dist_ctx: DistContext,
                  output_folder: str, init: Optional[PretrainedExport] = None):
         """``init``: a PretrainedExport (``--init``) whose encoder starts student and teacher."""
-        self.cfg, self.prepared, self.dist, self.output_folder = cfg, as_pool(prepared), dist_ctx, output_folder
+        self.cfg, self.prepared, self.dist, self.output_folder = cfg.check(), as_pool(prepared), dist_ctx, output_folder
         prepared = self.prepared
         self.initialised_from = None
         self.device = dist_ctx.device
