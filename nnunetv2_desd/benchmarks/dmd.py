@@ -13,13 +13,18 @@ import time
 from typing import Dict, List, Tuple
 
 import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+from nnunetv2_desd.benchmarks.timing import sync
+from nnunetv2_desd.data.raw import resolve_dataset_name
+from nnunetv2_desd.trainers.lookup import with_ext_trainers
 
 
 def _build(trainer_name: str, dataset: str, plans_name: str, configuration: str, fold: int, device: str):
-    import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     folder = os.path.join(os.fspath(nnUNet_preprocessed), dataset)
     plans = load_json(os.path.join(folder, plans_name + '.json'))
     plans['continue_training'] = False
@@ -35,7 +40,6 @@ def _build(trainer_name: str, dataset: str, plans_name: str, configuration: str,
 
 def _timed_step(trainer, batch) -> Tuple[float, float]:
     """(wall-clock seconds, CPU seconds of this process's threads) of one train_step."""
-    from nnunetv2_desd.benchmarks.timing import sync
     sync(trainer.device)
     start, start_cpu = time.perf_counter(), time.process_time()
     trainer.train_step(batch)
@@ -44,7 +48,6 @@ def _timed_step(trainer, batch) -> Tuple[float, float]:
 
 
 def _shutdown(trainer) -> None:
-    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
     for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, 'dataloader_unlabelled', None)):
         if isinstance(loader, NonDetMultiThreadedAugmenter):
             with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
@@ -55,7 +58,6 @@ def measure(trainer_names: List[str], dataset: str, plans_name: str, configurati
             iterations: int, warmup: int) -> Dict[str, dict]:
     """{trainer: {'compute': [s, ...], 'end_to_end': [s, ...], 'batch': description}}. The trainers' steps
     alternate (A B A B ...), so that load from other processes on the machine falls on all of them alike."""
-    import torch
     torch.manual_seed(0)
     trainers = {name: _build(name, dataset, plans_name, configuration, fold, device) for name in trainer_names}
     figures = {name: {'compute': [], 'compute_cpu': [], 'end_to_end': []} for name in trainer_names}
@@ -96,8 +98,6 @@ def run(dataset: str, plans: str, configuration: str, fold: int, trainer: str, b
         iterations: int, warmup: int) -> Tuple[List[str], Dict[str, dict]]:
     """Times ``trainer`` against ``baseline`` (see ``measure``) with this package's trainers findable and the
     trainers' log folders in a temporary nnUNet_results; returns (summary lines, figures)."""
-    from nnunetv2_desd.data.raw import resolve_dataset_name
-    from nnunetv2_desd.trainers.lookup import with_ext_trainers
     os.environ.update(with_ext_trainers(os.environ))
     dataset = resolve_dataset_name(dataset)
     with tempfile.TemporaryDirectory() as results:

@@ -14,6 +14,8 @@ import tempfile
 import warnings
 from typing import Callable, Iterable, List, Tuple
 
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.pretraining.config import PretrainConfig
 
@@ -57,6 +59,7 @@ def count_warnings(calls: Iterable[Callable[[], object]], match: str = SYNC_WARN
 def count_host_syncs(cfg: PretrainConfig, warmup_steps: int, steps: int) -> dict:
     """Builds the run as desd_pretrain does, takes ``warmup_steps`` steps, then counts the synchronisation warnings
     of ``steps`` more; returns what the JSON holds."""
+    # here: heavy (torch, and below the pretraining engine); desd_host_syncs imports this module for --help
     import torch
     if cfg.device != 'cuda':
         raise DesdError(f'-device {cfg.device}: torch.cuda.set_sync_debug_mode counts the host synchronisations, '
@@ -64,7 +67,7 @@ def count_host_syncs(cfg: PretrainConfig, warmup_steps: int, steps: int) -> dict
     if not torch.cuda.is_available():
         raise DesdError('no CUDA device is visible: torch.cuda.set_sync_debug_mode counts the host synchronisations, '
                         'CUDA is needed.')
-    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+    # here: heavy, as torch above
     from nnunetv2_desd.benchmarks.timing import device_name
     from nnunetv2_desd.pretraining.distributed import init_distributed
     from nnunetv2_desd.pretraining.engine.loop import Pretrainer

@@ -12,6 +12,7 @@ import dataclasses
 import glob
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -20,9 +21,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
 from nnunetv2_desd.common.checkpoint import atomic_write, atomic_write_json, atomic_write_text
-from nnunetv2_desd.benchmarks.timing import setup_table
+from nnunetv2_desd.benchmarks.timing import device_name, setup_table, time_steps
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.raw import read_raw_dataset
+from nnunetv2_desd.data.sources import write_synthetic_dataset
+from nnunetv2_desd.pretraining.distributed import init_distributed
+from nnunetv2_desd.pretraining.engine.loop import Pretrainer, output_folder_for
+from nnunetv2_desd.pretraining.run import prepare_data
+from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
 
 POOL_DATASET_ID = 990
 POOL_DATASET_NAME = 'PoolBench'
@@ -107,7 +117,6 @@ def pool_env(root: str) -> Dict[str, str]:
 
 def read_source(dataset: str):
     """The existing dataset (in this process' nnUNet_raw) the pools are cut from."""
-    from nnunetv2_desd.data.raw import read_raw_dataset
     raw = read_raw_dataset(dataset)
     if not raw.cases:
         raise DesdError(f'{raw.folder} has no images in imagesTr.')
@@ -137,7 +146,6 @@ def make_pool(settings: Settings, size: int, raw_root: str, source=None) -> str:
     """Writes the pool of ``size`` cases into ``raw_root``; returns the dataset to give ``-d``."""
     if source is not None:
         return link_subset(source, size, raw_root)
-    from nnunetv2_desd.data.sources import write_synthetic_dataset
     return write_synthetic_dataset(raw_root, POOL_DATASET_ID, name=POOL_DATASET_NAME, n_cases=size,
                                    shape=settings.shape, shape_jitter=settings.shape_jitter, seed=settings.seed)
 
@@ -237,7 +245,6 @@ def child_pids(pid: int) -> List[int]:
         with contextlib.suppress(OSError), open(path) as f:
             pids.update(int(p) for p in f.read().split())
     if not pids and not glob.glob(f'/proc/{pid}/task/*/children'):  # kernels without the children file
-        import multiprocessing
         pids = {p.pid for p in multiprocessing.active_children()}
     return sorted(pids)
 
@@ -254,14 +261,6 @@ def peak_rss_mib(pid: int) -> float:
 def measure_run(cfg, warmup_steps: int, steps: int) -> dict:
     """Start-up, step times and the loader workers' peak RSS of one desd_pretrain run whose data are prepared,
     following ``pretraining.run.run`` call by call."""
-    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-
-    from nnunetv2_desd.benchmarks.timing import device_name, time_steps
-    from nnunetv2_desd.pretraining.distributed import init_distributed
-    from nnunetv2_desd.pretraining.engine.loop import Pretrainer, output_folder_for
-    from nnunetv2_desd.pretraining.run import prepare_data
-    from nnunetv2_desd.pretraining.views.loader import build_view_loader, finish_loader
-
     marks = [time.perf_counter()]
     ctx = init_distributed(cfg.device)
     prepared = prepare_data(cfg, ctx)  # finds everything prepared
@@ -311,7 +310,6 @@ def _ratio_cells(value: float, target: float) -> str:
 
 
 def environment_line() -> str:
-    import torch
     cpus = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else cpus
     return (f'{cpus} CPUs ({usable} usable), torch {torch.__version__}, Python {platform.python_version()}, '
@@ -379,7 +377,7 @@ def csv_text(results: List[PoolResult]) -> str:
 
 def draw(results: List[PoolResult], title: str, f) -> None:
     """One panel per measure against N (log x); the dashed line is the largest N's limit (smallest N x target)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, for the figure only
     from matplotlib.figure import Figure
     fig = Figure(figsize=(12, 7))
     FigureCanvasAgg(fig)

@@ -15,12 +15,16 @@ from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from nnunetv2_desd.architectures import memory
 from nnunetv2_desd.architectures.pvt_unet import CLASS_NAME, default_arch_kwargs
 from nnunetv2_desd.benchmarks.timing import activation_mib, device_name, peak_mib, reset_peak, time_steps
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.raw import resolve_dataset_name
 
 
 @dataclass
@@ -38,7 +42,6 @@ class Figures:
 def plain_unet_for_patch(patch: Sequence[int], spacing: Sequence[float], input_channels: int,
                          num_classes: int) -> dict:
     """The PlainConvUNet ``architecture`` nnU-Net's default planner gives this patch and spacing."""
-    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
     _, strides, kernels, fitted, _ = get_pool_and_conv_props(list(spacing), list(patch), 4, 999999)
     if [int(f) for f in fitted] != list(patch):
         raise DesdError(f'--patch-size {list(patch)} is not a patch nnU-Net plans at spacing {list(spacing)} (it '
@@ -57,7 +60,6 @@ def plain_unet_for_patch(patch: Sequence[int], spacing: Sequence[float], input_c
 
 
 def _builder(architecture: dict, input_channels: int, num_classes: int) -> Callable[[], nn.Module]:
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     return partial(get_network_from_plans, architecture['network_class_name'], architecture['arch_kwargs'],
                    architecture['_kw_requires_import'], input_channels, num_classes, deep_supervision=True)
 
@@ -103,8 +105,6 @@ def measure(name: str, build: Callable[[], nn.Module], input_channels: int, patc
 def run(dataset: Optional[str], patch: Optional[List[int]], spacing: Optional[List[float]], plans_name: str,
         batch: int, device: str, repeats: int) -> dict:
     if dataset is not None:
-        from nnunetv2.paths import nnUNet_preprocessed
-        from nnunetv2_desd.data.raw import resolve_dataset_name
         name = resolve_dataset_name(dataset)
         root = os.path.join(nnUNet_preprocessed, name)
         plans = {}

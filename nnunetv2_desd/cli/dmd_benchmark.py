@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     with command_errors(PROG):
-        from nnunetv2_desd.benchmarks.dmd import run
+        from nnunetv2_desd.benchmarks.dmd import run  # heavy (torch, the pretraining engine): not for --help
         lines, figures = run(args.dataset, args.plans, args.configuration, args.fold, args.trainer, args.baseline,
                              args.device, args.iterations, args.warmup)
     print('\n'.join(lines))

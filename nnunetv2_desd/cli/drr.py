@@ -12,10 +12,11 @@ from typing import List, Optional
 
 from nnunetv2_desd.common.errors import ArgumentParser, add_share_options, check_share, command_errors
 from nnunetv2_desd.data.drr_projection import ATTENUATIONS, DEFAULT_ATTENUATION, DEFAULT_VIEW, VIEWS
+from nnunetv2_desd.data.drrs import prepare_and_write_drrs, write_drr_pngs
+from nnunetv2_desd.pretraining.config import PretrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunetv2_desd.pretraining.config import PretrainConfig
     d = PretrainConfig('')
     p = ArgumentParser(prog='desd_drr', description=__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -41,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     with command_errors('desd_drr'):
-        from nnunetv2_desd.data.drrs import prepare_and_write_drrs, write_drr_pngs
         part, parts = check_share(args.part, args.parts)
         prepared, paths = prepare_and_write_drrs(args.dataset, args.configuration, args.plans, args.planner,
                                                  args.plans_from, args.view, args.attenuation, args.num_processes,

@@ -13,6 +13,8 @@ import shlex
 import sys
 from typing import List, Optional
 
+from nnunetv2_desd.cli.pretrain import parse_config
+from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import ArgumentParser, command_errors
 
 PROG = 'desd_pool_benchmark'
@@ -48,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def worker_main(argv: List[str]) -> None:
     """``python -m nnunetv2_desd.cli.pool_benchmark --worker RESULT.json [--warmup-steps W] [--steps S] --
     <desd_pretrain options>``: measures one prepared run (``benchmarks.pool.measure_run``) and writes it as JSON."""
-    from nnunetv2_desd.benchmarks.pool import measure_run
-    from nnunetv2_desd.cli.pretrain import parse_config
-    from nnunetv2_desd.common.checkpoint import atomic_write_json
+    from nnunetv2_desd.benchmarks.pool import measure_run  # heavy (torch, the pretraining engine): not for --help
     split = argv.index('--') if '--' in argv else len(argv)
     p = ArgumentParser(prog=f'{PROG} --worker')
     p.add_argument('--worker', required=True, help='the JSON file for the result')
@@ -70,13 +70,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     args = vars(build_parser().parse_args(argv))
     with command_errors(PROG):
-        from nnunetv2_desd.benchmarks.pool import Settings, run_benchmark, write_outputs
+        from nnunetv2_desd.benchmarks.pool import Settings, run_benchmark, write_outputs  # heavy, as above
         sizes = args.pop('sizes')
         if sizes is None:
             if args['dataset'] is None:
                 sizes = [100, 1000]
             else:
-                from nnunetv2_desd.benchmarks.pool import read_source
+                from nnunetv2_desd.benchmarks.pool import read_source  # heavy, as above
                 sizes = [len(read_source(args['dataset']).cases)]
         args.update(shape=tuple(args['shape']), patch_size=tuple(args['patch_size']))
         settings = Settings(sizes=sizes, **args).check()

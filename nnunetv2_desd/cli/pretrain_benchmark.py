@@ -59,6 +59,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[PretrainConfig, dict]:
 
 def run(cfg: PretrainConfig, options: dict) -> Tuple[str, str]:
     """Measures and writes the report of ``cfg.method``; returns (its Markdown, the folder)."""
+    # here and below: heavy (torch, the pretraining engine): not for --help
     from nnunetv2_desd.benchmarks.timing import default_out_folder
     if options['out'] is None:
         default_out_folder('')  # fail before measuring, not after

@@ -23,15 +23,17 @@ def _run_stock(entry_point) -> None:
 
 
 def train() -> None:
-    from nnunetv2.run.run_training import run_training_entry
+    from nnunetv2.run.run_training import run_training_entry  # heavy (nnUNetTrainer)
     _run_stock(run_training_entry)
 
 
 def predict() -> None:
+    # here: imports nnunetv2.configuration, which reads the environment at import
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
     _run_stock(predict_entry_point)
 
 
 def find_best_configuration() -> None:
+    # here: imports nnunetv2.configuration, which reads the environment at import
     from nnunetv2.evaluation.find_best_configuration import find_best_configuration_entry_point
     _run_stock(find_best_configuration_entry_point)

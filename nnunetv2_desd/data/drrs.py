@@ -11,7 +11,9 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
+from PIL import Image
 from tqdm import tqdm
 
 from nnunetv2_desd.common.errors import DesdError, check_share
@@ -20,6 +22,8 @@ from nnunetv2_desd.common.workers import default_processes, run_in_processes
 from nnunetv2_desd.data.ledger import Ledger, current, file_signature, in_share
 from nnunetv2_desd.data.drr_projection import (DEFAULT_ATTENUATION, DEFAULT_VIEW, attenuation_image, check_view,
                                                minmax_to_unit, projection_axis)
+from nnunetv2_desd.data.planning import prepare_pool
+from nnunetv2_desd.data.raw import read_raw_dataset
 
 STANDARD_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # assumed when the reader gives no geometry
 PNG_MIN_SIDE, PNG_MAX_SIDE = 256, 1024  # PNG size limits in pixels (long side), for small and huge DRRs
@@ -75,6 +79,7 @@ def axes_lps(direction: Sequence[float], transpose_forward: Sequence[int]) -> np
 
 def _dataset_class(data_folder: str):
     """nnU-Net's dataset class for the folder (lists the folder: call once, not per case)."""
+    # here: nnunet_dataset imports nnunetv2.configuration, which reads the environment at import
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     return infer_dataset_class(data_folder)
 
@@ -91,7 +96,6 @@ def _load_preprocessed(prepared, case: str, dataset_class=None) -> Tuple[Tuple[i
 
 def _resize_bilinear(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """2D bilinear resampling on pixel centres (as nnU-Net's resampling), antialiased when shrinking."""
-    import torch
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float64))[None, None]
     if tuple(x.shape[2:]) == tuple(shape):
         return image
@@ -157,7 +161,6 @@ def write_drrs(prepared, view: str = DEFAULT_VIEW, attenuation: str = DEFAULT_AT
                num_processes: int = 1, raw=None, part: int = 0, parts: int = 1) -> Dict[str, str]:
     """Writes the missing DRRs of the share ``part`` of ``parts`` of the cases of `prepared` (current ones are
     reused); returns {case: path} for every case. ``raw``: the raw dataset as already read."""
-    from nnunetv2_desd.data.raw import read_raw_dataset
     require_ct(prepared.dataset_json['channel_names'], prepared.dataset_name)
     check_view(view, attenuation)
     check_share(part, parts)
@@ -220,8 +223,6 @@ def prepare_and_write_drrs(dataset: str, configuration: str = '3d_fullres', plan
     """``desd_drr``'s work: refuses a dataset that is not CT before any planning work, plans and preprocesses it
     where that is not done yet (as desd_pretrain does), then writes its missing DRRs (of share ``part`` of
     ``parts``). -> (the prepared data, {case: path})."""
-    from nnunetv2_desd.data.planning import prepare_pool
-    from nnunetv2_desd.data.raw import read_raw_dataset
     raw = read_raw_dataset(dataset)
     require_ct(raw.dataset_json['channel_names'], raw.name)
     prepared = prepare_pool([dataset], configuration, plans, planner, plans_from, num_processes, [raw], part,
@@ -261,7 +262,6 @@ def save_drr_png(drr: np.ndarray, spacing: Sequence[float], path: str,
     patient), a lateral view shows the back on the right. If neither axis has a head-foot component, the
     lower-numbered axis is vertical, index 0 at the top.
     """
-    from PIL import Image
     volume = np.asarray(drr, dtype=np.float32)
     volume = volume[0] if volume.ndim == 4 else volume
     if volume.ndim != 3 or 1 not in volume.shape:

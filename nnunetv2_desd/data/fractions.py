@@ -48,7 +48,9 @@ def check_fraction(fraction: float) -> float:
 
 def standard_splits(data_identifier_folder: str) -> List[Dict[str, List[str]]]:
     """The 5 folds nnUNetTrainer.do_split writes when splits_final.json is missing (same ids, order and seed)."""
+    # here: nnunet_dataset imports nnunetv2.configuration, which reads the environment at import
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    # here: crossval_split imports sklearn (slow), and trainers/dmd imports this module
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     if not os.path.isdir(data_identifier_folder):

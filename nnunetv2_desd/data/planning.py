@@ -6,13 +6,20 @@ dataset's, or ``--plans-from X``'s, copied to the others with ``move_plans_betwe
 once (``raw.check_cases``) and preprocessed case by case (``preparation.prepare_cases``).
 Details: docs/pretraining.md, docs/scale.md.
 """
+import inspect
 import json
 import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import nnunetv2
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import move_plans_between_datasets
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_desd.common.checkpoint import atomic_write_json
 from nnunetv2_desd.common.errors import DesdError
@@ -40,7 +47,6 @@ class PreparedData:
 
     @property
     def plans_manager(self):
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         return PlansManager(self.plans)
 
     @property
@@ -181,7 +187,6 @@ def prepare_pretraining_data(dataset: str, configuration: str = '3d_fullres', pl
 
 
 def _preprocessed() -> str:
-    from nnunetv2.paths import nnUNet_preprocessed
     return nnUNet_preprocessed
 
 
@@ -200,8 +205,6 @@ def plans_copied_from(source_plans: str, source: str) -> str:
 
 
 def find_planner_class(name: str):
-    import nnunetv2
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     cls = recursive_find_python_class(join(nnunetv2.__path__[0], 'experiment_planning'), name,
                                       'nnunetv2.experiment_planning')
     if cls is None:
@@ -210,7 +213,6 @@ def find_planner_class(name: str):
 
 
 def _default_plans_name(planner: str) -> str:
-    import inspect
     return inspect.signature(find_planner_class(planner).__init__).parameters['plans_name'].default
 
 
@@ -256,7 +258,6 @@ def _completed_dataset_json(raw: RawDataset, root: str, excluded: Sequence[str] 
 
 def _fingerprint_and_plan(raw: RawDataset, root: str, planner: str, plans_identifier: str,
                           num_processes: int, excluded: Sequence[str] = ()) -> None:
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     dataset_json = raw.dataset_json if raw.has_labels else _completed_dataset_json(raw, root, excluded)
     if not isfile(join(root, 'dataset_fingerprint.json')):
         extractor = DatasetFingerprintExtractor(raw.name, num_processes, verbose=False)
@@ -279,9 +280,6 @@ def _require_plans(source: str, source_plans: str, configuration: str) -> str:
 
 
 def _copy_plans_from(source: str, raw: RawDataset, source_plans: str, configuration: str) -> str:
-    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
-        move_plans_between_datasets
-    from nnunetv2.paths import nnUNet_preprocessed
     source_file = _require_plans(source, source_plans, configuration)
     source_json = load_json(join(nnUNet_preprocessed, source, 'dataset.json'))
     if len(source_json['channel_names']) != raw.num_channels:

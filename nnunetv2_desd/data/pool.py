@@ -10,6 +10,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
 
 POOL_FOLDER = 'desd_unlabelled'
 POOL_FORMAT = 'nnunetv2_desd.unlabelled_pool'
@@ -53,7 +54,6 @@ def check_pool(record: dict, plans: dict, configuration: str, num_input_channels
     DesdError (one message naming the command that remakes the pool) for another channel count, plans that
     preprocess differently (other plans, or the dataset was re-planned), or missing case files.
     """
-    from nnunetv2_desd.data.preprocessing_match import preprocessing_differences
     data_identifier = plans['configurations'][configuration].get('data_identifier') or \
         f'{plans["plans_name"]}_{configuration}'
     folder, record_file = pool_paths(preprocessed_dataset_folder, data_identifier)
@@ -90,6 +90,7 @@ class PoolDataset:
         """members: pool key -> (preprocessed folder, case identifier in that folder); ``repair_command``: what
         prepares a damaged case again, once its .pkl is removed."""
         self.repair_command = repair_command
+        # here: nnunet_dataset imports nnunetv2.configuration, which reads the environment at import
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         by_folder: Dict[str, List[str]] = {}
         for folder, identifier in members.values():

@@ -10,6 +10,7 @@ import math
 from typing import List
 
 import numpy as np
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 RESAMPLING_KEYS = ('resampling_fn_data', 'resampling_fn_data_kwargs', 'resampling_fn_seg', 'resampling_fn_seg_kwargs')
 CT_STATISTICS = ('mean', 'std', 'percentile_00_5', 'percentile_99_5')  # what CTNormalization uses
@@ -18,7 +19,6 @@ CT_STATISTICS = ('mean', 'std', 'percentile_00_5', 'percentile_99_5')  # what CT
 def preprocessing_plans(plans: dict, configuration: str) -> dict:
     """The part of ``plans`` that preprocessing of ``configuration`` reads (inheritance resolved), still readable by
     nnU-Net's PlansManager: stored with data preprocessed outside nnU-Net's own folders, to check them later."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     return {'plans_name': plans.get('plans_name'), 'transpose_forward': plans.get('transpose_forward'),
             'foreground_intensity_properties_per_channel': plans.get('foreground_intensity_properties_per_channel'),
             'configurations': {configuration: copy.deepcopy(
@@ -28,7 +28,6 @@ def preprocessing_plans(plans: dict, configuration: str) -> dict:
 def preprocessing_differences(expected: dict, actual: dict, configuration: str) -> List[str]:
     """What makes voxels preprocessed with ``actual`` plans differ from those of ``expected`` plans (both plans
     dicts, same configuration name), each as 'ENTRY ACTUAL instead of EXPECTED'; empty when they agree."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     if configuration not in actual['configurations']:
         return [f'no configuration {configuration!r} (it has {sorted(actual["configurations"])})']
     pm_a, pm_b = PlansManager(expected), PlansManager(actual)

@@ -8,15 +8,22 @@ Every image is read once, in one pass that checks it and writes its body mask; t
 in nnU-Net's fingerprint (CT: voxels above -500 HU; other modalities: non-zero voxels), so CT normalisation
 statistics are taken over the body.
 """
+import gzip
 import json
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join
+from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.workers import run_in_processes
@@ -50,8 +57,6 @@ class RawDataset:
 
 def resolve_dataset_name(dataset: str) -> str:
     """Dataset id or name -> ``DatasetXXX_Name``, with a clear message when nnU-Net does not know it."""
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     if not nnUNet_raw or not nnUNet_preprocessed:
         raise DesdError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s set_environment_variables.md).')
     try:
@@ -62,7 +67,6 @@ def resolve_dataset_name(dataset: str) -> str:
 
 
 def read_raw_dataset(dataset: str) -> RawDataset:
-    from nnunetv2.paths import nnUNet_raw
     name = resolve_dataset_name(dataset)
     folder = join(nnUNet_raw, name)
     if not isdir(folder):
@@ -143,7 +147,6 @@ def body_mask(images: np.ndarray, is_ct: bool) -> np.ndarray:
 def _header(file: str) -> Optional[dict]:
     """Dimension, size, spacing, direction, origin, pixel type and components from the file's header (SimpleITK
     reads it without the voxels); None for a format SimpleITK does not read (nnU-Net's own reader decides)."""
-    import SimpleITK as sitk
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     try:
@@ -159,8 +162,6 @@ def _header(file: str) -> Optional[dict]:
 def _nifti_problem(file: str) -> Optional[str]:
     """What SimpleITK's NIfTI reader hides: it replaces a zero or NaN voxel size by 1. The stored NIfTI-1 header
     (dim at byte 40, pixdim at byte 76) is read as it is; other headers are left to the readers."""
-    import gzip
-    import struct
     try:
         with (gzip.open if file.endswith('.gz') else open)(file, 'rb') as f:
             header = f.read(348)
@@ -220,7 +221,6 @@ def _reader_for(files: List[str], reader_writer_class):
     """The reader that decodes each voxel once and shows NaN/inf as stored: nibabel for NIfTI (SimpleITK's NIfTI
     reader turns NaN into 0 and reads a truncated .nii.gz as zeros; nibabel raises), else nnU-Net's reader."""
     if all(f.endswith(('.nii', '.nii.gz')) for f in files):
-        from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
         return NibabelIO
     return reader_writer_class
 
@@ -275,8 +275,6 @@ def check_cases(raw: RawDataset, mask_folder: Optional[str], num_processes: int 
     Results are kept in a ledger (``desd_checks`` in the dataset's preprocessed folder): a case is read again only
     when its files changed or its mask is missing, so an interrupted check goes on where it stopped.
     """
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    from nnunetv2.paths import nnUNet_preprocessed
     first = next(iter(raw.cases.values()))[0]
     try:
         rw_class = determine_reader_writer_from_dataset_json(raw.dataset_json, first, verbose=False)

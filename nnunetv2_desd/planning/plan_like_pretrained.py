@@ -16,6 +16,7 @@ import traceback
 from typing import List, Optional, Sequence
 
 import numpy as np
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunetv2_desd.common.checkpoint import atomic_write_json
@@ -53,7 +54,6 @@ def _reorder(values, from_forward: Sequence[int], to_forward: Sequence[int]) -> 
 
 # -------------------------------------------------------------------------------------------------------- dataset
 def _resolve_raw_dataset(dataset: str):
-    from nnunetv2.paths import nnUNet_raw  # reads the nnU-Net folders when imported
     name = resolve_dataset_name(dataset)
     if not re.fullmatch(r'Dataset\d{3}_.+', name):
         raise DesdError(f'{name!r} is not an nnU-Net dataset name (DatasetXXX_Name).')
@@ -211,7 +211,6 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
                          gpu_memory_gb: Optional[float] = None, preprocess: bool = True,
                          num_processes: int = 2) -> str:
     """Writes ``nnUNet_preprocessed/<Dataset>/<plans_name>.json`` (and its preprocessed data); returns its path."""
-    from nnunetv2.paths import nnUNet_preprocessed  # reads the nnU-Net folders when imported
 
     if not re.fullmatch(r'[A-Za-z0-9_.-]+', plans_name) or plans_name.startswith('.'):
         raise DesdError(f'-p {plans_name!r}: a plans name is a file name without folders or spaces.')
@@ -251,7 +250,7 @@ def plan_like_pretrained(dataset: str, export_file: str, plans_name: str = DEFAU
 
 
 def _extract_fingerprint(name: str, dataset_id: int, num_processes: int) -> None:
-    # imports nnunetv2.paths, which reads the nnU-Net folders when imported
+    # here: imports nnunetv2.configuration, which reads the environment at import
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
     print(f'extracting the dataset fingerprint of {name}')
     try:
@@ -263,7 +262,8 @@ def _extract_fingerprint(name: str, dataset_id: int, num_processes: int) -> None
 
 
 def _preprocess(name: str, dataset_id: int, plans_name: str, configuration: str, num_processes: int) -> None:
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset  # imports nnunetv2.paths
+    # here: imports nnunetv2.configuration, which reads the environment at import
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
     print(f'preprocessing {name} ({configuration}, {num_processes} process(es))')
     try:
         with contextlib.redirect_stdout(io.StringIO()):

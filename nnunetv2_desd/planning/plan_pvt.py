@@ -12,9 +12,14 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.architectures import memory
 from nnunetv2_desd.architectures.pvt_unet import CLASS_NAME, PVTUNet, default_arch_kwargs
 from nnunetv2_desd.architectures.pvt_unet import total_stride as stride_product
+from nnunetv2_desd.common.checkpoint import atomic_write_json
+from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.planning import prepare_pretraining_data
+from nnunetv2_desd.data.raw import read_raw_dataset
+from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER
 
 DEFAULT_PLANS_NAME = 'nnUNetPlans_pvt'
 DEFAULT_GPU_MEMORY_GB = 24.0
@@ -56,7 +61,6 @@ def _source_configuration(plans: dict, configuration: str, plans_file: str) -> d
 def _copy_ground_truth(dataset_name: str, root: str) -> None:
     """nnU-Net's validation reads ``gt_segmentations``; its preprocessing command copies the labels there, as here
     (labelled datasets only; files already there are kept)."""
-    from nnunetv2_desd.data.raw import read_raw_dataset
     raw = read_raw_dataset(dataset_name)
     if not raw.has_labels:
         return
@@ -73,9 +77,6 @@ def plan_pvt(dataset: str, source_plans: str = 'nnUNetPlans', plans_name: str = 
              arch_kwargs: Optional[dict] = None, patch_size: Optional[Sequence[int]] = None,
              batch_size: Optional[int] = None, planner: str = 'ExperimentPlanner', num_processes: int = 1) -> str:
     """Writes ``nnUNet_preprocessed/<Dataset>/<plans_name>.json``; returns its path."""
-    from nnunetv2_desd.architectures import memory
-    from nnunetv2_desd.data.planning import prepare_pretraining_data
-    from nnunetv2_desd.common.checkpoint import atomic_write_json
 
     if plans_name == source_plans:
         raise DesdError(f'-p {plans_name}: choose a plans name other than the source plans -s {source_plans}.')
@@ -136,7 +137,6 @@ def plan_pvt(dataset: str, source_plans: str = 'nnUNetPlans', plans_name: str = 
 
 def _print_report(dataset_name: str, plans: dict, configuration: str, source_cfg: dict, target_file: str,
                   equivalent: float) -> None:
-    from nnunetv2_desd.trainers.lookup import EXT_TRAINER_FOLDER
     cfg = plans['configurations'][configuration]
     kw = cfg['architecture']['arch_kwargs']
     prov = plans[PROVENANCE_KEY]

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nnunetv2_desd.common.errors import DesdError
+
 
 @dataclass
 class DistContext:
@@ -37,7 +39,6 @@ def init_distributed(device: str) -> DistContext:
     collectives included) runs as it does on more GPUs; a plain ``desd_pretrain`` is a single process without one."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if device == 'cuda' and not torch.cuda.is_available():
-        from nnunetv2_desd.common.errors import DesdError
         raise DesdError('-device cuda: no CUDA device is visible. Use -device cpu.')
     if world_size == 1 and 'TORCHELASTIC_RUN_ID' not in os.environ:
         return DistContext(0, 1, torch.device(device))
@@ -72,7 +73,6 @@ def check_finite_everywhere(values: Dict[str, torch.Tensor], step: int, device: 
     (naming the processes), so no process is left waiting in a collective. Where every value is ``skippable``
     (AMP: the non-finite value reaches the gradients, ``nan_unless_finite``, and the scaler skips the step on
     every process) nothing is gathered or read."""
-    from nnunetv2_desd.common.errors import DesdError
     if all(name in skippable for name in values):
         return
     mine = torch.stack([torch.as_tensor(v, device=device).detach().reshape(()).double() for v in values.values()])

@@ -4,9 +4,11 @@ import os
 import sys
 import time
 import uuid
+from typing import List, Optional, Tuple
 
 import torch
-from typing import List, Optional, Tuple
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.common.pretrained_weights import read_export
@@ -60,7 +62,6 @@ def prepare_data(cfg: PretrainConfig, ctx: DistContext, share: Tuple[int, int] =
     raws = check_before_preparing(cfg)
     if not ctx.enabled:
         return prepare(cfg, raws, share)
-    from nnunetv2.paths import nnUNet_preprocessed
     token = gather_objects(uuid.uuid4().hex)[0]  # every rank is here: rank 0's token names this launch
     marker = os.path.join(nnUNet_preprocessed, raws[0].name, READY_FOLDER, token)
     os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -141,7 +142,6 @@ def run(cfg: PretrainConfig, preprocess_only: bool = False, share: Tuple[int, in
         trainer.progress.log(f'--c: nothing to continue in {folder}; starting a new run.')
     if trainer.epoch >= cfg.epochs:
         trainer.progress.log(f'nothing to do: {checkpoint} has finished {trainer.epoch} epochs.')
-    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
     workers = get_allowed_n_proc_DA() if cfg.num_workers is None else cfg.num_workers
     loader = trainer.method_loader(build_view_loader(prepared, trainer.patch_size, cfg.batch_size, workers,
                                                      pin_memory=ctx.device.type == 'cuda',

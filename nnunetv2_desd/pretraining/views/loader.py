@@ -6,6 +6,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch.nn import functional as F
 
 from nnunetv2_desd.common.errors import DesdError
+from nnunetv2_desd.data.drrs import drr_projection_axis, load_drr
 from nnunetv2_desd.data.loading import WorkerSeeded, start_augmenter
 from nnunetv2_desd.data.planning import PreparedData, PreparedPool, as_pool
 from nnunetv2_desd.data.pool import PoolDataset
@@ -20,7 +21,6 @@ def resize_drr(drr: torch.Tensor, patch_size: Sequence[int], channels: int) -> t
     The whole radiograph is resized (bilinear, anti-aliased) to the patch's two other axes, as CADS resizes its
     DRR to the 2D input size; every input channel gets the same radiograph.
     """
-    from nnunetv2_desd.data.drrs import drr_projection_axis
     axis = drr_projection_axis(drr.shape)
     size = [int(p) for i, p in enumerate(patch_size) if i != axis]
     image = F.interpolate(drr.squeeze(1 + axis)[None].float(), size=size, mode='bilinear', antialias=True,
@@ -54,7 +54,6 @@ class ViewsAndDrrLoader(PoolLoader):
         if (key, channels) in self._drrs:
             self._drrs[key, channels] = self._drrs.pop((key, channels))  # now the most recently used
             return self._drrs[key, channels]
-        from nnunetv2_desd.data.drrs import load_drr
         drr = torch.tensor(load_drr(self.drr_files[key], mmap=True))  # a copy of the mapped file
         self._drrs[key, channels] = resize_drr(drr, self.final_patch_size, channels)
         while len(self._drrs) > self.cache_size:
