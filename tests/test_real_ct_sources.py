@@ -103,3 +103,5 @@ def test_seed_spread_by_hand():
     assert spread['stage_mean'] == pytest.approx([0.0, 0.2])
     assert spread['stage_sd'] == pytest.approx([0.02 ** 0.5, 0.02 ** 0.5])  # sample sd of (0.1, -0.1), (0.1, 0.3)
     assert spread['mean'] == pytest.approx(0.1) and spread['every_seed_wins'] is False
+    # per seed: a (0.1 + 0.1) / 2 = 0.1, b (-0.1 + 0.3) / 2 = 0.1; their sample sd is 0
+    assert spread['seed_mean'] == pytest.approx([0.1, 0.1]) and spread['sd'] == pytest.approx(0.0, abs=1e-12)

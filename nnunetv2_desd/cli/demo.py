@@ -13,9 +13,8 @@ import math
 import os
 import subprocess
 import sys
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
-import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                   plan_experiment_dataset, preprocess_dataset)
@@ -72,10 +71,10 @@ def _use_workdir(workdir: str) -> dict:
     return folders
 
 
-def write_demo_datasets(raw_root: str, n_unlabelled: int = 8) -> Tuple[List[str], str, str]:
+def write_demo_datasets(raw_root: str) -> Tuple[List[str], str, str]:
     """The chest CT's crops (the pool's first dataset and the labelled dataset) and crops of every other real CT
     that is installed. Returns (the pool's dataset ids, the labelled dataset's name, the pool in words)."""
-    pool, labelled = write_chest_ct_datasets(raw_root, POOL_ID, LABELLED_ID, n_unlabelled=n_unlabelled)
+    pool, labelled = write_chest_ct_datasets(raw_root, POOL_ID, LABELLED_ID)
     ids, names, skipped = [str(POOL_ID)], [pool], []
     for dataset_id, source in zip(REAL_CT_IDS, REAL_CT_SOURCES):
         try:
@@ -168,8 +167,9 @@ def run_study(workdir: str) -> str:
     return summary
 
 
-def pretraining_arguments(pool_ids: List[str], method: str, seed: int, full: bool = False) -> List[str]:
-    """desd_pretrain's arguments for the demo's pre-training on ``pool_ids`` with 501's plans."""
+def pretraining_arguments(pool_ids: List[str], method: str, seed: Union[int, str], full: bool = False) -> List[str]:
+    """desd_pretrain's arguments for the demo's pre-training on ``pool_ids`` with 501's plans (``seed``: a number,
+    or a placeholder such as 'S' for the written command)."""
     return ['-d', *pool_ids, '-m', method, '--plans-from', str(LABELLED_ID), '--seed', str(seed),
             '--overwrite',  # a re-run of the demo starts over in its own folders
             *(GPU_SETTINGS if full else CPU_SETTINGS + CPU_LR[method])]
@@ -208,11 +208,11 @@ def run_seed_study(workdir: str, seeds: Sequence[int], method: str = 'desd') -> 
          '-o', out, *PROBE_SETTINGS])))
     spread = seed_spread(probe, method)
     stages = spread['stages']
-    rows = [f'| seed {seed} | ' + ' | '.join(f'{g:+.3f}' for g in gains) + f' | {np.mean(gains):+.3f} |'
-            for seed, gains in zip(seeds, spread['gains'].values())]
+    rows = [f'| seed {seed} | ' + ' | '.join(f'{g:+.3f}' for g in gains) + f' | {mean:+.3f} |'
+            for seed, gains, mean in zip(seeds, spread['gains'].values(), spread['seed_mean'])]
     text = (f'# The demo\'s pre-training over {len(seeds)} seeds\n\n'
             f'Pool: {pool_text}. Pre-training: '
-            f'`desd_pretrain {" ".join(pretraining_arguments(pool_ids, method, 0)).replace("--seed 0", "--seed S")}`'
+            f'`desd_pretrain {" ".join(pretraining_arguments(pool_ids, method, "S"))}`'
             f'.\n\nGain in probe Dice over the best of {len(probe.groups()["random"])} random initialisations, '
             f'per distilled stage ({paths["md"]}):\n\n'
             '| seed | ' + ' | '.join(f'stage {i}' for i in stages) + ' | mean |\n|---|' + '---|' * (len(stages) + 1)
@@ -220,7 +220,7 @@ def run_seed_study(workdir: str, seeds: Sequence[int], method: str = 'desd') -> 
             '| mean over seeds | ' + ' | '.join(f'{m:+.3f}' for m in spread['stage_mean'])
             + f' | {spread["mean"]:+.3f} |\n'
             '| sd over seeds | ' + ' | '.join(f'{v:.3f}' for v in spread['stage_sd'])
-            + f' | {np.std([np.mean(g) for g in spread["gains"].values()], ddof=1):.3f} |\n\n'
+            + f' | {spread["sd"]:.3f} |\n\n'
             f'Every seed beats the best random initialisation at every distilled stage: '
             f'{"yes" if spread["every_seed_wins"] else "no"}. Mean gain over seeds and distilled stages: '
             f'{spread["mean"]:+.3f} (target: at least +0.10).\n')

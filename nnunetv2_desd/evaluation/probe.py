@@ -385,14 +385,17 @@ def probe_markdown(result: ProbeResult) -> str:
 def seed_spread(result: ProbeResult, group: str) -> dict:
     """How the exports of ``group`` (one per seed) fare against the best random initialisation, at the group's
     distilled stages: ``gains`` {export: [gain per stage]}, ``stage_mean`` and ``stage_sd`` (ddof 1) over exports,
-    ``mean`` over exports and stages, ``every_seed_wins`` (every export above the best random at every stage)."""
+    ``seed_mean`` (each export's mean over stages), ``mean`` over exports and stages and ``sd`` (ddof 1) of
+    ``seed_mean``, ``every_seed_wins`` (every export above the best random at every stage)."""
     stages = result.distilled_stages(group)
     names = result.groups()[group]
     gains = {n: [result.encoder_mean(n, i) - result.best_random(i) for i in stages] for n in names}
     table = np.array(list(gains.values()))
+    several = len(names) > 1
     return dict(stages=list(stages), gains=gains, stage_mean=table.mean(0).tolist(),
-                stage_sd=(table.std(0, ddof=1) if len(names) > 1 else np.zeros(len(stages))).tolist(),
-                mean=float(table.mean()), every_seed_wins=bool((table > 0).all()))
+                stage_sd=(table.std(0, ddof=1) if several else np.zeros(len(stages))).tolist(),
+                seed_mean=table.mean(1).tolist(), mean=float(table.mean()),
+                sd=float(table.mean(1).std(ddof=1)) if several else 0.0, every_seed_wins=bool((table > 0).all()))
 
 
 def probe_csv(result: ProbeResult) -> str:
