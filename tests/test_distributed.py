@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TINY, nnunet_env, run_command
-from nnunetv2_desd.data.sources import write_synthetic_dataset
+from conftest import BIN, TINY, run_command
 
 STEPS = 3
 BATCH = 4
@@ -88,13 +87,13 @@ def test_two_gloo_processes_equal_one_process(pool_900, tmp_path, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_torchrun_cli_on_cpu(tmp_path):
-    """The documented multi-GPU command line, with gloo on CPU."""
-    env = nnunet_env(tmp_path)
-    name = write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=2, shape=(24, 24, 24))
-    from conftest import BIN
+def test_torchrun_cli_on_cpu(pool_900, tmp_path):
+    """The documented multi-GPU command line, with gloo on CPU, on the prepared pool (its own nnUNet_results)."""
+    _, env, name = pool_900
+    (tmp_path / 'results').mkdir()
     run_command(['torchrun', '--nproc_per_node', '2', '--master_port', str(_free_port()), str(BIN / 'desd_pretrain'),
-                 '-d', '900', '--epochs', '1', '--iters-per-epoch', '2', *TINY], env)
+                 '-d', '900', '--epochs', '1', '--iters-per-epoch', '2', *TINY],
+                dict(env, nnUNet_results=str(tmp_path / 'results')))
     log = next((tmp_path / 'results' / name / 'desd__nnUNetPlans__3d_fullres').glob('training_log_*.txt'))
     assert 'batch 2 x 2 process(es)' in log.read_text()
 

@@ -18,19 +18,35 @@ def _load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def test_unlabelled_pool_plans_by_body_masks_and_exports(tmp_path):
-    env = nnunet_env(tmp_path)
+@pytest.fixture(scope='module')
+def prepared_pool(tmp_path_factory):
+    """Dataset 900 (3 unlabelled cases, 32^3) prepared once by desd_pretrain: (root, env, name). Never modify raw or
+    preprocessed; each run writes into its own nnUNet_results."""
+    root = tmp_path_factory.mktemp('prepared_pool')
+    env = nnunet_env(root)
     name = write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=3, shape=(32, 32, 32))
+    run_command(['desd_pretrain', '-d', '900', '--preprocess-only', *TINY], env)
+    return root, env, name
+
+
+def _with_results(env: dict, results) -> dict:
+    results.mkdir(parents=True)
+    return dict(env, nnUNet_results=str(results))
+
+
+def test_unlabelled_pool_plans_by_body_masks_and_exports(prepared_pool, tmp_path):
+    root, env, name = prepared_pool
+    env = _with_results(env, tmp_path / 'results')
     run_command(['desd_pretrain', '-d', '900', '--epochs', '2', '--iters-per-epoch', '2', *TINY], env)
 
-    pre = tmp_path / 'preprocessed' / name
+    pre = root / 'preprocessed' / name
     # the fingerprint was taken over the body (HU > -500), not over an absent foreground label
     import json
     fingerprint = json.loads((pre / 'dataset_fingerprint.json').read_text())
     ct_stats = fingerprint['foreground_intensity_properties_per_channel']['0']
     assert ct_stats['percentile_00_5'] > -500 and ct_stats['max'] > 500
     assert sorted(p.name for p in (pre / 'desd_body_masks').iterdir()) == \
-        sorted(p.name.replace('_0000', '') for p in (tmp_path / 'raw' / name / 'imagesTr').iterdir())
+        sorted(p.name.replace('_0000', '') for p in (root / 'raw' / name / 'imagesTr').iterdir())
     assert len(list((pre / 'nnUNetPlans_3d_fullres').glob('*.b2nd'))) == 6  # data + body-mask seg per case
 
     out = tmp_path / 'results' / name / RUN
@@ -57,16 +73,14 @@ def test_unlabelled_pool_plans_by_body_masks_and_exports(tmp_path):
     assert _load(out / 'checkpoint_final.pth')['step'] == 1
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+def test_resume_after_kill_equals_uninterrupted_run(prepared_pool, tmp_path):
     """--c restores weights, centre, optimiser, schedule position and RNG: same result as never stopping."""
     args = ['--epochs', '3', '--iters-per-epoch', '3', '--freeze-last-layer-epochs', '1', *TINY]
-    env_a = nnunet_env(tmp_path / 'a')
-    name = write_synthetic_dataset(env_a['nnUNet_raw'], 900, n_cases=3, shape=(32, 32, 32))
-    run_command(['desd_pretrain', '-d', '900', *args], env_a)
+    _, env, name = prepared_pool
+    run_command(['desd_pretrain', '-d', '900', *args], _with_results(env, tmp_path / 'a' / 'results'))
 
-    # run b: the same raw and preprocessed folders (prepared by run a), its own nnUNet_results
-    env_b = dict(env_a, nnUNet_results=str(tmp_path / 'b' / 'results'))
-    (tmp_path / 'b' / 'results').mkdir(parents=True)
+    # run b: the same prepared data, its own nnUNet_results
+    env_b = _with_results(env, tmp_path / 'b' / 'results')
     latest = tmp_path / 'b' / 'results' / name / RUN / 'checkpoint_latest.pth'
     proc = subprocess.Popen([str(BIN / 'desd_pretrain'), '-d', '900', *args], env=env_b,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -89,6 +89,32 @@ def test_deep_supervision_switch_and_nnunet_builder():
     assert network.preferred_optimizer == 'adamw'
 
 
+def test_the_pretraining_network_is_the_one_nnunets_trainer_builds():
+    """build_planned_network (nnU-Net's get_network_from_plans, without importing the trainer module) and
+    nnUNetTrainer.build_network_architecture give the same tensors for the same plans and seed."""
+    from types import SimpleNamespace
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_desd.pretraining.network import build_planned_network
+    plain = dict(n_stages=3, features_per_stage=[4, 8, 16], conv_op='torch.nn.modules.conv.Conv3d',
+                 kernel_sizes=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                 n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1], conv_bias=True,
+                 norm_op='torch.nn.modules.instancenorm.InstanceNorm3d', norm_op_kwargs={'eps': 1e-5, 'affine': True},
+                 dropout_op=None, dropout_op_kwargs=None, nonlin='torch.nn.LeakyReLU',
+                 nonlin_kwargs={'inplace': True})
+    for name, kwargs, imports in (
+            ('dynamic_network_architectures.architectures.unet.PlainConvUNet', plain,
+             ['conv_op', 'norm_op', 'dropout_op', 'nonlin']),
+            (CLASS_NAME, json.loads(json.dumps(default_arch_kwargs(**TINY))), [])):
+        cm = SimpleNamespace(network_arch_class_name=name, network_arch_init_kwargs=kwargs,
+                             network_arch_init_kwargs_req_import=imports)
+        torch.manual_seed(3)
+        ours = build_planned_network(None, cm, 2, 3).state_dict()
+        torch.manual_seed(3)
+        nnunet = nnUNetTrainer.build_network_architecture(None, cm, 2, 3, enable_deep_supervision=True).state_dict()
+        assert list(ours) == list(nnunet) and any('.seg_layers.' in k for k in ours)
+        assert all(torch.equal(ours[k], nnunet[k]) for k in ours), name
+
+
 def test_2d_path_has_only_2d_embeddings_and_sends_drr_gradients_to_the_shared_blocks():
     network = _tiny()
     encoder = planned_encoder(network)  # pre-training: the 2D path becomes trainable

@@ -27,34 +27,34 @@ class _ShortSchedule:
             setattr(self, key, value)
 
 
-class nnUNetTrainerTiny(_ShortSchedule, nnUNetTrainer):
-    """Tests: 2 epochs x 2 iterations."""
-    schedule = TINY
-
-
-class nnUNetTrainerDeSDTiny(_ShortSchedule, nnUNetTrainerDeSD):
-    """Tests: 2 epochs x 2 iterations."""
-    schedule = TINY
-
-
-class nnUNetTrainerCADSTiny(_ShortSchedule, nnUNetTrainerCADS):
-    """Tests: 2 epochs x 2 iterations."""
-    schedule = TINY
-
-
-class nnUNetTrainerDMDTiny(_ShortSchedule, nnUNetTrainerDMD):
-    """Tests: 2 epochs x 2 iterations of DMD."""
-    schedule = TINY
-
-
 class _NoMirroring:
-    """No mirroring, in training augmentation or at test time (as nnU-Net's nnUNetTrainerNoMirroring): the demo's
-    validation then runs 1 instead of 8 sliding-window passes per case."""
+    """No mirroring, in training augmentation or at test time (as nnU-Net's nnUNetTrainerNoMirroring): validation
+    and prediction then run 1 instead of 8 sliding-window passes per case."""
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
         return rotation, dummy_2d, initial_patch_size, None
+
+
+class nnUNetTrainerTiny(_NoMirroring, _ShortSchedule, nnUNetTrainer):
+    """Tests: 2 epochs x 2 iterations, no mirroring."""
+    schedule = TINY
+
+
+class nnUNetTrainerDeSDTiny(_NoMirroring, _ShortSchedule, nnUNetTrainerDeSD):
+    """Tests: 2 epochs x 2 iterations, no mirroring."""
+    schedule = TINY
+
+
+class nnUNetTrainerCADSTiny(_NoMirroring, _ShortSchedule, nnUNetTrainerCADS):
+    """Tests: 2 epochs x 2 iterations, no mirroring."""
+    schedule = TINY
+
+
+class nnUNetTrainerDMDTiny(_NoMirroring, _ShortSchedule, nnUNetTrainerDMD):
+    """Tests: 2 epochs x 2 iterations of DMD, no mirroring."""
+    schedule = TINY
 
 
 class nnUNetTrainerDemo(_NoMirroring, _ShortSchedule, nnUNetTrainer):
@@ -77,8 +77,8 @@ class nnUNetTrainerDMDDemo(_NoMirroring, _ShortSchedule, nnUNetTrainerDMD):
     schedule = DEMO
 
 
-class nnUNetTrainerReFsTiny(_ShortSchedule, nnUNetTrainerReFs):
-    """Tests: 2 epochs x 2 iterations."""
+class nnUNetTrainerReFsTiny(_NoMirroring, _ShortSchedule, nnUNetTrainerReFs):
+    """Tests: 2 epochs x 2 iterations, no mirroring."""
     schedule = TINY
 
 
