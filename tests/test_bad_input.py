@@ -136,19 +136,14 @@ def test_plans_from_unplanned_dataset(tmp_path):
 # resume: one dataset, trained once by a first launch with --c
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def pool(tmp_path_factory):
-    root = tmp_path_factory.mktemp('resume')
-    env = nnunet_env(root)
-    name = write_synthetic_dataset(env['nnUNet_raw'], 900, n_cases=2)
-    return root, env, name
-
-
-@pytest.fixture(scope='module')
-def trained(pool):
-    """The first launch of a job line with --c: nothing to continue, so a new run (K = 64); its files and sha256."""
-    root, env, name = pool
+def trained(pool_900, tmp_path_factory):
+    """The first launch of a job line with --c on the prepared pool (its own nnUNet_results): nothing to continue,
+    so a new run (K = 64); its files and sha256."""
+    _, env, name = pool_900
+    results = tmp_path_factory.mktemp('resume_results')
+    env = dict(env, nnUNet_results=str(results))
     proc = run_command(['desd_pretrain', '-d', '900', '--c', *SHORT, *TINY], env, timeout=300)
-    folder = root / 'results' / name / RUN
+    folder = results / name / RUN
     checkpoints = {f: _sha256(folder / f) for f in ('checkpoint_latest.pth', 'checkpoint_final.pth',
                                                     'pretrained_export.pth')}
     return env, folder, checkpoints, proc

@@ -1,9 +1,9 @@
 """DMD end to end with the stock commands only (plus desd_preprocess_unlabelled), on a tiny synthetic dataset.
 
-nnUNetv2_plan_and_preprocess -> desd_preprocess_unlabelled (a good pool, and one refused for its channels) ->
-desd_benchmark of nnUNetTrainerDMDTiny against nnUNetTrainerTiny at fraction 0.5 of fold 0 (the DMD run's pool is
-the left-out half plus the preprocessed pool) -> an interrupted DMD run continued by desd_benchmark with --c ->
-nnUNetv2_predict from the DMD model. About 4 minutes on 2 CPU cores (each stock command costs 30-60 s here).
+A copy of the planned dataset 901 (conftest's finetune_datasets) -> desd_preprocess_unlabelled (a good pool, and
+one refused for its channels) -> desd_benchmark of nnUNetTrainerDMDTiny against nnUNetTrainerTiny at fraction 0.5
+of fold 0 (the DMD run's pool is the left-out half plus the preprocessed pool) -> an interrupted DMD run continued by
+desd_benchmark with --c -> nnUNetv2_predict from the DMD model. About 2 minutes on 2 CPU cores.
 """
 import csv
 import json
@@ -26,21 +26,21 @@ from nnunetv2_desd.trainers.dmd import DMD_FILE
 
 pytestmark = pytest.mark.e2e
 
-DATASET, POOL_SOURCE = 'Dataset931_Synthetic', 'Dataset932_Unlabelled'
+DATASET, POOL_SOURCE = 'Dataset901_Synthetic', 'Dataset932_Unlabelled'
 TESTED, BASELINE = 'nnUNetTrainerDMDTiny', 'nnUNetTrainerTiny'
 
 
-def test_dmd_preprocess_train_resume_benchmark_predict(tmp_path):
+def test_dmd_preprocess_train_resume_benchmark_predict(finetune_datasets, tmp_path):
     env = with_ext_trainers(nnunet_env(tmp_path))
     raw, pre, results = (Path(env[k]) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'))
-    write_synthetic_dataset(env['nnUNet_raw'], 931, n_cases=6, shape=(20, 20, 20), labelled=True)
+    # the shared fixture must stay unchanged: work on a copy of its planned and preprocessed labelled dataset
+    shutil.copytree(finetune_datasets[0] / 'preprocessed' / DATASET, pre / DATASET)
     write_synthetic_dataset(env['nnUNet_raw'], 932, name='Unlabelled', n_cases=3, shape=(20, 20, 20), seed=7)
     write_synthetic_dataset(env['nnUNet_raw'], 933, name='TwoChannels', n_cases=2, shape=(20, 20, 20), n_channels=2,
                             seed=8)
-    run_command(['nnUNetv2_plan_and_preprocess', '-d', '931', '-c', '3d_fullres', '-npfp', '1', '-np', '1'], env)
 
-    # the unlabelled pool: nnU-Net blosc2 cases next to 931's data, no labels, a record of what made them
-    run_command(['desd_preprocess_unlabelled', '-d', '931', '-u', '932', '-np', '1'], env)
+    # the unlabelled pool: nnU-Net blosc2 cases next to 901's data, no labels, a record of what made them
+    run_command(['desd_preprocess_unlabelled', '-d', '901', '-u', '932', '-np', '1'], env)
     pool = pre / DATASET / 'desd_unlabelled' / 'nnUNetPlans_3d_fullres'
     record = json.loads((pool.parent / 'nnUNetPlans_3d_fullres.json').read_text())
     expected_pool = [f'{POOL_SOURCE}__unlabelled_{i:03d}' for i in range(3)]
@@ -52,12 +52,12 @@ def test_dmd_preprocess_train_resume_benchmark_predict(tmp_path):
     assert pickle.loads((pool / (expected_pool[0] + '.pkl')).read_bytes())['class_locations'] == {}
 
     # a pool whose images have another number of channels is refused, and the good pool stays
-    proc = run_command(['desd_preprocess_unlabelled', '-d', '931', '-u', '933', '-np', '1'], env, check=False)
+    proc = run_command(['desd_preprocess_unlabelled', '-d', '901', '-u', '933', '-np', '1'], env, check=False)
     assert proc.returncode == 2 and 'channel-count mismatch: Dataset933_TwoChannels has 2 channel(s)' in proc.stderr
     assert json.loads((pool.parent / 'nnUNetPlans_3d_fullres.json').read_text()) == record
 
     # desd_benchmark: DMD vs vanilla at half of fold 0's labels; stock nnUNetv2_train runs each cell
-    bench = ['desd_benchmark', '-d', '931', '-tr', TESTED, '--baseline', BASELINE, '--folds', '0',
+    bench = ['desd_benchmark', '-d', '901', '-tr', TESTED, '--baseline', BASELINE, '--folds', '0',
              '--fractions', '0.5', '-device', 'cpu']
     run_command(bench, env, timeout=900)
     info = fraction_fold_info(str(pre / DATASET), 5)
@@ -101,7 +101,7 @@ def test_dmd_preprocess_train_resume_benchmark_predict(tmp_path):
     image = raw / POOL_SOURCE / 'imagesTr' / 'unlabelled_000_0000.nii.gz'
     (tmp_path / 'predict_in' / image.name).write_bytes(image.read_bytes())
     def predict(trainer, out):
-        run_command(['nnUNetv2_predict', '-i', tmp_path / 'predict_in', '-o', tmp_path / out, '-d', '931',
+        run_command(['nnUNetv2_predict', '-i', tmp_path / 'predict_in', '-o', tmp_path / out, '-d', '901',
                      '-c', '3d_fullres', '-f', '5', '-tr', trainer, '-device', 'cpu', '-npp', '1', '-nps', '1',
                      '--disable_progress_bar', '--save_probabilities'], env)
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / out / 'unlabelled_000.nii.gz')))
