@@ -102,8 +102,8 @@ def test_dmd_preprocess_train_resume_benchmark_predict(finetune_datasets, tmp_pa
     (tmp_path / 'predict_in' / image.name).write_bytes(image.read_bytes())
     def predict(trainer, out):
         run_command(['nnUNetv2_predict', '-i', tmp_path / 'predict_in', '-o', tmp_path / out, '-d', '901',
-                     '-c', '3d_fullres', '-f', '5', '-tr', trainer, '-device', 'cpu', '-npp', '1', '-nps', '1',
-                     '--disable_progress_bar', '--save_probabilities'], env)
+                     '-c', '3d_fullres', '-f', '5', '-tr', trainer, '-device', 'cpu', '-npp', '0', '-nps', '0',
+                     '--disable_progress_bar', '--save_probabilities'], env)  # 0, 0: nnU-Net predicts in-process
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / out / 'unlabelled_000.nii.gz')))
         assert prediction.shape == (20, 20, 20) and set(np.unique(prediction)) <= {0, 1, 2}
         return np.load(tmp_path / out / 'unlabelled_000.npz')['probabilities']

@@ -130,8 +130,8 @@ def test_an_nnssl_checkpoint_is_planned_like_fine_tuned_and_predicted(env, tmp_p
     case = sorted((tmp_path / 'raw' / DATASET / 'imagesTr').iterdir())[0]
     shutil.copy(case, images / case.name)
     run_command(['nnUNetv2_predict', '-i', images, '-o', tmp_path / 'predict_out', '-d', '901', '-c', '3d_fullres',
-                 '-p', 'nnUNetPlans_nnssl', '-tr', 'nnUNetTrainerDeSDTiny', '-f', '0', '-device', 'cpu', '-npp', '1',
-                 '-nps', '1', '--disable_progress_bar'], env)
+                 '-p', 'nnUNetPlans_nnssl', '-tr', 'nnUNetTrainerDeSDTiny', '-f', '0', '-device', 'cpu', '-npp', '0',
+                 '-nps', '0', '--disable_progress_bar'], env)  # 0, 0: nnU-Net predicts in-process
     assert (tmp_path / 'predict_out' / case.name.replace('_0000', '')).is_file()
 
     # --init from the nnssl checkpoint: DeSD on top of its encoder, with the plans that build it

@@ -66,8 +66,8 @@ def test_cads_on_pvt_unet_fine_tunes_and_predicts_with_stock_nnunet(tmp_path):
     shutil.copy(case, images / case.name)
     out = tmp_path / 'predict_out'
     run_command(['nnUNetv2_predict', '-i', images, '-o', out, '-d', '920', '-c', '3d_fullres', '-tr',
-                 'nnUNetTrainerCADSTiny', '-p', 'nnUNetPlans_pvt', '-f', '0', '-device', 'cpu', '-npp', '1', '-nps',
-                 '1', '--disable_tta'], env)
+                 'nnUNetTrainerCADSTiny', '-p', 'nnUNetPlans_pvt', '-f', '0', '-device', 'cpu', '-npp', '0', '-nps',
+                 '0', '--disable_tta'], env)  # 0, 0: nnU-Net predicts in-process
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / case.name.replace('_0000', ''))))
     assert prediction.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(case))).shape
     assert set(np.unique(prediction)) <= {0, 1, 2}
