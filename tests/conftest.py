@@ -4,6 +4,7 @@ nnunetv2.paths reads nnUNet_raw/... when it is imported, so every command that n
 subprocess with its own environment.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,20 @@ def finetune_datasets(tmp_path_factory):
     run_command(['desd_pretrain', '-d', '901', '--epochs', '1', '--iters-per-epoch', '2', *TINY], env)
     export = root / 'results' / 'Dataset901_Synthetic' / 'desd__nnUNetPlans__3d_fullres' / 'pretrained_export.pth'
     return root, env, export
+
+
+@pytest.fixture(scope='session')
+def benchmark_workspace(finetune_datasets, tmp_path_factory):
+    """Folders for desd_benchmark runs on a copy of finetune_datasets' planned dataset 901 (which stays unchanged):
+    (root, env with the ext trainers). Shared by the benchmark tests, so a cell one of them trained (the vanilla
+    nnUNetTrainerTiny at fraction 0.5 of fold 0) is reused by the other, in either order, as desd_benchmark reuses
+    finished cells for a user."""
+    from nnunetv2_desd.trainers.lookup import with_ext_trainers
+    root = tmp_path_factory.mktemp('benchmark_workspace')
+    env = with_ext_trainers(nnunet_env(root))
+    shutil.copytree(finetune_datasets[0] / 'preprocessed' / 'Dataset901_Synthetic',
+                    root / 'preprocessed' / 'Dataset901_Synthetic')
+    return root, env
 
 
 @pytest.fixture(scope='session')

@@ -1,6 +1,6 @@
 """DMD end to end with the stock commands only (plus desd_preprocess_unlabelled), on a tiny synthetic dataset.
 
-A copy of the planned dataset 901 (conftest's finetune_datasets) -> desd_preprocess_unlabelled (a good pool, and
+A copy of the planned dataset 901 (conftest's benchmark_workspace) -> desd_preprocess_unlabelled (a good pool, and
 one refused for its channels) -> desd_benchmark of nnUNetTrainerDMDTiny against nnUNetTrainerTiny at fraction 0.5
 of fold 0 (the DMD run's pool is the left-out half plus the preprocessed pool) -> an interrupted DMD run continued by
 desd_benchmark with --c -> nnUNetv2_predict from the DMD model. About 2 minutes on 2 CPU cores.
@@ -18,10 +18,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import nnunet_env, run_command
+from conftest import run_command
 from nnunetv2_desd.data.fractions import fraction_fold_info
 from nnunetv2_desd.data.sources import write_synthetic_dataset
-from nnunetv2_desd.trainers.lookup import with_ext_trainers
 from nnunetv2_desd.trainers.dmd import DMD_FILE
 
 pytestmark = pytest.mark.e2e
@@ -30,11 +29,9 @@ DATASET, POOL_SOURCE = 'Dataset901_Synthetic', 'Dataset932_Unlabelled'
 TESTED, BASELINE = 'nnUNetTrainerDMDTiny', 'nnUNetTrainerTiny'
 
 
-def test_dmd_preprocess_train_resume_benchmark_predict(finetune_datasets, tmp_path):
-    env = with_ext_trainers(nnunet_env(tmp_path))
+def test_dmd_preprocess_train_resume_benchmark_predict(benchmark_workspace, tmp_path):
+    _, env = benchmark_workspace  # test_finetune_benchmark_e2e may have trained the vanilla cell already: reused
     raw, pre, results = (Path(env[k]) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'))
-    # the shared fixture must stay unchanged: work on a copy of its planned and preprocessed labelled dataset
-    shutil.copytree(finetune_datasets[0] / 'preprocessed' / DATASET, pre / DATASET)
     write_synthetic_dataset(env['nnUNet_raw'], 932, name='Unlabelled', n_cases=3, shape=(20, 20, 20), seed=7)
     write_synthetic_dataset(env['nnUNet_raw'], 933, name='TwoChannels', n_cases=2, shape=(20, 20, 20), n_channels=2,
                             seed=8)

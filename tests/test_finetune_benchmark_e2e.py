@@ -1,21 +1,21 @@
 """desd_benchmark end to end: stock nnUNetv2_train runs of the tiny trainers (tested, its from-scratch twin, vanilla),
 the paired report, reuse, commands.
 
-Fold 0 at two fractions (6 runs; each tiny nnUNetv2_train costs ~30-45 s on 2 CPU cores: imports, and nnU-Net's
-validation starts two spawned worker pools); fold 2's cells appear through --print-commands.
+Fold 0 at two fractions (6 cells; each tiny nnUNetv2_train costs ~20-40 s on 2 CPU cores: imports, and nnU-Net's
+validation starts two spawned worker pools; the vanilla cell at 0.5 is shared with test_dmd_e2e through conftest's
+benchmark_workspace); fold 2's cells appear through --print-commands.
 """
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import nnunet_env, run_command
+from conftest import run_command
 from nnunetv2_desd.data.fractions import find_fraction_fold
 from nnunetv2_desd.common.checkpoint import file_sha256
-from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE, with_ext_trainers
+from nnunetv2_desd.trainers.lookup import PROVENANCE_FILE
 from nnunetv2_desd.trainers.finetune import DEFAULT_FINETUNE_PRESET, FINETUNE_PRESETS
 
 pytestmark = pytest.mark.e2e
@@ -39,16 +39,14 @@ def _hand_value(cases: dict, column: int, other: dict) -> float:
     return float(np.mean([cases[i] for i in common]))
 
 
-def test_benchmark_runs_reports_and_reuses(finetune_datasets, tmp_path):
-    shared_root, _, export = finetune_datasets
-    env = with_ext_trainers(nnunet_env(tmp_path))
-    # the shared fixture must stay unchanged: train on a copy of its preprocessed dataset
-    shutil.copytree(shared_root / 'preprocessed' / DATASET, tmp_path / 'preprocessed' / DATASET)
+def test_benchmark_runs_reports_and_reuses(finetune_datasets, benchmark_workspace):
+    export = finetune_datasets[2]
+    root, env = benchmark_workspace  # test_dmd_e2e may have trained the vanilla cell at 0.5 already: it is reused
     common = ['desd_benchmark', '-d', '901', '-w', export, '-tr', TESTED, '--baseline', BASELINE]
     args = [*common, '--folds', '0', '--fractions', '0.5', '1.0', '-device', 'cpu']
     run_command(args, env, timeout=900)
 
-    pre, results = tmp_path / 'preprocessed' / DATASET, tmp_path / 'results' / DATASET
+    pre, results = root / 'preprocessed' / DATASET, root / 'results' / DATASET
     out = results / 'desd_benchmark'
     splits = json.loads((pre / 'splits_final.json').read_text())
     half = find_fraction_fold(str(pre), 0, 0.5)
