@@ -112,8 +112,8 @@ def refs_data(tmp_path_factory):
 # prepared once, and its users never run at the same time): SHARED_FIXTURE_MODULES. Units go out longest first.
 
 SHARED_FIXTURE_MODULES = {
-    'finetune_datasets': ('test_finetune_benchmark_e2e.py', 'test_dmd_e2e.py', 'test_finetune_e2e.py', 'test_nnssl.py',
-                          'test_probe.py'),
+    'finetune_datasets and benchmark_workspace': ('test_finetune_benchmark_e2e.py', 'test_dmd_e2e.py',
+                                                  'test_finetune_e2e.py', 'test_nnssl.py', 'test_probe.py'),
     'pool_900 and refs_data': ('test_bad_input.py', 'test_cluster.py', 'test_distributed.py',
                                'test_refs_distributed.py'),
 }

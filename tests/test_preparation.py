@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import BIN, TESTS, nnunet_env, run_command
+from nnunetv2_desd.data.locks import LOCK_FILE, folder_lock
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 
 pytestmark = pytest.mark.e2e
@@ -308,6 +310,15 @@ def test_two_concurrent_preparations(tmp_path):
     assert sum('Extracting dataset fingerprint' in err for _, _, err in results) == 1
     totals = [int(t) for _, _, err in results for t in _bar_totals(err, 'Preparing')]
     assert sum(totals) == 6, totals
+
+
+def test_the_lock_names_its_holder_only_while_held(tmp_path):
+    """A waiter reads the holder's name from the lock file: it must never find the name of a holder that is gone
+    (a command that released the lock after planning, then waits for it again)."""
+    lock = tmp_path / LOCK_FILE
+    with folder_lock(str(tmp_path), 'planning'):
+        assert lock.read_text() == f'planning by pid {os.getpid()} on {socket.gethostname()}'
+    assert lock.read_text() == ''
 
 
 def _ledger(pre: Path) -> dict:

@@ -30,6 +30,11 @@ def folder_lock(folder: str, what: str = 'preparation'):
         handle.truncate()
         handle.write(f'{what} by pid {os.getpid()} on {socket.gethostname()}')
         handle.flush()
-        yield
+        try:
+            yield
+        finally:  # no stale name for the next waiter: it reads 'another process' until the next holder writes
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
     finally:
         handle.close()  # closing releases the lock
