@@ -25,6 +25,12 @@ def nnunet_env(root: Path) -> dict:
     return env
 
 
+def with_results(env: dict, results) -> dict:
+    """The same raw and preprocessed folders, another (created) nnUNet_results: a run of its own on shared data."""
+    os.makedirs(results, exist_ok=True)
+    return dict(env, nnUNet_results=str(results))
+
+
 def run_command(args, env: dict, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Runs a console script of this environment (desd_pretrain, nnUNetv2_train, ...)."""
     args = [str(a) for a in args]

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY, nnunet_env, run_command
+from conftest import TINY, nnunet_env, run_command, with_results
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 
 pytestmark = pytest.mark.e2e
@@ -141,7 +141,7 @@ def trained(pool_900, tmp_path_factory):
     so a new run (K = 64); its files and sha256."""
     _, env, name = pool_900
     results = tmp_path_factory.mktemp('resume_results')
-    env = dict(env, nnUNet_results=str(results))
+    env = with_results(env, results)
     proc = run_command(['desd_pretrain', '-d', '900', '--c', *SHORT, *TINY], env, timeout=300)
     folder = results / name / RUN
     checkpoints = {f: _sha256(folder / f) for f in ('checkpoint_latest.pth', 'checkpoint_final.pth',

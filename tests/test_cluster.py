@@ -4,7 +4,6 @@ decoder); a resume with another world size keeps its peak lr; schedule changes a
 dataset.json is checked field by field."""
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -16,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, TESTS, TINY, nnunet_env, run_command
+from conftest import BIN, TESTS, TINY, nnunet_env, run_command, with_results
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 from test_distributed import _free_port
 
@@ -40,12 +39,6 @@ def _load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def _with_results(env: dict, results) -> dict:
-    """The same raw and preprocessed folders, another nnUNet_results."""
-    os.makedirs(results, exist_ok=True)
-    return dict(env, nnUNet_results=str(results))
-
-
 def _log_text(folder) -> str:
     return '\n'.join(p.read_text() for p in sorted(folder.glob('training_log_*.txt')))
 
@@ -62,7 +55,7 @@ def pool(pool_900, tmp_path_factory):
 def reference_run(pool):
     """The uninterrupted run."""
     root, env, name = pool
-    run_command(['desd_pretrain', '-d', '900', *ARGS], _with_results(env, root / 'reference'), timeout=900)
+    run_command(['desd_pretrain', '-d', '900', *ARGS], with_results(env, root / 'reference'), timeout=900)
     return root / 'reference' / name / RUN
 
 
@@ -100,7 +93,7 @@ def _interrupt(env: dict, sig: int, epoch: int, timeout: float = 600):
 
 def _interrupted_run(pool, label: str, sig: int, epoch: int):
     root, env, name = pool
-    rc, stderr = _interrupt(_with_results(env, root / label), sig, epoch)
+    rc, stderr = _interrupt(with_results(env, root / label), sig, epoch)
     folder = root / label / name / RUN
     return {'rc': rc, 'stderr': stderr, 'folder': folder, 'results': root / label,
             'step': _load(folder / 'checkpoint_latest.pth')['step'] if (folder / 'checkpoint_latest.pth').exists()
@@ -154,7 +147,7 @@ def _assert_same_as_reference(folder, reference) -> None:
 def test_sigterm_mid_epoch_then_continue_equals_uninterrupted_run(pool, sigterm_run, reference_run):
     _check_interrupted(sigterm_run, 'SIGTERM', 1)
     results, folder = _copy(sigterm_run, 'sigterm_continued')
-    proc = run_command(['desd_pretrain', '-d', '900', '--c', *ARGS], _with_results(pool[1], results), timeout=900)
+    proc = run_command(['desd_pretrain', '-d', '900', '--c', *ARGS], with_results(pool[1], results), timeout=900)
     assert f'continuing from {folder / "checkpoint_latest.pth"} at step {sigterm_run["step"]} (epoch 1)' in proc.stdout
     _assert_same_as_reference(folder, reference_run)
 
@@ -162,7 +155,7 @@ def test_sigterm_mid_epoch_then_continue_equals_uninterrupted_run(pool, sigterm_
 def test_sigusr1_mid_epoch_then_continue_equals_uninterrupted_run(pool, reference_run):
     run = _interrupted_run(pool, 'sigusr1', signal.SIGUSR1, 2)  # in the second epoch this time
     _check_interrupted(run, 'SIGUSR1', 2)
-    run_command(['desd_pretrain', '-d', '900', '--c', *ARGS], _with_results(pool[1], run['results']), timeout=900)
+    run_command(['desd_pretrain', '-d', '900', '--c', *ARGS], with_results(pool[1], run['results']), timeout=900)
     _assert_same_as_reference(run['folder'], reference_run)
 
 
@@ -183,7 +176,7 @@ def test_continue_with_another_world_size_keeps_the_peak_lr(pool, sigterm_run):
     schedule (peak 0.3 * 2 / 256), not the doubled global batch's."""
     assert sigterm_run['rc'] == EXIT_INTERRUPTED and sigterm_run['step'] % ITERS
     results, folder = _copy(sigterm_run, 'world2')
-    env = dict(_with_results(pool[1], results), OMP_NUM_THREADS='1')
+    env = dict(with_results(pool[1], results), OMP_NUM_THREADS='1')
     run_command(['torchrun', '--nproc_per_node', '2', '--master_port', str(_free_port()), BIN / 'desd_pretrain',
                  '-d', '900', '--c', *ARGS], env, timeout=900)
     log = _log_text(folder)
@@ -206,7 +199,7 @@ def test_continue_with_another_world_size_keeps_the_peak_lr(pool, sigterm_run):
 def test_schedule_change_is_refused_unless_allowed(pool, sigterm_run):
     assert sigterm_run['rc'] == EXIT_INTERRUPTED and sigterm_run['step'] % ITERS
     results, folder = _copy(sigterm_run, 'schedule')
-    env = _with_results(pool[1], results)
+    env = with_results(pool[1], results)
     before = (folder / 'checkpoint_latest.pth').read_bytes()
     proc = run_command(['desd_pretrain', '-d', '900', '--c', *_args(3)], env, check=False, timeout=900)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -299,7 +292,7 @@ def test_refs_cast_to_float64_steps(refs_data, tmp_path):
     """``Pretrainer.to`` moves every module the engine runs: cast to float64 (the CPU stand-in for a move to CUDA),
     one ReFs step on float64 views and reference runs, and the decoder (trained by the reference task) is float64
     and has moved. The pool (920) and reference (921) come prepared for -m refs (conftest's refs_data)."""
-    env = _with_results(refs_data, tmp_path / 'results')
+    env = with_results(refs_data, tmp_path / 'results')
     out = tmp_path / 'refs.pt'
     _helper('refs_float64_step', env, '920', '921', tmp_path / 'run', out)
     r = torch.load(out, weights_only=False)

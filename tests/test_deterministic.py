@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY, nnunet_env, run_command
+from conftest import TINY, nnunet_env, run_command, with_results
 from nnunetv2_desd.data.sources import write_synthetic_dataset
 
 pytestmark = pytest.mark.e2e
@@ -13,9 +13,8 @@ WORKERS = [a if a != '0' or TINY[i - 1] != '--num-workers' else '2' for i, a in 
 
 def _run(env: dict, results, seed: int):
     """A --deterministic run on the prepared dataset, written into its own nnUNet_results."""
-    results.mkdir(parents=True)
     run_command(['desd_pretrain', '-d', '900', '--epochs', '3', '--iters-per-epoch', '3', '--seed', seed,
-                 '--deterministic', *WORKERS], dict(env, nnUNet_results=str(results)))
+                 '--deterministic', *WORKERS], with_results(env, results))
     out = results / 'Dataset900_Synthetic' / RUN
     final = torch.load(out / 'checkpoint_final.pth', map_location='cpu', weights_only=True)
     export = torch.load(out / 'pretrained_export.pth', map_location='cpu', weights_only=True)

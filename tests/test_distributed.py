@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import BIN, TINY, run_command
+from conftest import BIN, TINY, run_command, with_results
 
 STEPS = 3
 BATCH = 4
@@ -66,8 +66,7 @@ def _spawn(world_size: int, env: dict, data: torch.Tensor, results) -> None:
 @pytest.mark.e2e
 def test_two_gloo_processes_equal_one_process(pool_900, tmp_path, monkeypatch):
     """On dataset 900 prepared once (conftest's pool_900), with this test's own nnUNet_results."""
-    env = dict(pool_900[1], nnUNet_results=str(tmp_path / 'results'))
-    os.makedirs(env['nnUNet_results'])
+    env = with_results(pool_900[1], tmp_path / 'results')
     for key in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.setenv(key, env.get(key, ''))
     data = torch.randn(STEPS, BATCH, 2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -90,10 +89,9 @@ def test_two_gloo_processes_equal_one_process(pool_900, tmp_path, monkeypatch):
 def test_torchrun_cli_on_cpu(pool_900, tmp_path):
     """The documented multi-GPU command line, with gloo on CPU, on the prepared pool (its own nnUNet_results)."""
     _, env, name = pool_900
-    (tmp_path / 'results').mkdir()
     run_command(['torchrun', '--nproc_per_node', '2', '--master_port', str(_free_port()), str(BIN / 'desd_pretrain'),
                  '-d', '900', '--epochs', '1', '--iters-per-epoch', '2', *TINY],
-                dict(env, nnUNet_results=str(tmp_path / 'results')))
+                with_results(env, tmp_path / 'results'))
     log = next((tmp_path / 'results' / name / 'desd__nnUNetPlans__3d_fullres').glob('training_log_*.txt'))
     assert 'batch 2 x 2 process(es)' in log.read_text()
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, TINY, nnunet_env, run_command
+from conftest import BIN, TINY, nnunet_env, run_command, with_results
 from nnunetv2_desd.data.sources import write_chest_ct_datasets, write_synthetic_dataset
 
 pytestmark = pytest.mark.e2e
@@ -29,14 +29,9 @@ def prepared_pool(tmp_path_factory):
     return root, env, name
 
 
-def _with_results(env: dict, results) -> dict:
-    results.mkdir(parents=True)
-    return dict(env, nnUNet_results=str(results))
-
-
 def test_unlabelled_pool_plans_by_body_masks_and_exports(prepared_pool, tmp_path):
     root, env, name = prepared_pool
-    env = _with_results(env, tmp_path / 'results')
+    env = with_results(env, tmp_path / 'results')
     run_command(['desd_pretrain', '-d', '900', '--epochs', '2', '--iters-per-epoch', '2', *TINY], env)
 
     pre = root / 'preprocessed' / name
@@ -77,10 +72,10 @@ def test_resume_after_kill_equals_uninterrupted_run(prepared_pool, tmp_path):
     """--c restores weights, centre, optimiser, schedule position and RNG: same result as never stopping."""
     args = ['--epochs', '3', '--iters-per-epoch', '3', '--freeze-last-layer-epochs', '1', *TINY]
     _, env, name = prepared_pool
-    run_command(['desd_pretrain', '-d', '900', *args], _with_results(env, tmp_path / 'a' / 'results'))
+    run_command(['desd_pretrain', '-d', '900', *args], with_results(env, tmp_path / 'a' / 'results'))
 
     # run b: the same prepared data, its own nnUNet_results
-    env_b = _with_results(env, tmp_path / 'b' / 'results')
+    env_b = with_results(env, tmp_path / 'b' / 'results')
     latest = tmp_path / 'b' / 'results' / name / RUN / 'checkpoint_latest.pth'
     proc = subprocess.Popen([str(BIN / 'desd_pretrain'), '-d', '900', *args], env=env_b,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,18 +2,20 @@
 memory estimate and patch reduction. Tiny widths throughout (the real PVTv2-b1 sizes are only built on meta)."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunetv2_desd.common.errors import DesdError
 from nnunetv2_desd.architectures import memory
 from nnunetv2_desd.architectures.pvt_unet import (CLASS_NAME, PVTUNet, TransformerBlock, default_arch_kwargs,
                                                   replicate_pad_to_multiple)
-from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork, planned_encoder
+from nnunetv2_desd.pretraining.network import MultiStageDistillationNetwork, build_planned_network, planned_encoder
 from nnunetv2_desd.trainers.finetune import nnUNetTrainerCADS, preferred_optimizer
 from nnunetv2_desd.planning.plan_pvt import reduce_patch
 from nnunetv2_desd.common.pretrained_weights import plan_loading
@@ -92,9 +94,6 @@ def test_deep_supervision_switch_and_nnunet_builder():
 def test_the_pretraining_network_is_the_one_nnunets_trainer_builds():
     """build_planned_network (nnU-Net's get_network_from_plans, without importing the trainer module) and
     nnUNetTrainer.build_network_architecture give the same tensors for the same plans and seed."""
-    from types import SimpleNamespace
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2_desd.pretraining.network import build_planned_network
     plain = dict(n_stages=3, features_per_stage=[4, 8, 16], conv_op='torch.nn.modules.conv.Conv3d',
                  kernel_sizes=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
                  n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1], conv_bias=True,
